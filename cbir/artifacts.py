@@ -13,7 +13,7 @@ import platform
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -148,11 +148,12 @@ def require_run(run: Path) -> Path:
 
 def run_in_shards(items: Sequence, shard_size: int, partial_dir: Path, config: dict,
                   compute: Callable[[Sequence], Any], save: Callable[[Path, Any], None],
-                  load: Callable[[Path], Any]) -> list:
+                  load: Callable[[Path], Any], progress=None) -> list:
     """Process `items` shard by shard, keeping finished shards on disk so a killed run resumes.
 
     `config` fingerprints the work: shards left by a run with another config are discarded,
-    never mixed in. Returns the per-shard results in order.
+    never mixed in. `compute` reports its own progress; shards found on disk advance `progress` here.
+    Returns the per-shard results in order.
     """
     partial_dir = Path(partial_dir)
     stamp = partial_dir / "config.json"
@@ -167,14 +168,11 @@ def run_in_shards(items: Sequence, shard_size: int, partial_dir: Path, config: d
         if not shard.exists():
             with atomic_path(shard) as tmp:
                 save(tmp, compute(items[start:start + shard_size]))
+        elif progress is not None:
+            progress.update(len(items[start:start + shard_size]))
         results.append(load(shard))
     return results
 
 
 def finish_shards(partial_dir: Path) -> None:
     shutil.rmtree(partial_dir, ignore_errors=True)
-
-
-def chunks(seq: Sequence, size: int) -> Iterable[Sequence]:
-    for i in range(0, len(seq), size):
-        yield seq[i:i + size]

@@ -47,6 +47,90 @@ def cmd_download(a):
     print(download_cub(Path(a.out), a.url or CUB_URL, a.md5 or CUB_MD5))
 
 
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def cmd_detect(a):
+    from .detect import DetectConfig, detect, write_detection_report
+
+    if not a.evaluate_only:
+        result = detect(DetectConfig(Path(a.run), a.detector, a.weights, _csv(a.splits), a.score, a.max_per_image,
+                                     a.min_size, a.batch_size, a.workers, a.fallback, _csv(a.classes),
+                                     Path(a.detections) if a.detections else None, a.device, a.force))
+        m = result.meta
+        print(f"{a.run}/detections.json: {m['instances']} instances on {m['images']} images "
+              f"({m['sources']}), fallback rate {m['fallback_rate']:.1%}")
+    if a.evaluate or a.evaluate_only:
+        q = write_detection_report(Path(a.run))
+        print(f"{a.run}/reports/detection.md: AP {q['AP']:.3f}, AP50 {q['AP50']:.3f}, "
+              f"top box IoU>=0.5 {q['top_box_iou50_rate']:.1%}, median IoU {q['median_top_box_iou']:.3f}")
+
+
+def _detect_parser(sub):
+    p = sub.add_parser("detect", help="find the birds: torchvision detector or imported boxes → detections.json",
+                       description="Run a torchvision detector over the run's images (or import another detector's "
+                                   "COCO results with --detections) → RUN/detections.json (COCO results: every kept "
+                                   "box, with its source) and RUN/detections.meta.json. Resumable; a finished run is "
+                                   "a no-op unless --force.")
+    p.add_argument("--run", required=True)
+    p.add_argument("--detector", default="fasterrcnn_resnet50_fpn",
+                   help="fasterrcnn_resnet50_fpn (default), fasterrcnn_resnet50_fpn_v2, fasterrcnn_mobilenet_v3_large_fpn")
+    _weights(p, "detector")
+    p.add_argument("--detections", help="import boxes from FILE (COCO results of any detector) instead of running one")
+    p.add_argument("--splits", default="test,train", help="comma-separated splits to detect on (default test,train)")
+    p.add_argument("--score", type=float, default=0.3, help="keep boxes scoring at least this (default 0.3)")
+    p.add_argument("--max-per-image", type=int, default=10, help="keep at most this many boxes per image")
+    p.add_argument("--min-size", default="auto", help="short side fed to the detector: auto = the photo's own "
+                   "(clamped to 224-1024 px, ~2.5x faster on CUB), or pixels (torchvision's default is 800)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--fallback", default="gt", help="for an image with no box: gt (the GT box), full (whole image), "
+                   "none (no instance); recorded per instance as its source")
+    p.add_argument("--classes", default="bird", help="comma-separated COCO category names to keep (default bird)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--force", action="store_true", help="redo a finished detection")
+    p.add_argument("--evaluate", action="store_true", help="also score the boxes against gt_coco.json → reports/detection.md")
+    p.add_argument("--evaluate-only", action="store_true", help="only write the quality report of existing detections")
+    _workers(p)
+    p.set_defaults(func=cmd_detect)
+
+
+def cmd_embed(a):
+    from .embed import EmbedConfig, embed
+
+    vectors, table, spec = embed(EmbedConfig(Path(a.run), a.mode, a.backbone, a.weights, a.pool, a.crop_margin,
+                                             a.crop_resize, a.size, a.roi, a.batch_size, a.workers, a.device,
+                                             a.bf16, a.name, a.force))
+    print(f"{a.run}/embeddings/{a.name or a.mode}.npy: {vectors.shape[0]} x {vectors.shape[1]} "
+          f"({table.source.value_counts().to_dict()}), backbone {spec['backbone']} [{spec['weights_fingerprint']}]")
+
+
+def _embed_parser(sub):
+    p = sub.add_parser("embed", help="one vector per image, GT box or detected instance → embeddings/NAME.npy",
+                       description="Embed whole images (full), ground-truth boxes (gt, the oracle) or every "
+                                   "detected instance (det) with a CNN trunk → RUN/embeddings/NAME.npy (float32 "
+                                   "[N, D]) + NAME.parquet (one row per vector) + NAME.json (the spec). Resumable.")
+    p.add_argument("--run", required=True)
+    p.add_argument("--mode", default="full", help="full | gt | det (default full)")
+    p.add_argument("--backbone", default="detector", help="detector (the ResNet-50 body of the run's Faster R-CNN, "
+                   "default), resnet50, any torchvision classifier (mobilenet_v2, efficientnet_b0, ...), timm:NAME")
+    _weights(p, "backbone")
+    p.add_argument("--pool", default="avg", help="global pooling: avg (default) or gem (generalised mean, p=3)")
+    p.add_argument("--crop-margin", type=float, default=0.0, help="grow each box by this fraction per side (default 0)")
+    p.add_argument("--crop-resize", default="squash", help="box → square input: squash (default, measured best), "
+                   "pad (letterbox) or center (resize short side + center crop, the ImageNet eval recipe)")
+    p.add_argument("--size", type=int, help="input side in pixels (default: the weights' own, e.g. 224)")
+    p.add_argument("--roi", action="store_true", help="gt/det: one trunk pass per image, every box RoI-pooled "
+                   "from the feature map (torchvision.ops.roi_align) instead of re-embedding each crop")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CPU or CUDA)")
+    p.add_argument("--name", help="output name under embeddings/ (default: the mode)")
+    p.add_argument("--force", action="store_true", help="replace an existing set made with another spec")
+    _workers(p)
+    p.set_defaults(func=cmd_embed)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cbir", description="Object-detection-based multi-instance image retrieval "
                                      "on CUB-200-2011 and your own photos. Stages: prepare → detect → embed → "
@@ -89,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _stage_parsers():
     """Subcommands of the later stages, each defined beside its own flags."""
-    return []
+    return [_detect_parser, _embed_parser]
 
 
 def main(argv: list[str] | None = None) -> int:
