@@ -131,6 +131,93 @@ def _embed_parser(sub):
     p.set_defaults(func=cmd_embed)
 
 
+def cmd_index(a):
+    from .search import IndexConfig, add_photos, build_index, parse_ids, remove_images
+
+    name = a.name or a.embeddings
+    if a.add:
+        added, errors = add_photos(Path(a.run), name, [Path(p) for p in a.add], not a.no_detector)
+        print(f"index {name}: added {added} instance(s); {len(errors)} unreadable photo(s) skipped")
+    elif a.remove:
+        print(f"index {name}: removed {remove_images(Path(a.run), name, parse_ids(a.remove))} vector(s)")
+    else:
+        if not a.embeddings:
+            raise CbirError("--embeddings NAME is required to build an index (e.g. --embeddings det)")
+        si = build_index(IndexConfig(Path(a.run), a.embeddings, a.name, None if a.pca in ("none", "0") else int(a.pca),
+                                     a.whiten, a.factory, a.gpu, _csv(a.gallery)))
+        m = si.manifest
+        print(f"{a.run}/index/{m['name']}.faiss: {m['count']} vectors, {m['factory']} (PCA fitted on "
+              f"{m['train_rows']} train rows)")
+
+
+def _index_parser(sub):
+    p = sub.add_parser("index", help="PCA (fitted on train) + FAISS index over an embeddings set; --add / --remove",
+                       description="Build RUN/index/NAME.faiss: L2-normalise, PCA fitted on the train split only, "
+                                   "L2-normalise (inner product = cosine), then a FAISS index_factory index. With "
+                                   "--add: detect → embed → add new photos; with --remove: drop images by id.")
+    p.add_argument("--run", required=True)
+    p.add_argument("--embeddings", help="embeddings set to index (e.g. full, gt, det)")
+    p.add_argument("--name", help="index name (default: the embeddings name)")
+    p.add_argument("--pca", default="256", help="PCA output dimension, or none (default 256)")
+    p.add_argument("--whiten", action="store_true", help="PCA whitening")
+    p.add_argument("--factory", default="auto", help="FAISS index_factory body: Flat, HNSW32, IVF1024,PQ32 ... or "
+                   "auto (exact up to 100k vectors, HNSW32 up to 2M, IVF-PQ beyond; see benchmarks/index_bench.py)")
+    p.add_argument("--gpu", default="auto", help="auto (GPU when faiss-gpu sees one), off, or a GPU number")
+    p.add_argument("--gallery", default="train,test", help="splits to put in the index (default train,test)")
+    p.add_argument("--add", nargs="+", metavar="PATH", help="photos or folders of photos to add to an existing index")
+    p.add_argument("--no-detector", action="store_true", help="with --add: embed whole photos, do not detect")
+    p.add_argument("--remove", metavar="IDS", help="comma-separated image ids to remove from an existing index")
+    p.set_defaults(func=cmd_index)
+
+
+def cmd_search(a):
+    import json
+
+    from .data import load_rgb
+    from .search import Querier, results_json
+
+    q = Querier(Path(a.run), a.index, not a.no_detector)
+    if a.image:
+        boxes, merged = q.query(load_rgb(Path(a.image)), a.k)
+    else:
+        boxes, merged = q.query_id(a.query_id, a.k)
+    doc = results_json(a.image or f"image_id {a.query_id}", boxes, merged)
+    if a.json:
+        print(json.dumps(doc, indent=1))
+        return
+    print(f"# {doc['query']} — {q.detector_note}")
+    for i, b in enumerate(doc["boxes"], 1):
+        print(f"\nbox {i} {b['box']} score {b['score']} ({b['source']})")
+        print(_table(b["neighbours"]))
+    print("\nimages (each ranked by its best instance):")
+    print(_table(doc["images"]))
+
+
+def _table(records: list[dict]) -> str:
+    import pandas as pd
+
+    if not records:
+        return "(no results)"
+    df = pd.DataFrame(records)[["similarity", "image_id", "instance", "class_name", "box", "path"]]
+    return df.to_string(index=False)
+
+
+def _search_parser(sub):
+    p = sub.add_parser("search", help="nearest boxes and images for a new photo (--image) or a run image (--query-id)",
+                       description="Detect the birds in a photo with the run's detector (whole photo when none is "
+                                   "found or the boxes were imported), embed each box with the index's backbone and "
+                                   "preprocessing, and list each box's nearest gallery instances and images.")
+    p.add_argument("--run", required=True)
+    p.add_argument("--index", required=True, help="index name under RUN/index/")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--image", help="a photo file")
+    group.add_argument("--query-id", type=int, help="an image id already in the run (excluded from its own results)")
+    p.add_argument("--k", type=int, default=10, help="neighbours per box (default 10)")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    p.add_argument("--no-detector", action="store_true", help="query with the whole photo, no detection")
+    p.set_defaults(func=cmd_search)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cbir", description="Object-detection-based multi-instance image retrieval "
                                      "on CUB-200-2011 and your own photos. Stages: prepare → detect → embed → "
@@ -173,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _stage_parsers():
     """Subcommands of the later stages, each defined beside its own flags."""
-    return [_detect_parser, _embed_parser]
+    return [_detect_parser, _embed_parser, _index_parser, _search_parser]
 
 
 def main(argv: list[str] | None = None) -> int:

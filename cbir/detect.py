@@ -121,7 +121,6 @@ def detect_images(model, rows: pd.DataFrame, root: Path, keep_ids: dict[int, str
     """Run the detector over `rows`; returns COCO results of the kept categories and the unreadable images."""
     loader = DataLoader(_Photos(root, rows), batch_size=batch_size, num_workers=workers, collate_fn=_collate)
     results, errors = [], []
-    keep = torch.tensor(sorted(keep_ids))
     with torch.inference_mode():
         for batch in loader:
             good = [(iid, img) for iid, img, err in batch if err is None]
@@ -132,21 +131,46 @@ def detect_images(model, rows: pd.DataFrame, root: Path, keep_ids: dict[int, str
                 continue
             outputs = model([img.to(device, non_blocking=True).float().div_(255) for _, img in good])
             for (iid, _), out in zip(good, outputs):
-                mask = torch.isin(out["labels"].cpu(), keep) & (out["scores"].cpu() >= score)
-                boxes, labels, scores = out["boxes"].cpu()[mask], out["labels"].cpu()[mask], out["scores"].cpu()[mask]
-                for b, lab, s in list(zip(boxes.tolist(), labels.tolist(), scores.tolist()))[:max_per_image]:
-                    results.append({"image_id": iid, "category_id": int(lab), "score": round(float(s), 5),
-                                    "bbox": [round(b[0], 2), round(b[1], 2), round(b[2] - b[0], 2), round(b[3] - b[1], 2)]})
+                results += [{"image_id": iid, **d} for d in kept_boxes(out, keep_ids, score, max_per_image)]
     return results, errors
+
+
+def kept_boxes(output: dict, keep_ids: dict[int, str], score: float, max_per_image: int) -> list[dict]:
+    """One image's detector output → COCO result dicts of the kept categories, best first."""
+    labels, scores, boxes = output["labels"].cpu(), output["scores"].cpu(), output["boxes"].cpu()
+    mask = torch.isin(labels, torch.tensor(sorted(keep_ids))) & (scores >= score)
+    out = []
+    for b, lab, s in list(zip(boxes[mask].tolist(), labels[mask].tolist(), scores[mask].tolist()))[:max_per_image]:
+        out.append({"category_id": int(lab), "score": round(float(s), 5),
+                    "bbox": [round(b[0], 2), round(b[1], 2), round(b[2] - b[0], 2), round(b[3] - b[1], 2)]})
+    return out
+
+
+def load_run_detector(run: Path, device: torch.device):
+    """The run's own torchvision detector, rebuilt from detections.meta.json; None when boxes were imported."""
+    meta = read_json(Path(run) / "detections.meta.json")
+    if meta["detector"] == "external":
+        return None, meta
+    model, resolved, _ = build_detector(DetectorSpec(meta["detector"], meta["weights"]),
+                                        box_score_thresh=min(meta["score_threshold"], 0.05))
+    if resolved.fingerprint != meta["weights_fingerprint"]:
+        raise CbirError(f"detector weights {resolved.spec} ({resolved.fingerprint}) differ from the run's "
+                        f"({meta['weights_fingerprint']}); supply the same file")
+    set_resolution(model, meta.get("min_size", "auto"))
+    return model.to(device), meta
+
+
+def set_resolution(model, min_size: str) -> None:
+    if str(min_size) == "auto":
+        model.transform = NativeResolutionTransform(model.transform)
+    else:
+        model.transform.min_size = (int(min_size),)
 
 
 def _run_detector(cfg: DetectConfig, rows: pd.DataFrame, keep_ids: dict[int, str]) -> tuple[list[dict], list[dict], dict]:
     device = resolve_device(cfg.device)
     model, resolved, _ = build_detector(DetectorSpec(cfg.detector, cfg.weights), box_score_thresh=min(cfg.score, 0.05))
-    if cfg.min_size == "auto":
-        model.transform = NativeResolutionTransform(model.transform)
-    else:
-        model.transform.min_size = (int(cfg.min_size),)
+    set_resolution(model, cfg.min_size)
     model.to(device)
     info = {"detector": cfg.detector, "weights": resolved.spec, "weights_fingerprint": resolved.fingerprint,
             "min_size": cfg.min_size, "device": str(device)}

@@ -230,7 +230,8 @@ class _ForwardFeatures(nn.Module):
 
 def build_backbone(name: str, weights: str = "DEFAULT", detector: str = "fasterrcnn_resnet50_fpn") -> Backbone:
     """'detector' (the run's Faster R-CNN trunk), any torchvision classifier name, or 'timm:<name>'."""
-    if name == "detector":
+    if name == "detector" or name.startswith("detector:"):
+        detector = name.partition(":")[2] or detector
         trunk, resolved, pre = _detector_trunk(weights, detector)
         name = f"detector:{detector}"
     elif name.startswith("timm:"):
