@@ -218,6 +218,32 @@ def _search_parser(sub):
     p.set_defaults(func=cmd_search)
 
 
+def cmd_evaluate(a):
+    from .evaluate import SHOWN, EvalConfig, evaluate
+
+    pcas = tuple(None if p.strip() in ("none", "0") else int(p) for p in a.pca.split(","))
+    result = evaluate(EvalConfig(Path(a.run), _csv(a.embeddings), pcas, a.whiten, a.index, not a.no_plots))
+    m = result.metrics
+    print(m[["embeddings", "pca", "index"] + [c for c in SHOWN if c in m]].round(4).to_string(index=False))
+    print(f"\nreports: {a.run}/reports/ (metrics.csv, comparison.md, pr_curves.png, embedding maps, grids)")
+
+
+def _evaluate_parser(sub):
+    p = sub.add_parser("evaluate", help="leave-one-out retrieval metrics on the test split → reports/",
+                       description="Every test image queries all other test images (itself excluded), PCA fitted on "
+                                   "train as in search. R@1/2/4/8, P@1/5/10, mAP, MAP@R, R-precision, NMI → "
+                                   "reports/metrics.csv, comparison.md, pr_curves.png, embedding maps, top-10 grids.")
+    p.add_argument("--run", required=True)
+    p.add_argument("--embeddings", default="full,gt,det", help="comma-separated embeddings sets; A+B concatenates "
+                   "per image (e.g. full+det). Missing sets are skipped with a warning (default full,gt,det)")
+    p.add_argument("--pca", default="256", help="comma-separated PCA dims to compare, none = no PCA (default 256)")
+    p.add_argument("--whiten", action="store_true", help="PCA whitening")
+    p.add_argument("--index", default="exact", help="exact, or a FAISS factory body (e.g. HNSW32, IVF64,PQ16) "
+                   "scored beside exact search with its recall@10 against exact")
+    p.add_argument("--no-plots", action="store_true", help="metrics only, no pictures")
+    p.set_defaults(func=cmd_evaluate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cbir", description="Object-detection-based multi-instance image retrieval "
                                      "on CUB-200-2011 and your own photos. Stages: prepare → detect → embed → "
@@ -260,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _stage_parsers():
     """Subcommands of the later stages, each defined beside its own flags."""
-    return [_detect_parser, _embed_parser, _index_parser, _search_parser]
+    return [_detect_parser, _embed_parser, _index_parser, _search_parser, _evaluate_parser]
 
 
 def main(argv: list[str] | None = None) -> int:
