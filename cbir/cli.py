@@ -244,6 +244,70 @@ def _evaluate_parser(sub):
     p.set_defaults(func=cmd_evaluate)
 
 
+def cmd_run(a):
+    from .pipeline import RunConfig, run_all
+
+    cfg = RunConfig(Path(a.cub), Path(a.out), a.split, a.skip_bad, a.detector, a.detector_weights,
+                    Path(a.detections) if a.detections else None, a.score, a.fallback, a.backbone, a.weights,
+                    _csv(a.modes), a.crop_resize, a.crop_margin, None if a.pca in ("none", "0") else int(a.pca),
+                    a.factory, a.index_mode, a.batch_size, a.workers, a.device)
+    steps = run_all(cfg)
+    print("stage                 seconds  result")
+    for name, seconds, note in steps:
+        print(f"{name:<21} {seconds:7.1f}  {note}")
+    print(f"\n{a.out}/reports/comparison.md:\n")
+    print((Path(a.out) / "reports" / "comparison.md").read_text())
+
+
+def _run_parser(sub):
+    p = sub.add_parser("run", help="the whole pipeline: prepare → detect → embed → index → evaluate",
+                       description="Run every stage in order on a CUB folder, skipping stages already done with the "
+                                   "same settings (rerun the same command to resume), then print the comparison.")
+    p.add_argument("--cub", required=True, help="CUB root (the folder holding images.txt)")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--split", default="song", help="song | official | classes:A-B/C-D (see `cbir prepare -h`)")
+    p.add_argument("--skip-bad", action="store_true")
+    p.add_argument("--detector", default="fasterrcnn_resnet50_fpn")
+    p.add_argument("--detector-weights", default="DEFAULT", help="detector weights (as --weights of `cbir detect`)")
+    p.add_argument("--detections", help="import boxes from this COCO results file instead of running the detector")
+    p.add_argument("--score", type=float, default=0.3)
+    p.add_argument("--fallback", default="gt")
+    p.add_argument("--backbone", default="detector", help="embedding backbone (as in `cbir embed`)")
+    _weights(p, "backbone")
+    p.add_argument("--modes", default="full,gt,det", help="embedding modes to compare (default full,gt,det)")
+    p.add_argument("--crop-resize", default="squash")
+    p.add_argument("--crop-margin", type=float, default=0.0)
+    p.add_argument("--pca", default="256")
+    p.add_argument("--factory", default="auto")
+    p.add_argument("--index-mode", default="det", help="which embeddings get a saved search index (default det)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    _workers(p)
+    p.set_defaults(func=cmd_run)
+
+
+def cmd_ui(a):
+    from .ui import serve
+
+    if a.share:
+        log.warning("--share: the page will be reachable from the internet through a gradio.live link")
+    serve(Path(a.run), a.index, a.host, a.port, a.share, a.detector != "none", a.device)
+
+
+def _ui_parser(sub):
+    p = sub.add_parser("ui", help="Gradio page: upload a photo, see the boxes and each box's neighbours",
+                       description="Serve a page over `cbir search`: upload a photo (or click a test-split example), "
+                                   "see every bird boxed with its score, and each box's nearest gallery images.")
+    p.add_argument("--run", required=True)
+    p.add_argument("--index", default="det", help="index name under RUN/index/ (default det)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true", help="also publish a public gradio.live link (off by default)")
+    p.add_argument("--detector", default="run", help="run (the run's detector) or none (whole photo is the query)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_ui)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cbir", description="Object-detection-based multi-instance image retrieval "
                                      "on CUB-200-2011 and your own photos. Stages: prepare → detect → embed → "
@@ -286,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _stage_parsers():
     """Subcommands of the later stages, each defined beside its own flags."""
-    return [_detect_parser, _embed_parser, _index_parser, _search_parser, _evaluate_parser]
+    return [_detect_parser, _embed_parser, _index_parser, _search_parser, _evaluate_parser, _run_parser, _ui_parser]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -267,7 +267,8 @@ def evaluate(cfg: EvalConfig) -> Evaluation:
         for pca in cfg.pca:
             gallery, train, spec = load_gallery(run, name, pca, cfg.whiten)
             metrics, stats = exact_metrics(gallery)
-            base = {"embeddings": name, "backbone": spec["backbone"], "pca": pca or "none", "images": len(gallery.query),
+            base = {"embeddings": name, "backbone": spec["backbone"], "pca": pca or "none",
+                    "dim": gallery.query.shape[1], "images": len(gallery.query),
                     "instances": len(gallery.instances), "excluded queries": stats.excluded}
             rows.append({**base, "index": "exact", **metrics, "NMI": nmi(gallery)})
             if cfg.index != "exact":
@@ -298,10 +299,10 @@ SHOWN = ["R@1", "R@2", "R@4", "R@8", "P@5", "P@10", "mAP", "MAP@R", "R-precision
 
 def comparison_markdown(metrics: pd.DataFrame, run: Path) -> str:
     shown = [c for c in SHOWN if c in metrics]
-    table = metrics[["embeddings", "backbone", "pca", "index", "images"] + shown].copy()
+    table = metrics[["embeddings", "backbone", "pca", "dim", "index", "images"] + shown].copy()
     for c in shown:
         table[c] = table[c].map(lambda v: "" if pd.isna(v) else f"{v:.3f}")
     return "\n".join(["# Retrieval comparison", "",
                       f"Run `{run}`: each test image queries all other test images (itself excluded); PCA fitted "
-                      "on the train split only. `det` scores each gallery image by its best instance and queries "
+                      "on the train split only (`dim`: the dimension used — PCA is capped by the number of train vectors). `det` scores each gallery image by its best instance and queries "
                       "with the image's top-scoring instance.", "", table.to_markdown(index=False), ""])

@@ -72,8 +72,8 @@ def resolve_weights(model_name: str, spec: str, weights_enum=None) -> ResolvedWe
         torch.hub.load_state_dict_from_url(weights.url, progress=True, check_hash=True)
     except Exception as e:  # noqa: BLE001 — any network failure gets the same how-to line
         raise CbirError(f"{model_name} weights {filename} not found and download failed ({type(e).__name__}); "
-                        f"put the file in ${WEIGHTS_ENV} or {_hub_file(filename).parent}, or pass --weights PATH "
-                        f"(--weights none: random init for plumbing tests)") from None
+                        f"put the file in ${WEIGHTS_ENV} or {_hub_file(filename).parent}, or pass its path with --weights "
+                        f"(--detector-weights in `cbir run`); --weights none: random init for plumbing tests") from None
     return ResolvedWeights(weights.name, _hub_file(filename), file_sha256(_hub_file(filename))[:16])
 
 

@@ -333,6 +333,8 @@ class Querier:
         self.detector, self.detect_meta = None, {}
         if use_detector and self.spec["mode"] != "full" and (Path(run) / "detections.meta.json").exists():
             self.detector, self.detect_meta = load_run_detector(run, self.device)
+        split = load_split(run)
+        self.gt_by_name = {Path(r.path).name: (r.width, r.height, [r.x, r.y, r.w, r.h]) for r in split.itertuples()}
         self._torch = torch
 
     @property
@@ -340,11 +342,13 @@ class Querier:
         if self.spec["mode"] == "full":
             return "index of whole images: the whole photo is the query"
         if self.detector is None:
-            return "no detector for new photos (imported boxes or --detector none): the whole photo is the query"
+            return ("no detector for new photos (imported boxes or --detector none): the whole photo is the query, "
+                    "plus its GT box when the photo is one of the run's")
         return f"boxes from {self.detect_meta['detector']} ({self.detect_meta['weights']})"
 
-    def boxes(self, image, score: float | None = None) -> list[dict]:
-        """Detected boxes of the run's categories, or the whole photo as a fallback instance."""
+    def boxes(self, image, score: float | None = None, name: str | None = None) -> list[dict]:
+        """Detected boxes of the run's categories, or else the whole photo as a fallback instance plus, for a
+        photo of the run itself (matched by file name and size), its GT box."""
         from .detect import kept_boxes
         from torchvision.transforms.functional import pil_to_tensor
 
@@ -357,13 +361,19 @@ class Querier:
                                m["score_threshold"] if score is None else score, m["max_per_image"])
             for d in found:
                 d["source"] = "detected"
-        return found or [{"bbox": [0.0, 0.0, float(image.width), float(image.height)], "score": 0.0,
-                          "source": "fallback-full"}]
+        if found:
+            return found
+        whole = [{"bbox": [0.0, 0.0, float(image.width), float(image.height)], "score": 0.0, "source": "fallback-full"}]
+        width, height, gt = self.gt_by_name.get(name, (None, None, None))
+        if self.spec["mode"] != "full" and (width, height) == image.size:
+            whole.append({"bbox": [float(v) for v in gt], "score": 1.0, "source": "gt"})
+        return whole
 
-    def query(self, image, k: int, score: float | None = None, exclude_image: int | None = None):
+    def query(self, image, k: int, score: float | None = None, exclude_image: int | None = None,
+              name: str | None = None):
         from .embed import embed_photo
 
-        boxes = self.boxes(image, score)
+        boxes = self.boxes(image, score, name)
         vectors = embed_photo(image, np.array([b["bbox"] for b in boxes]), self.spec, self.embedder)
         return query_vectors(self.si, vectors, boxes, k, exclude_image)
 

@@ -1,0 +1,139 @@
+"""Gradio page over `search.Querier`: upload a photo, see every bird boxed, and each box's neighbours.
+
+The page does no retrieval of its own: it calls the same Querier as `cbir search --image`, so what
+the page shows is what the CLI prints.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+from PIL import Image, ImageDraw, ImageFont
+
+from . import CbirError
+from .data import load_rgb
+from .search import Querier
+
+log = logging.getLogger(__name__)
+
+DETECTED, FALLBACK = (0, 200, 60), (255, 140, 0)
+MAX_UPLOAD_PIXELS = 12_000_000  # larger uploads are downscaled before detection
+BOX_KIND = {"fallback-full": "whole image", "gt": "GT box"}
+
+
+def draw_boxes(image: Image.Image, boxes: list[dict], labels: list[str]) -> Image.Image:
+    """Numbered boxes; a fallback (whole-image) box is orange and says so."""
+    out = image.copy()
+    draw = ImageDraw.Draw(out)
+    width = max(2, round(min(out.size) / 150))
+    font = ImageFont.load_default(size=max(12, round(min(out.size) / 28)))
+    for box, label in zip(boxes, labels):
+        x, y, w, h = box["bbox"] if "bbox" in box else box["box"]
+        fallback = box["source"].startswith("fallback")
+        colour = FALLBACK if fallback else DETECTED
+        inset = width if fallback else 0
+        draw.rectangle([x + inset, y + inset, x + w - 1 - inset, y + h - 1 - inset], outline=colour, width=width)
+        text = f"{label.split()[0]} no bird found – whole image" if fallback else label
+        tx, ty = x + inset + 2, y + inset + 2
+        draw.rectangle(draw.textbbox((tx, ty), text, font=font), fill=colour)
+        draw.text((tx, ty), text, fill=(0, 0, 0), font=font)
+    return out
+
+
+def neighbour_cards(querier: Querier, rows: list[dict]) -> list[tuple[Image.Image, str]]:
+    cards = []
+    for r in rows:
+        image = load_rgb(querier.si.image_path(r["path"]))
+        image = draw_boxes(image, [r], [f"#{r['image_id']}"])
+        image.thumbnail((320, 320))
+        name = r["class_name"].split(".", 1)[-1].replace("_", " ") or "added photo"
+        cards.append((image, f"{name} · sim {r['similarity']:.3f}"))
+    return cards
+
+
+def run_query(querier: Querier, path: str | None, score: float, k: int) -> dict:
+    """The page's one action; returns a JSON-able document (also the API answer of /search)."""
+    from .search import results_json
+
+    if not path:
+        raise CbirError("upload a photo first")
+    image = load_rgb(Path(path), max_pixels=MAX_UPLOAD_PIXELS)
+    start = time.perf_counter()
+    boxes, merged = querier.query(image, int(k), score=float(score), name=Path(path).name)
+    doc = results_json(Path(path).name, boxes, merged)
+    doc["latency_ms"] = round((time.perf_counter() - start) * 1000, 1)
+    doc["size"] = list(image.size)
+    return doc
+
+
+def build_app(querier: Querier, examples: list[str], default_k: int = 10) -> gr.Blocks:
+    default_score = float(querier.detect_meta.get("score_threshold", 0.3))
+    with gr.Blocks(title="cbir — find similar birds") as app:
+        gr.Markdown(f"# cbir — find similar birds\nIndex **{querier.si.manifest['name']}** "
+                    f"({querier.si.manifest['count']} instances, {querier.spec['backbone']}); {querier.detector_note}.")
+        state = gr.State({})
+        with gr.Row():
+            with gr.Column(scale=1):
+                photo = gr.Image(type="filepath", label="Photo", sources=["upload", "clipboard"], height=320)
+                score = gr.Slider(0.05, 0.95, value=default_score, step=0.05, label="detection score threshold")
+                k = gr.Slider(1, 30, value=default_k, step=1, label="neighbours (k)")
+                button = gr.Button("Search", variant="primary")
+                if examples:
+                    gr.Examples(examples=[[e] for e in examples], inputs=[photo], label="Test-split examples")
+            with gr.Column(scale=2):
+                boxed = gr.Image(label="Boxes found (orange = no bird found, whole image)", interactive=False,
+                                 height=360)
+                latency = gr.Markdown()
+                choice = gr.Radio(label="Box", choices=[], type="index")
+                gallery = gr.Gallery(label="Nearest gallery images for the selected box", columns=5, height=420)
+                merged = gr.Dataframe(label="All boxes merged: each gallery image once, by its best match",
+                                      interactive=False)
+
+        def search(path, score_value, k_value):
+            try:
+                doc = run_query(querier, path, score_value, k_value)
+            except CbirError as e:
+                raise gr.Error(str(e)) from None
+            except Exception as e:  # noqa: BLE001 — the page shows a message, never a stack trace
+                log.exception("query failed")
+                raise gr.Error(f"could not process this photo ({type(e).__name__}: {e})") from None
+            image = load_rgb(Path(path), max_pixels=MAX_UPLOAD_PIXELS)
+            labels = [f"{i} ({b['score']:.2f})" if b["source"] == "detected" else f"{i} {BOX_KIND.get(b['source'], '')}"
+                      for i, b in enumerate(doc["boxes"], 1)]
+            names = [f"box {i} · " + BOX_KIND.get(b["source"], f"score {b['score']:.2f}")
+                     for i, b in enumerate(doc["boxes"], 1)]
+            table = pd.DataFrame([{"rank": i, "image_id": r["image_id"], "class": r["class_name"],
+                                   "similarity": r["similarity"]} for i, r in enumerate(doc["images"], 1)])
+            return (doc, draw_boxes(image, doc["boxes"], labels),
+                    f"{len(doc['boxes'])} box(es) · query latency **{doc['latency_ms']:.0f} ms** "
+                    f"(detect + embed + search, {doc['size'][0]}×{doc['size'][1]} px)",
+                    gr.Radio(choices=names, value=names[0]), neighbour_cards(querier, doc["boxes"][0]["neighbours"]),
+                    table)
+
+        def select(doc, index):
+            if not doc or index is None:
+                return []
+            return neighbour_cards(querier, doc["boxes"][index]["neighbours"])
+
+        button.click(search, [photo, score, k], [state, boxed, latency, choice, gallery, merged], api_name="search")
+        choice.change(select, [state, choice], [gallery], api_name=False)
+    return app
+
+
+def example_photos(querier: Querier, n: int = 4) -> list[str]:
+    """A few test-split photos of different classes, for one-click tries."""
+    table = querier.si.table
+    test = table[table.split == "test"].drop_duplicates("class_id").head(n)
+    return [str(querier.si.image_path(p)) for p in test.path]
+
+
+def serve(run: Path, index: str, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
+          use_detector: bool = True, device: str = "auto") -> None:
+    querier = Querier(run, index, use_detector, device)
+    app = build_app(querier, example_photos(querier))
+    allowed = [str(querier.si.root)] if querier.si.root else []
+    app.launch(server_name=host, server_port=port, share=share, allowed_paths=allowed, show_error=False)
