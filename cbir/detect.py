@@ -291,7 +291,7 @@ def detect(cfg: DetectConfig) -> DetectResult:
     dropped = {k: v for k, v in counts.items() if k not in ("input", "clipped") and v}
     if dropped or counts["clipped"]:
         log.info("boxes: %d in, dropped %s, %d clipped to the image", counts["input"], dropped or "none", counts["clipped"])
-    dets = apply_fallback(dets, split, cfg.fallback, min(keep_ids), {e["image_id"] for e in errors})
+    dets = apply_fallback(dets, split, cfg.fallback, next(iter(keep_ids)), {e["image_id"] for e in errors})
     sources = pd.Series([d["source"] for d in dets]).value_counts().to_dict() if dets else {}
     per_image = pd.Series([d["image_id"] for d in dets]).value_counts() if dets else pd.Series(dtype=int)
     meta = {**info, "splits": list(cfg.splits), "score_threshold": cfg.score, "max_per_image": cfg.max_per_image,

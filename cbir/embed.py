@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 MODES = ("full", "gt", "det")
 CROP_RESIZE = ("squash", "pad", "center")
 POOLS = ("avg", "gem")
+SHARD_IMAGES = 256  # images per resumable shard
 TABLE_COLUMNS = ["image_id", "instance", "x", "y", "w", "h", "source", "score", "split", "class_id"]
 
 
@@ -272,7 +273,6 @@ def embed(cfg: EmbedConfig) -> tuple[np.ndarray, pd.DataFrame, dict]:
     root = cub_root(run)
     bar = tqdm(total=len(rows), desc=f"embed {cfg.output_name} ({backbone.name})", unit="box")
     image_order = rows.image_id.drop_duplicates().to_numpy()
-    shard_images = 256
 
     def compute(image_ids):
         part = rows[rows.image_id.isin(image_ids)]
@@ -282,7 +282,7 @@ def embed(cfg: EmbedConfig) -> tuple[np.ndarray, pd.DataFrame, dict]:
         with open(path, "wb") as f:
             np.save(f, array)
 
-    shards = run_in_shards(image_order, shard_images, run / "embeddings" / f"{cfg.output_name}.partial",
+    shards = run_in_shards(image_order, SHARD_IMAGES, run / "embeddings" / f"{cfg.output_name}.partial",
                            {**spec, "rows": len(rows)}, compute, save, np.load, bar)
     bar.close()
     vectors = np.concatenate(shards).astype(np.float32)

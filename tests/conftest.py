@@ -1,0 +1,65 @@
+"""Shared fixtures: real CUB data from ../shared, the shipped mini sample, and runs built once per session."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+SAMPLE = SHARED / "data" / "cub_sample"
+FULL_ANNOTATIONS = SHARED / "data" / "cub_annotations_full"
+MOBILENET = SHARED / "weights" / "torchvision_mobilenet_v2_features_imagenet.pth"
+EFFICIENTNET = SHARED / "weights" / "timm_tf_efficientnet_lite0_from_57934424.pth"
+EXTERNAL = SAMPLE / "external_detections" / "yolov5n_coco_birds.json"
+MINI = REPO / "examples" / "cub_mini"
+MINI_SPLIT = "classes:1-10/11-20"
+
+
+def pytest_sessionstart(session):
+    if not SAMPLE.exists():
+        raise pytest.UsageError(f"{SHARED} is missing: the tests need the shared CUB sample and weights beside the checkout")
+
+
+@pytest.fixture(scope="session")
+def mini_run(tmp_path_factory) -> Path:
+    """cub_mini prepared, external detections imported, full/gt/det embedded with real MobileNetV2."""
+    from cbir.data import PrepareConfig, prepare
+    from cbir.detect import DetectConfig, detect
+    from cbir.embed import EmbedConfig, embed
+
+    run = tmp_path_factory.mktemp("mini") / "run"
+    prepare(PrepareConfig(MINI, run, MINI_SPLIT, workers=1))
+    detect(DetectConfig(run, detections=MINI / "external_detections.json"))
+    for mode in ("full", "gt", "det"):
+        embed(EmbedConfig(run, mode, "mobilenet_v2", str(MOBILENET), workers=0))
+    return run
+
+
+@pytest.fixture(scope="session")
+def sample_run(tmp_path_factory) -> Path:
+    """The shared 1,115-image sample (classes 1-10 train / 11-20 test), external detections, real
+    MobileNetV2 full and det embeddings: meaningful features for quality floors and cross-checks."""
+    from cbir.data import PrepareConfig, prepare
+    from cbir.detect import DetectConfig, detect
+    from cbir.embed import EmbedConfig, embed
+
+    from cbir.eda import eda
+
+    run = tmp_path_factory.mktemp("sample") / "run"
+    prepare(PrepareConfig(SAMPLE, run, "classes:1-10/11-20", workers=2))
+    eda(run)
+    detect(DetectConfig(run, detections=EXTERNAL))
+    for mode in ("full", "det"):
+        embed(EmbedConfig(run, mode, "mobilenet_v2", str(MOBILENET), workers=2, batch_size=64))
+    return run
+
+
+@pytest.fixture
+def mini_copy(tmp_path) -> Path:
+    """A writable copy of cub_mini, for tests that damage files."""
+    dest = tmp_path / "cub"
+    shutil.copytree(MINI, dest)
+    return dest

@@ -1,0 +1,195 @@
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torchvision.transforms.functional import pil_to_tensor
+
+from cbir import CbirError
+from cbir.data import cub_root, load_rgb
+from cbir.embed import CropPolicy, EmbedConfig, Embedder, InputRecipe, crop_to_input, embed, grow_box, load_embeddings
+from cbir.models import build_backbone, load_partial
+from conftest import EFFICIENTNET, MOBILENET
+
+
+@pytest.fixture(scope="module")
+def mobilenet():
+    return build_backbone("mobilenet_v2", str(MOBILENET))
+
+
+@pytest.mark.parametrize("name, weights, dim", [
+    ("mobilenet_v2", str(MOBILENET), 1280),
+    ("timm:tf_efficientnet_lite0", str(EFFICIENTNET), 1280),
+    ("resnet50", "none", 2048),
+    ("detector", "none", 2048),
+    ("efficientnet_b0", "none", 1280),
+])
+def test_backbone_dims_are_discovered(name, weights, dim):
+    backbone = build_backbone(name, weights)
+    assert backbone.dim == dim
+    with torch.inference_mode():
+        fmap = backbone.trunk(torch.zeros(2, 3, backbone.preprocess.size, backbone.preprocess.size))
+    assert fmap.shape[:2] == (2, dim) and backbone.stride == 32
+
+
+def test_preprocessing_comes_from_the_weights_metadata():
+    assert build_backbone("timm:tf_efficientnet_lite0", str(EFFICIENTNET)).preprocess.mean == (0.5, 0.5, 0.5)
+    mob = build_backbone("mobilenet_v2", str(MOBILENET)).preprocess
+    assert mob.mean == pytest.approx((0.485, 0.456, 0.406)) and mob.size == 224 and mob.resize_size == 232
+
+
+def test_trunk_checkpoint_tolerates_only_a_missing_head(tmp_path):
+    sd = torch.load(MOBILENET, weights_only=True)
+    bad = dict(sd)
+    bad["features.99.weight"] = torch.zeros(1)
+    torch.save(bad, tmp_path / "bad.pth")
+    with pytest.raises(CbirError, match="1 unexpected"):
+        build_backbone("mobilenet_v2", str(tmp_path / "bad.pth"))
+    partial = {k: v for k, v in sd.items() if not k.startswith("features.18")}
+    torch.save(partial, tmp_path / "partial.pth")
+    with pytest.raises(CbirError, match="missing key"):
+        build_backbone("mobilenet_v2", str(tmp_path / "partial.pth"))
+
+
+def test_missing_weights_give_a_one_line_how_to(monkeypatch, tmp_path):
+    monkeypatch.setenv("CBIR_WEIGHTS_DIR", str(tmp_path))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    with pytest.raises(CbirError) as e:
+        build_backbone("resnet50", "DEFAULT")
+    msg = str(e.value)
+    assert "resnet50-" in msg and "CBIR_WEIGHTS_DIR" in msg and "\n" not in msg
+
+
+def test_weights_found_in_cbir_weights_dir(monkeypatch, tmp_path):
+    from torchvision.models import MobileNet_V2_Weights
+
+    shutil.copy(MOBILENET, tmp_path / MobileNet_V2_Weights.DEFAULT.url.rsplit("/", 1)[1])
+    monkeypatch.setenv("CBIR_WEIGHTS_DIR", str(tmp_path))
+    backbone = build_backbone("mobilenet_v2", "DEFAULT")
+    assert backbone.weights.path.parent == tmp_path
+
+
+def test_load_partial_names_the_problem():
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(CbirError, match="missing"):
+        load_partial(model, {"weight": torch.zeros(2, 2)}, "x.pth")
+    load_partial(model, {"weight": torch.zeros(2, 2)}, "x.pth", head_prefixes=("bias",))
+
+
+def test_crop_policies_give_square_inputs_of_the_right_content():
+    image = torch.zeros(3, 100, 200, dtype=torch.uint8)
+    image[:, 20:60, 50:150] = 255  # a 100 x 40 white box
+    box = [50, 20, 100, 40]
+    squash = crop_to_input(image, box, CropPolicy(0, "squash"), 32, 37, (0, 0, 0))
+    assert squash.shape == (3, 32, 32) and squash.float().mean() > 250  # only the box, stretched
+    pad = crop_to_input(image, box, CropPolicy(0, "pad"), 32, 37, (0, 0, 0))
+    assert 0.3 < pad.float().mean() / 255 < 0.5  # box letterboxed: 40/100 of the square
+    center = crop_to_input(image, box, CropPolicy(0, "center"), 32, 37, (0, 0, 0))
+    assert center.shape == (3, 32, 32)
+    grown = crop_to_input(image, box, CropPolicy(0.5, "squash"), 32, 37, (0, 0, 0))
+    assert grown.float().mean() < squash.float().mean()  # the margin brings in background
+
+
+def test_grow_box_clips_and_never_degenerates():
+    assert grow_box([-10, -10, 500, 500], 0.1, 100, 80) == (0, 0, 100, 80)
+    assert grow_box([10.2, 10.7, 0.1, 0.1], 0.0, 100, 80)[2:] >= (11, 11)
+
+
+def test_greyscale_and_tiny_box_crops(mobilenet, mini_run):
+    root = cub_root(mini_run)
+    split = pd.read_csv(mini_run / "split.csv")
+    grey = split[split.image_id == 448].iloc[0]
+    image = pil_to_tensor(load_rgb(root / "images" / grey.path))
+    assert image.shape[0] == 3
+    recipe = InputRecipe(CropPolicy(), 224, 232, (124, 116, 104), False)
+    crops, _ = recipe.inputs(image, np.array([[grey.x, grey.y, grey.w, grey.h], [5.0, 5.0, 0.4, 0.6]]))
+    assert crops.shape == (2, 3, 224, 224)
+    vectors = Embedder(mobilenet, torch.device("cpu"), "avg", False)(crops)
+    assert vectors.shape == (2, 1280) and np.isfinite(vectors).all()
+
+
+def test_rows_align_with_vectors_and_multi_instance(mini_run, mobilenet):
+    vectors, table, spec = load_embeddings(mini_run, "det")
+    dets = json.loads((mini_run / "detections.json").read_text())
+    assert len(table) == len(dets) == len(vectors)
+    several = table.image_id.value_counts()
+    multi = several[several > 1].index
+    assert len(multi) > 0
+    rows = table[table.image_id == multi[0]]
+    assert rows.instance.tolist() == list(range(len(rows)))
+    # any row's vector equals embedding that row's crop directly
+    embedder = Embedder(mobilenet, torch.device("cpu"), "avg", False)
+    split = pd.read_csv(mini_run / "split.csv").set_index("image_id")
+    image = pil_to_tensor(load_rgb(cub_root(mini_run) / "images" / split.loc[multi[0]].path))
+    crops, _ = InputRecipe.from_spec(spec, mobilenet).inputs(image, rows[["x", "y", "w", "h"]].to_numpy(float))
+    direct = embedder(crops)
+    assert np.allclose(direct, vectors[rows.index], atol=1e-4)
+    assert not np.allclose(direct[0], direct[1], atol=1e-2)
+
+
+def test_full_gt_det_sets_exist_with_their_sources(mini_run):
+    for mode, sources in (("full", {"full"}), ("gt", {"gt"}), ("det", {"detected", "fallback-gt"})):
+        vectors, table, spec = load_embeddings(mini_run, mode)
+        assert set(table.source) == sources and spec["mode"] == mode and vectors.dtype == np.float32
+        assert vectors.shape[1] == 1280 and len(table) >= 32
+
+
+def test_embedding_is_deterministic_and_refuses_to_mix(mini_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(mini_run, run)
+    first = np.array(load_embeddings(run, "gt")[0])
+    embed(EmbedConfig(run, "gt", "mobilenet_v2", str(MOBILENET), workers=0, force=True))
+    assert np.array_equal(np.array(load_embeddings(run, "gt")[0]), first)
+    with pytest.raises(CbirError, match="refusing to mix"):
+        embed(EmbedConfig(run, "gt", "timm:tf_efficientnet_lite0", str(EFFICIENTNET), workers=0))
+    with pytest.raises(CbirError, match="refusing to mix"):
+        embed(EmbedConfig(run, "gt", "mobilenet_v2", str(MOBILENET), crop_resize="center", workers=0))
+
+
+def test_embedding_resumes_after_interruption(mini_run, tmp_path, monkeypatch):
+    import cbir.embed as embed_module
+
+    run = tmp_path / "run"
+    shutil.copytree(mini_run, run)
+    reference = np.array(load_embeddings(run, "full")[0])
+    shutil.rmtree(run / "embeddings")
+    monkeypatch.setattr(embed_module, "SHARD_IMAGES", 8)
+    real = embed_module.embed_rows
+    calls = []
+
+    def flaky(rows, *args, **kwargs):
+        calls.append(len(rows))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(rows, *args, **kwargs)
+
+    monkeypatch.setattr(embed_module, "embed_rows", flaky)
+    cfg = EmbedConfig(run, "full", "mobilenet_v2", str(MOBILENET), workers=0)
+    with pytest.raises(KeyboardInterrupt):
+        embed(cfg)
+    assert not (run / "embeddings" / "full.npy").exists()
+    embed(cfg)
+    assert calls == [8, 8, 8, 8, 8]  # the 2 finished shards are kept; only the other 2 run again
+    assert np.allclose(np.array(load_embeddings(run, "full")[0]), reference, atol=1e-5)
+
+
+def test_roi_mode_one_pass_per_image(mini_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(mini_run, run)
+    vectors, table, spec = embed(EmbedConfig(run, "det", "mobilenet_v2", str(MOBILENET), roi=True, name="det_roi",
+                                             workers=0))
+    base, base_table, _ = load_embeddings(run, "det")
+    assert vectors.shape == base.shape and table.equals(base_table) and spec["roi"]
+    cos = (np.asarray(vectors) * base).sum(1) / np.linalg.norm(vectors, axis=1) / np.linalg.norm(base, axis=1)
+    assert np.median(cos) > 0.5  # the same boxes, seen through a shared feature map
+
+
+def test_misaligned_files_are_refused(mini_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(mini_run, run)
+    table = pd.read_parquet(run / "embeddings" / "gt.parquet")
+    table.iloc[:-1].to_parquet(run / "embeddings" / "gt.parquet")
+    with pytest.raises(CbirError, match="do not match its table"):
+        load_embeddings(run, "gt")

@@ -1,0 +1,132 @@
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import average_precision_score
+
+from cbir import CbirError
+from cbir.evaluate import (EvalConfig, Gallery, RankStats, evaluate, exact_metrics, first_occurrences, image_sims,
+                           load_gallery, rank_metrics, summarise)
+
+
+def _one(sims, q_labels, g_labels, self_index=None):
+    stats = RankStats()
+    sims = np.atleast_2d(np.asarray(sims, float))
+    self_index = np.full(len(sims), -1) if self_index is None else np.asarray(self_index)
+    rank_metrics(sims, np.asarray(q_labels), np.asarray(g_labels), self_index, stats)
+    return summarise(stats), stats
+
+
+def test_hand_made_ranking():
+    # ranking by score: labels A B A B A ; query label A -> relevant at ranks 1, 3, 5 (R = 3)
+    m, _ = _one([[0.9, 0.8, 0.7, 0.6, 0.5]], ["A"], ["A", "B", "A", "B", "A"])
+    assert m["R@1"] == 1 and m["P@1"] == 1 and m["P@5"] == pytest.approx(3 / 5)
+    assert m["mAP"] == pytest.approx((1 + 2 / 3 + 3 / 5) / 3)
+    assert m["R-precision"] == pytest.approx(2 / 3)  # 2 relevant in the top R = 3
+    assert m["MAP@R"] == pytest.approx((1 + 2 / 3) / 3)  # precision at relevant ranks within R, / R
+
+
+def test_first_hit_at_rank_three():
+    m, _ = _one([[0.9, 0.8, 0.7, 0.1]], [1], [2, 3, 1, 1])
+    assert (m["R@1"], m["R@2"], m["R@4"]) == (0, 0, 1)
+    assert m["mAP"] == pytest.approx((1 / 3 + 2 / 4) / 2)
+    assert m["R-precision"] == 0 and m["MAP@R"] == 0
+
+
+def test_query_itself_is_excluded():
+    m, _ = _one([[1.0, 0.5, 0.4]], [1], [1, 2, 1], self_index=[0])
+    assert m["R@1"] == 0 and m["R@2"] == 1 and m["mAP"] == pytest.approx(0.5)
+
+
+def test_ties_follow_sklearn_for_ap():
+    sims = np.array([[0.5, 0.5, 0.5, 0.2]])
+    rel = np.array([1, 0, 1, 0])
+    m, _ = _one(sims, [1], rel)
+    assert m["mAP"] == pytest.approx(average_precision_score(rel, sims[0]))  # one threshold for the tie: 2/3
+    assert m["mAP"] == pytest.approx(2 / 3)
+    assert m["R@1"] == 1  # rank metrics break ties by gallery order
+
+
+def test_classes_of_size_one_are_excluded_and_counted():
+    sims = np.array([[1.0, 0.9, 0.1], [0.9, 1.0, 0.2], [0.1, 0.2, 1.0]])
+    m, stats = _one(sims, [1, 1, 2], [1, 1, 2], self_index=[0, 1, 2])
+    assert stats.excluded == 1 and m["R@1"] == 1 and m["mAP"] == 1
+
+
+def test_map_equals_sklearn_per_query_average(sample_run):
+    g, _, _ = load_gallery(sample_run, "full", 64, False)
+    metrics, _ = exact_metrics(g)
+    sims = g.query @ g.query.T
+    aps = []
+    for i in range(len(g.query)):
+        keep = np.arange(len(g.query)) != i
+        aps.append(average_precision_score(g.labels[keep] == g.labels[i], sims[i, keep]))
+    assert metrics["mAP"] == pytest.approx(np.mean(aps), abs=1e-6)
+
+
+def test_cross_check_with_pytorch_metric_learning(sample_run):
+    import torch
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+    g, _, _ = load_gallery(sample_run, "full", 64, False)
+    metrics, _ = exact_metrics(g)
+    calc = AccuracyCalculator(include=("precision_at_1", "r_precision", "mean_average_precision_at_r"),
+                              device=torch.device("cpu"), knn_func=None)
+    x = torch.from_numpy(np.ascontiguousarray(g.query))
+    y = torch.from_numpy(g.labels)
+    pml = calc.get_accuracy(x, y, x, y, ref_includes_query=True)
+    assert metrics["P@1"] == pytest.approx(pml["precision_at_1"], abs=1e-6)
+    assert metrics["R-precision"] == pytest.approx(pml["r_precision"], abs=1e-6)
+    assert metrics["MAP@R"] == pytest.approx(pml["mean_average_precision_at_r"], abs=1e-6)
+
+
+def test_det_is_scored_per_image_by_best_instance():
+    # image 0 has instances [a, b]; image 1 has [c]; image 2 has [d]
+    inst = np.array([[1, 0], [0, 1], [0.6, 0.8], [1, 0]], float)
+    g = Gallery(query=inst[[0, 2, 3]], instances=inst, starts=np.array([0, 2, 3]), labels=np.array([1, 2, 1]),
+                image_ids=np.array([10, 11, 12]))
+    sims = image_sims(np.array([[0, 1.0]]), g)
+    assert sims.tolist() == [[1.0, 0.8, 0.0]]  # image 0 wins through its second instance
+    m, _ = exact_metrics(g)
+    assert m["R@1"] == 1  # image 0 (query [1,0]) finds image 2, same class
+
+
+def test_first_occurrences():
+    rows = np.array([[3, 1, 3, 2, 1], [5, 5, 5, 5, 4]])
+    assert first_occurrences(rows).tolist() == [[True, True, False, True, False], [True, False, False, False, True]]
+
+
+def test_evaluation_refuses_leaked_train_rows(mini_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(mini_run, run)
+    table = pd.read_parquet(run / "embeddings" / "full.parquet")
+    table.loc[table.split == "train", "split"] = "test"  # made with another split: train rows as queries
+    table.loc[table.index[0], "split"] = "train"
+    table.to_parquet(run / "embeddings" / "full.parquet")
+    with pytest.raises(CbirError, match="leak"):
+        evaluate(EvalConfig(run, ("full",), plots=False))
+
+
+def test_evaluate_writes_reports_and_scores_an_approximate_index(mini_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(mini_run, run)
+    result = evaluate(EvalConfig(run, ("full", "det", "full+det", "nope"), (8, None), index="HNSW32"))
+    m = result.metrics
+    assert set(m.embeddings) == {"full", "det", "full+det"} and len(m) == 12
+    exact = m[m.index == "exact"]
+    assert exact["R@1"].between(0, 1).all() and (exact["R@8"] >= exact["R@1"]).all()
+    assert (m[m.index == "HNSW32"]["recall@10 vs exact"] > 0.9).all()
+    reports = run / "reports"
+    for name in ("metrics.csv", "comparison.md", "pr_curves.png", "embedding_map_det.png", "grid_det.png",
+                 "grid_full_det.png"):
+        assert (reports / name).stat().st_size > 0
+    assert "| full+det" in (reports / "comparison.md").read_text()
+
+
+def test_sample_quality_floor(sample_run):
+    """Real ImageNet features on 10 unseen classes: a retrieval bug shows up as a drop below these floors."""
+    result = evaluate(EvalConfig(sample_run, ("full", "det"), (None,), plots=False))
+    m = result.metrics.set_index("embeddings")
+    assert m.loc["full", "R@1"] > 0.8 and m.loc["det", "R@1"] > 0.8
+    assert m.loc["full", "MAP@R"] > 0.35 and m.loc["full", "NMI"] > 0.6

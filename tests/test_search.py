@@ -1,0 +1,169 @@
+import json
+import shutil
+import subprocess
+import sys
+
+import faiss
+import numpy as np
+import pandas as pd
+import pytest
+
+from cbir import CbirError
+from cbir.embed import load_embeddings
+from cbir.search import (IndexConfig, Querier, build_index, image_level, load_index, query_vectors, reduce,
+                         remove_images)
+from conftest import MINI, MOBILENET
+
+
+@pytest.fixture
+def run(mini_run, tmp_path):
+    dest = tmp_path / "run"
+    shutil.copytree(mini_run, dest)
+    return dest
+
+
+def test_pca_is_fitted_on_train_rows_only(run):
+    vectors, table, _ = load_embeddings(run, "det")
+    train = np.asarray(vectors[(table.split == "train").to_numpy()])
+    rng = np.random.default_rng(0)
+    shuffled_test = np.asarray(vectors).copy()
+    test_rows = (table.split == "test").to_numpy()
+    shuffled_test[test_rows] = rng.normal(size=shuffled_test[test_rows].shape) * 10  # junk test rows
+    a = reduce(np.asarray(vectors), train, 8, False)
+    b = reduce(shuffled_test, train, 8, False)
+    assert np.allclose(a[~test_rows], b[~test_rows], atol=1e-5)  # test rows did not move the PCA
+    si = build_index(IndexConfig(run, "det", pca=8, factory="Flat"))
+    assert si.manifest["train_rows"] == int((~test_rows).sum())
+    pca = faiss.downcast_VectorTransform(si.index.chain.at(1))
+    expected = faiss.PCAMatrix(vectors.shape[1], 8)
+    expected.train(faiss.downcast_VectorTransform(si.index.chain.at(0)).apply(train))
+    assert np.allclose(faiss.vector_to_array(pca.A), faiss.vector_to_array(expected.A), atol=1e-4)
+
+
+def test_exact_index_equals_bruteforce_numpy(run):
+    si = build_index(IndexConfig(run, "full", pca=None, factory="Flat"))
+    vectors, _, _ = load_embeddings(run, "full")
+    x = np.asarray(vectors) / np.linalg.norm(vectors, axis=1, keepdims=True)
+    sims, ids = si.search(np.asarray(vectors[:5]), 10)
+    brute = x[:5] @ x.T
+    assert np.array_equal(ids, np.argsort(-brute, axis=1, kind="stable")[:, :10])
+    assert np.allclose(sims, np.sort(brute, axis=1)[:, ::-1][:, :10], atol=1e-5)
+
+
+@pytest.mark.parametrize("factory, floor", [("HNSW32", 0.95), ("IVF16,Flat", 0.9), ("IVF16,PQ16", 0.6)])
+def test_approximate_recall_at_10_on_real_embeddings(sample_run, tmp_path, factory, floor):
+    vectors, table, _ = load_embeddings(sample_run, "det")
+    exact = build_index(IndexConfig(sample_run, "det", name="exact", pca=128, factory="Flat"))
+    approx = build_index(IndexConfig(sample_run, "det", name="approx", pca=128, factory=factory))
+    queries = np.asarray(vectors[(table.split == "test").to_numpy()][:200])
+    _, e = exact.search(queries, 10)
+    _, a = approx.search(queries, 10)
+    recall = np.mean([len(set(x) & set(y)) / 10 for x, y in zip(e, a)])
+    assert recall >= floor, f"{factory} recall@10 {recall:.3f} below {floor}"
+
+
+def test_image_level_keeps_each_image_once_by_best_instance():
+    rows = pd.DataFrame({"image_id": [7, 3, 7, 5, 3], "instance": [0, 1, 1, 0, 0],
+                         "similarity": [0.9, 0.8, 0.7, 0.6, 0.95]})
+    out = image_level(rows)
+    assert out.image_id.tolist() == [3, 7, 5]
+    assert out.similarity.tolist() == [0.95, 0.9, 0.6] and out.instance.tolist() == [0, 0, 0]
+
+
+def test_query_returns_instances_and_distinct_images(run):
+    si = build_index(IndexConfig(run, "det", pca=16, factory="Flat"))
+    vectors, table, _ = load_embeddings(run, "det")
+    boxes = [{"bbox": [0, 0, 1, 1], "score": 1.0, "source": "detected"}] * 2
+    per_box, merged = query_vectors(si, np.asarray(vectors[:2]), boxes, 5)
+    assert len(per_box) == 2 and all(len(q.neighbours) == 5 for q in per_box)
+    assert merged.image_id.is_unique and len(merged) == 5
+    assert (np.diff(per_box[0].neighbours.similarity) <= 1e-6).all()
+
+
+def _search_json(run, *args):
+    out = subprocess.run([sys.executable, "-m", "cbir.cli", "search", "--run", str(run), "--json", *args],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def test_saved_index_reloads_and_extends_identically(run, tmp_path):
+    build_index(IndexConfig(run, "det", pca=16, factory="Flat"))
+    photo = sorted((MINI / "images" / "017.Cardinal").glob("*.jpg"))[0]
+    before = _search_json(run, "--index", "det", "--image", str(photo), "--k", "10")
+    assert before["boxes"][0]["source"] == "fallback-full"  # imported boxes: the whole photo is the query
+    first = before["boxes"][0]["neighbours"][0]
+    assert set(first) == {"image_id", "instance", "class_id", "class_name", "path", "box", "source", "similarity"}
+    new = tmp_path / "new"
+    new.mkdir()
+    shutil.copy(sorted((MINI / "images" / "014.Indigo_Bunting").glob("*.jpg"))[0], new / "a.jpg")
+    (new / "junk.jpg").write_bytes(b"not an image")
+    cli = [sys.executable, "-m", "cbir.cli", "index", "--run", str(run), "--name", "det", "--add", str(new)]
+    out = subprocess.run(cli, capture_output=True, text=True, check=True).stdout
+    assert "added 1 instance" in out and "1 unreadable" in out
+    subprocess.run(cli, capture_output=True, text=True, check=True)  # idempotent: same photo not added twice
+    si = load_index(run, "det")
+    assert si.table.split.value_counts()["added"] == 1
+    after = _search_json(run, "--index", "det", "--image", str(photo), "--k", "10")
+    old = [n for n in after["images"] if n["class_id"] != -1]
+    assert [n["image_id"] for n in old] == [n["image_id"] for n in before["images"]][:len(old)]
+    assert [n["similarity"] for n in old] == [n["similarity"] for n in before["images"]][:len(old)]
+
+
+def test_remove_images_keeps_other_ids(run):
+    si = build_index(IndexConfig(run, "det", pca=16, factory="Flat"))
+    victim = int(si.table.image_id.iloc[0])
+    kept_ids = si.table.index[si.table.image_id != victim]
+    assert remove_images(run, "det", [victim]) >= 1
+    again = load_index(run, "det")
+    assert victim not in set(again.table.image_id) and list(again.table.index) == list(kept_ids)
+    with pytest.raises(CbirError, match="not in index"):
+        remove_images(run, "det", [victim])
+    build_index(IndexConfig(run, "det", name="hnsw", pca=16, factory="HNSW32"))
+    with pytest.raises(CbirError, match="does not support removal"):
+        remove_images(run, "hnsw", [int(again.table.image_id.iloc[0])])
+
+
+def test_bad_queries_get_clear_errors(run, tmp_path):
+    si = build_index(IndexConfig(run, "det", pca=16, factory="Flat"))
+    with pytest.raises(CbirError, match="dim 7"):
+        si.search(np.zeros((1, 7), np.float32), 3)
+    with pytest.raises(CbirError, match="exceeds the gallery"):
+        query_vectors(si, np.zeros((1, 1280), np.float32), [{"bbox": [0] * 4, "score": 0, "source": "x"}], 10_000)
+    empty = build_index(IndexConfig(run, "det", name="empty", pca=16, factory="Flat"))
+    empty.index.reset()
+    with pytest.raises(CbirError, match="empty"):
+        empty.search(np.zeros((1, 1280), np.float32), 3)
+    bad = tmp_path / "x.jpg"
+    bad.write_text("hello")
+    out = subprocess.run([sys.executable, "-m", "cbir.cli", "search", "--run", str(run), "--index", "det",
+                          "--image", str(bad)], capture_output=True, text=True)
+    assert out.returncode == 2 and "cannot decode image" in out.stderr and "Traceback" not in out.stderr
+    with pytest.raises(CbirError, match="FAISS cannot build"):
+        build_index(IndexConfig(run, "det", name="bad", factory="NoSuchIndex"))
+
+
+def test_index_from_another_backbone_is_refused(run, tmp_path):
+    build_index(IndexConfig(run, "det", pca=16, factory="Flat"))
+    manifest_path = run / "index" / "det.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["embedding_spec"]["weights_fingerprint"] = "0000000000000000"
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(CbirError, match="differ from the index"):
+        Querier(run, "det")
+
+
+def test_querier_matches_stored_vectors_for_a_run_photo(run):
+    """A photo of the run, queried by file, gets the same vector the embed stage stored for its GT box."""
+    build_index(IndexConfig(run, "gt", pca=16, factory="Flat"))
+    q = Querier(run, "gt", use_detector=False)
+    split = pd.read_csv(run / "split.csv")
+    row = split.iloc[20]
+    from cbir.data import load_rgb
+
+    image = load_rgb(MINI / "images" / row.path)
+    boxes = q.boxes(image, name=row.path.rsplit("/", 1)[1])
+    assert [b["source"] for b in boxes] == ["fallback-full", "gt"]
+    per_box, _ = q.query(image, 3, name=row.path.rsplit("/", 1)[1])
+    assert per_box[1].neighbours.image_id.iloc[0] == row.image_id
+    assert per_box[1].neighbours.similarity.iloc[0] == pytest.approx(1.0, abs=1e-4)
+    assert str(MOBILENET) == q.spec["weights"]
