@@ -12,6 +12,11 @@ from . import CbirError, __version__
 log = logging.getLogger("cbir")
 
 
+def _run_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="run directory (made by `cbir prepare`; stages read and write "
+                   "their artifacts there: split.csv, detections.json, embeddings/, index/, reports/)")
+
+
 def _workers(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes for decoding (default 2)")
 
@@ -73,7 +78,7 @@ def _detect_parser(sub):
                                    "COCO results with --detections) → RUN/detections.json (COCO results: every kept "
                                    "box, with its source) and RUN/detections.meta.json. Resumable; a finished run is "
                                    "a no-op unless --force.")
-    p.add_argument("--run", required=True)
+    _run_arg(p)
     p.add_argument("--detector", default="fasterrcnn_resnet50_fpn",
                    help="fasterrcnn_resnet50_fpn (default), fasterrcnn_resnet50_fpn_v2, fasterrcnn_mobilenet_v3_large_fpn")
     _weights(p, "detector")
@@ -110,7 +115,7 @@ def _embed_parser(sub):
                        description="Embed whole images (full), ground-truth boxes (gt, the oracle) or every "
                                    "detected instance (det) with a CNN trunk → RUN/embeddings/NAME.npy (float32 "
                                    "[N, D]) + NAME.parquet (one row per vector) + NAME.json (the spec). Resumable.")
-    p.add_argument("--run", required=True)
+    _run_arg(p)
     p.add_argument("--mode", default="full", help="full | gt | det (default full)")
     p.add_argument("--backbone", default="detector", help="detector (the ResNet-50 body of the run's Faster R-CNN, "
                    "default), resnet50, any torchvision classifier (mobilenet_v2, efficientnet_b0, ...), timm:NAME")
@@ -155,7 +160,7 @@ def _index_parser(sub):
                        description="Build RUN/index/NAME.faiss: L2-normalise, PCA fitted on the train split only, "
                                    "L2-normalise (inner product = cosine), then a FAISS index_factory index. With "
                                    "--add: detect → embed → add new photos; with --remove: drop images by id.")
-    p.add_argument("--run", required=True)
+    _run_arg(p)
     p.add_argument("--embeddings", help="embeddings set to index (e.g. full, gt, det)")
     p.add_argument("--name", help="index name (default: the embeddings name)")
     p.add_argument("--pca", default="256", help="PCA output dimension, or none (default 256)")
@@ -207,7 +212,7 @@ def _search_parser(sub):
                        description="Detect the birds in a photo with the run's detector (whole photo when none is "
                                    "found or the boxes were imported), embed each box with the index's backbone and "
                                    "preprocessing, and list each box's nearest gallery instances and images.")
-    p.add_argument("--run", required=True)
+    _run_arg(p)
     p.add_argument("--index", required=True, help="index name under RUN/index/")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--image", help="a photo file")
@@ -233,7 +238,7 @@ def _evaluate_parser(sub):
                        description="Every test image queries all other test images (itself excluded), PCA fitted on "
                                    "train as in search. R@1/2/4/8, P@1/5/10, mAP, MAP@R, R-precision, NMI → "
                                    "reports/metrics.csv, comparison.md, pr_curves.png, embedding maps, top-10 grids.")
-    p.add_argument("--run", required=True)
+    _run_arg(p)
     p.add_argument("--embeddings", default="full,gt,det", help="comma-separated embeddings sets; A+B concatenates "
                    "per image (e.g. full+det). Missing sets are skipped with a warning (default full,gt,det)")
     p.add_argument("--pca", default="256", help="comma-separated PCA dims to compare, none = no PCA (default 256)")
@@ -298,7 +303,7 @@ def _ui_parser(sub):
     p = sub.add_parser("ui", help="Gradio page: upload a photo, see the boxes and each box's neighbours",
                        description="Serve a page over `cbir search`: upload a photo (or click a test-split example), "
                                    "see every bird boxed with its score, and each box's nearest gallery images.")
-    p.add_argument("--run", required=True)
+    _run_arg(p)
     p.add_argument("--index", default="det", help="index name under RUN/index/ (default det)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--port", type=int, default=7860)
@@ -332,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eda", help="(re)write the EDA report of a prepared run",
                        description="Plots and a summary table of the split, image sizes and GT boxes → RUN/eda/.")
-    p.add_argument("--run", required=True)
+    _run_arg(p)
     p.set_defaults(func=cmd_eda)
 
     p = sub.add_parser("download-cub", help="download and verify the official CUB_200_2011.tgz",

@@ -21,6 +21,7 @@ from .artifacts import file_sha256
 log = logging.getLogger(__name__)
 
 WEIGHTS_ENV = "CBIR_WEIGHTS_DIR"
+OFFLINE_ENV = "CBIR_OFFLINE"  # set on machines without internet: fail at once instead of trying to download
 DETECTORS = ("fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", "fasterrcnn_mobilenet_v3_large_fpn")
 
 
@@ -69,6 +70,8 @@ def resolve_weights(model_name: str, spec: str, weights_enum=None) -> ResolvedWe
         if candidate.is_file():
             return ResolvedWeights(weights.name, candidate, file_sha256(candidate)[:16])
     try:
+        if os.environ.get(OFFLINE_ENV):
+            raise ConnectionError(f"${OFFLINE_ENV} is set")
         torch.hub.load_state_dict_from_url(weights.url, progress=True, check_hash=True)
     except Exception as e:  # noqa: BLE001 — any network failure gets the same how-to line
         raise CbirError(f"{model_name} weights {filename} not found and download failed ({type(e).__name__}); "

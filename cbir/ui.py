@@ -37,8 +37,10 @@ def draw_boxes(image: Image.Image, boxes: list[dict], labels: list[str]) -> Imag
         colour = FALLBACK if fallback else DETECTED
         inset = width if fallback else 0
         draw.rectangle([x + inset, y + inset, x + w - 1 - inset, y + h - 1 - inset], outline=colour, width=width)
-        text = f"{label.split()[0]} no bird found – whole image" if fallback else label
+        text = f"{label.split()[0]} no bird found - whole image" if fallback else label
         tx, ty = x + inset + 2, y + inset + 2
+        if fallback:  # bottom-left: the page's caption covers the photo's top-left corner
+            ty = y + h - inset - 4 - (draw.textbbox((0, 0), text, font=font)[3])
         draw.rectangle(draw.textbbox((tx, ty), text, font=font), fill=colour)
         draw.text((tx, ty), text, fill=(0, 0, 0), font=font)
     return out
@@ -136,4 +138,4 @@ def serve(run: Path, index: str, host: str = "127.0.0.1", port: int = 7860, shar
     querier = Querier(run, index, use_detector, device)
     app = build_app(querier, example_photos(querier))
     allowed = [str(querier.si.root)] if querier.si.root else []
-    app.launch(server_name=host, server_port=port, share=share, allowed_paths=allowed, show_error=False)
+    app.launch(server_name=host, server_port=port, share=share, allowed_paths=allowed, show_error=True)

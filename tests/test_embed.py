@@ -56,6 +56,7 @@ def test_trunk_checkpoint_tolerates_only_a_missing_head(tmp_path):
 def test_missing_weights_give_a_one_line_how_to(monkeypatch, tmp_path):
     monkeypatch.setenv("CBIR_WEIGHTS_DIR", str(tmp_path))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    monkeypatch.setenv("CBIR_OFFLINE", "1")
     with pytest.raises(CbirError) as e:
         build_backbone("resnet50", "DEFAULT")
     msg = str(e.value)

@@ -1,0 +1,80 @@
+import os
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from cbir.cli import build_parser, main
+from conftest import MINI, MINI_SPLIT, MOBILENET, REPO
+
+COMMANDS = ["prepare", "eda", "detect", "embed", "index", "search", "evaluate", "ui", "run", "download-cub"]
+
+
+def test_every_command_has_useful_help(capsys):
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert sorted(sub.choices) == sorted(COMMANDS)
+    for name in COMMANDS:
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"])
+        assert e.value.code == 0
+        text = capsys.readouterr().out
+        assert len(text) > 300 and "--" in text, name
+
+
+def test_errors_are_one_line_with_exit_code_2(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "cbir.cli", "prepare", "--cub", str(tmp_path), "--out",
+                          str(tmp_path / "r")], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and "images.txt: missing" in out.stderr
+
+
+def _runtime_names(requirements):
+    return {re.split(r"[<>=\[ ]", r, maxsplit=1)[0].lower() for r in requirements}
+
+
+def test_environment_yml_names_the_same_runtime_packages():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    runtime = _runtime_names(project["dependencies"])
+    conda = {"pytorch": "torch", "faiss-gpu": "faiss-cpu", "faiss-cpu": "faiss-cpu", "python": None, "pip": None,
+             "pytorch-cuda": None}
+    names = set()
+    text = (REPO / "environment.yml").read_text()
+    for line in text[text.index("dependencies:"):].splitlines():
+        m = re.match(r"\s+- ([A-Za-z0-9_.\-]+)", line)
+        if m and not line.strip().endswith(":"):
+            name = m.group(1).lower()
+            names.add(conda.get(name, name))
+    names.discard(None)
+    assert names == runtime
+
+
+def test_run_end_to_end_on_the_mini_sample_then_resumes_as_noop(tmp_path):
+    run = tmp_path / "run"
+    args = ["run", "--cub", str(MINI), "--out", str(run), "--split", MINI_SPLIT, "--detections",
+            str(MINI / "external_detections.json"), "--backbone", "mobilenet_v2", "--weights", str(MOBILENET),
+            "--workers", "0", "--pca", "8"]
+    assert main(args) == 0
+    metrics = pd.read_csv(run / "reports" / "metrics.csv")
+    assert set(metrics.embeddings) == {"full", "gt", "det", "full+det"}
+    for path in ("split.csv", "gt_coco.json", "eda/report.md", "detections.json", "reports/detection.md",
+                 "embeddings/det.npy", "index/det.faiss", "reports/comparison.md", "reports/pr_curves.png"):
+        assert (run / path).exists(), path
+    stamp = (run / "embeddings" / "det.npy").stat().st_mtime_ns
+    assert main(args) == 0
+    assert (run / "embeddings" / "det.npy").stat().st_mtime_ns == stamp
+
+
+def test_run_without_weights_offline_stops_with_the_how_to(tmp_path):
+    env = {**os.environ, "CBIR_WEIGHTS_DIR": str(tmp_path / "none"), "TORCH_HOME": str(tmp_path / "hub"),
+           "CBIR_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-m", "cbir.cli", "run", "--cub", str(MINI), "--out", str(tmp_path / "r"),
+                          "--split", MINI_SPLIT, "--workers", "0"], capture_output=True, text=True, env=env)
+    assert out.returncode == 2
+    last = out.stderr.strip().splitlines()[-1]
+    assert "fasterrcnn_resnet50_fpn_coco" in last and "CBIR_WEIGHTS_DIR" in last and "Traceback" not in out.stderr
+    assert (tmp_path / "r" / "split.csv").exists()  # the work done before the stop is kept
