@@ -1,0 +1,152 @@
+"""Embedding benchmark: speed of the stage vs a naive loop, the compute bound, and retrieval quality of
+crop policies, RoI pooling and bf16 on a prepared run.
+
+    python benchmarks/embed_bench.py --run RUN --weights W.pth [--backbone mobilenet_v2] [--images 256]
+
+RUN must hold split.csv and detections.json (e.g. `cbir prepare` + `cbir detect --detections`). Quality is
+leave-one-out over the run's test split, no PCA (nothing fitted), so each row is a pure function of the
+crop recipe. Results → benchmarks/results/embed_bench.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+
+from cbir.data import cub_root, load_rgb, load_split
+from cbir.detect import resolve_device
+from cbir.embed import CropPolicy, Embedder, EmbedConfig, InputRecipe, embed_rows, embedding_spec, instances
+from cbir.evaluate import exact_metrics, gallery_from
+from cbir.models import build_backbone, weights_enum
+
+OUT = Path(__file__).parent / "results"
+
+
+def measured_flops(device: torch.device, n: int = 4096, repeats: int = 10) -> float:
+    """Sustained fp32 matmul FLOP/s: the machine's practical peak for the compute bound."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    torch.mm(a, b)
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(repeats):
+        torch.mm(a, b)
+    _sync(device)
+    return 2 * n ** 3 * repeats / (time.perf_counter() - t)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def naive_rate(backbone_name, weights, rows, root, device) -> float:
+    """What one writes first: PIL + the weights' transforms + the full classifier, one image at a time."""
+    model = torchvision.models.get_model(backbone_name, weights=None)
+    model.load_state_dict(torch.load(weights, weights_only=True), strict=False)
+    model.eval().to(device)
+    transform = weights_enum(backbone_name).DEFAULT.transforms()
+    t = time.perf_counter()
+    with torch.no_grad():
+        for path in rows.path:
+            model(transform(load_rgb(root / "images" / path))[None].to(device))
+    _sync(device)
+    return len(rows) / (time.perf_counter() - t)
+
+
+def stage_rate(embedder, recipe, rows, root, batch, workers) -> float:
+    embed_rows(rows.head(batch), root, embedder, recipe, batch, 0)  # warm-up
+    _sync(embedder.device)
+    t = time.perf_counter()
+    embed_rows(rows, root, embedder, recipe, batch, workers)
+    _sync(embedder.device)
+    return len(rows) / (time.perf_counter() - t)
+
+
+def quality(vectors: np.ndarray, rows) -> dict:
+    x = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    metrics, _ = exact_metrics(gallery_from("bench", x, rows.reset_index(drop=True)))
+    return {"R@1": round(metrics["R@1"], 4), "MAP@R": round(metrics["MAP@R"], 4)}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True)
+    p.add_argument("--backbone", default="mobilenet_v2")
+    p.add_argument("--weights", required=True)
+    p.add_argument("--images", type=int, default=256, help="images for the speed runs")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--skip-quality", action="store_true")
+    p.add_argument("--tag", default=platform.node())
+    a = p.parse_args()
+    run, device = Path(a.run), resolve_device(a.device)
+    root = cub_root(run)
+    backbone = build_backbone(a.backbone, a.weights)
+    results = {"machine": f"{a.tag}: {torch.get_num_threads()} threads, {device}", "backbone": backbone.name,
+               "weights": backbone.weights.fingerprint, "torch": torch.__version__}
+
+    # ---- speed: full-image embedding
+    full = instances(run, "full").head(a.images).reset_index(drop=True)
+    spec = embedding_spec(EmbedConfig(run, "full", a.backbone, a.weights), backbone)
+    recipe = InputRecipe.from_spec(spec, backbone)
+    embedder = Embedder(backbone, device, "avg", False)
+    gmacs = weights_enum(a.backbone).DEFAULT.meta["_ops"] if weights_enum(a.backbone) else float("nan")
+    flops = measured_flops(device)
+    bound = flops / (2 * gmacs * 1e9)
+    stage = stage_rate(embedder, recipe, full, root, a.batch_size, a.workers)
+    results["speed"] = {"images": len(full), "naive_img_s": round(naive_rate(a.backbone, a.weights, full.head(64), root, device), 1),
+                        "stage_img_s": round(stage, 1), "model_gmacs": gmacs, "matmul_gflop_s": round(flops / 1e9, 1),
+                        "compute_bound_img_s": round(bound, 1), "stage_share_of_bound": round(stage / bound, 3)}
+    results["speed"]["stage_bf16_img_s"] = round(
+        stage_rate(Embedder(backbone, device, "avg", True), recipe, full, root, a.batch_size, a.workers), 1)
+    print(json.dumps(results["speed"], indent=1))
+
+    # ---- quality: crop policies, RoI, bf16, GeM (test split, no PCA)
+    if not a.skip_quality:
+        test = load_split(run).query("split == 'test'").image_id
+        table = []
+        for mode in ("full", "gt", "det"):
+            rows = instances(run, mode)
+            rows = rows[rows.image_id.isin(test)].reset_index(drop=True)
+            variants = [("squash", 0.0, False, "avg", False)] if mode == "full" else [
+                (r, m, False, "avg", False) for r in ("squash", "pad", "center") for m in (0.0, 0.1, 0.2)]
+            if mode == "det":
+                variants += [("squash", 0.0, True, "avg", False), ("squash", 0.0, False, "gem", False),
+                             ("squash", 0.0, False, "avg", True)]
+            for resize, margin, roi, pool, bf16 in variants:
+                cfg = EmbedConfig(run, mode, a.backbone, a.weights, pool, margin, resize, roi=roi, bf16=bf16)
+                rec = InputRecipe.from_spec(embedding_spec(cfg, backbone), backbone)
+                emb = Embedder(backbone, device, pool, bf16)
+                t = time.perf_counter()
+                vectors = embed_rows(rows, root, emb, rec, a.batch_size, a.workers)
+                seconds = time.perf_counter() - t
+                row = {"mode": mode, "crop_resize": resize, "margin": margin, "roi": roi, "pool": pool, "bf16": bf16,
+                       "boxes": len(rows), "boxes_s": round(len(rows) / seconds, 1), **quality(vectors, rows)}
+                print(row)
+                table.append(row)
+        results["quality"] = table
+    OUT.mkdir(exist_ok=True)
+    stem = OUT / f"embed_bench_{device.type}"
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    lines = [f"# Embedding benchmark ({results['machine']})", "", f"backbone {results['backbone']} "
+             f"[{results['weights']}], torch {results['torch']}", "", "| speed | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in results["speed"].items()]
+    if "quality" in results:
+        import pandas as pd
+
+        lines += ["", "Leave-one-out on the run's test split, no PCA:", "",
+                  pd.DataFrame(results["quality"]).to_markdown(index=False)]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {stem}.md")
+
+
+if __name__ == "__main__":
+    main()
