@@ -22,7 +22,7 @@ import torchvision
 
 from cbir.data import cub_root, load_rgb, load_split
 from cbir.detect import resolve_device
-from cbir.embed import CropPolicy, Embedder, EmbedConfig, InputRecipe, embed_rows, embedding_spec, instances
+from cbir.embed import Embedder, EmbedConfig, InputRecipe, default_batch, embed_rows, embedding_spec, instances
 from cbir.evaluate import exact_metrics, gallery_from
 from cbir.models import build_backbone, weights_enum
 
@@ -81,13 +81,14 @@ def main():
     p.add_argument("--backbone", default="mobilenet_v2")
     p.add_argument("--weights", required=True)
     p.add_argument("--images", type=int, default=256, help="images for the speed runs")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, help="default: the stage's per-device default")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto")
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--tag", default=platform.node())
     a = p.parse_args()
     run, device = Path(a.run), resolve_device(a.device)
+    a.batch_size = a.batch_size or default_batch(device)
     root = cub_root(run)
     backbone = build_backbone(a.backbone, a.weights)
     results = {"machine": f"{a.tag}: {torch.get_num_threads()} threads, {device}", "backbone": backbone.name,

@@ -19,6 +19,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from cbir.search import set_search_params
+
 OUT = Path(__file__).parent / "results"
 
 
@@ -36,15 +38,6 @@ def factory_for(name: str, n: int, dim: int) -> str:
     if name == "IVFPQ":
         return f"IVF{int(4 * np.sqrt(n))},PQ{dim // 8}"
     return name
-
-
-def configure(index) -> None:
-    params = faiss.ParameterSpace()
-    for key, value in (("efSearch", 128), ("nprobe", 32)):
-        try:
-            params.set_index_parameter(index, key, value)
-        except RuntimeError:
-            pass
 
 
 def timed_search(index, queries, k, single: int):
@@ -88,7 +81,7 @@ def main():
                 index.train(data[rng.choice(n, min(n, 256 * int(4 * np.sqrt(n))), replace=False)])
             index.add(data)
             build = time.perf_counter() - t
-            configure(index)
+            set_search_params(index)
             ids, batch_qps, single_qps = timed_search(index, queries, 10, a.single)
             row = {"n": n, "factory": factory, "build_s": round(build, 2),
                    "memory_mb": round(faiss.serialize_index(index).nbytes / 2 ** 20, 1),
@@ -96,7 +89,7 @@ def main():
                    "recall@10": round(float(np.mean([len(set(x) & set(y)) / 10 for x, y in zip(ids, truth)])), 4)}
             if gpu and not name.startswith("HNSW"):
                 on_gpu = faiss.index_cpu_to_gpu(resources, 0, index)
-                configure(on_gpu)
+                set_search_params(on_gpu)
                 ids, row["gpu_batch_qps"], row["gpu_single_qps"] = timed_search(on_gpu, queries, 10, a.single)
                 row["gpu_batch_qps"], row["gpu_single_qps"] = round(row["gpu_batch_qps"]), round(row["gpu_single_qps"])
             print(row, flush=True)

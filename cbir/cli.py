@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -17,14 +18,53 @@ def _run_arg(p: argparse.ArgumentParser) -> None:
                    "their artifacts there: split.csv, detections.json, embeddings/, index/, reports/)")
 
 
+DEFAULT_WORKERS = max(1, min(8, (os.cpu_count() or 2) - 1))  # leave a core to the model
+
+
 def _workers(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes for decoding (default 2)")
+    p.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+                   help=f"DataLoader worker processes for decoding (default: cores - 1, here {DEFAULT_WORKERS})")
 
 
-def _weights(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--weights", default="DEFAULT",
+def _weights(p: argparse.ArgumentParser, what: str, flag: str = "--weights") -> None:
+    p.add_argument(flag, default="DEFAULT",
                    help=f"{what} weights: DEFAULT / a torchvision weights name (looked up in $CBIR_WEIGHTS_DIR, "
                         "the torch hub cache, then downloaded), a state_dict PATH, or 'none' (random, plumbing only)")
+
+
+def _device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+
+
+def _dataset_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cub", required=True, help="CUB root: the folder holding images.txt and images/")
+    p.add_argument("--out", required=True, help="run directory to create or update")
+    p.add_argument("--split", default="song", help="song (classes 1-100 train / 101-200 test, Song et al. 2016), "
+                   "official (train_test_split.txt), or classes:A-B/C-D (e.g. classes:1-10/11-20 for a subset)")
+    p.add_argument("--skip-bad", action="store_true", help="drop undecodable images and empty boxes instead of "
+                   "stopping; they are listed in RUN/bad_images.txt")
+
+
+def _box_args(p: argparse.ArgumentParser, weights_flag: str = "--weights") -> None:
+    p.add_argument("--detector", default="fasterrcnn_resnet50_fpn",
+                   help="fasterrcnn_resnet50_fpn (default), fasterrcnn_resnet50_fpn_v2, fasterrcnn_mobilenet_v3_large_fpn")
+    _weights(p, "detector", weights_flag)
+    p.add_argument("--detections", help="import boxes from FILE (COCO results of any detector) instead of running one")
+    p.add_argument("--score", type=float, default=0.3, help="keep boxes scoring at least this (default 0.3)")
+    p.add_argument("--fallback", default="gt", help="for an image with no box: gt (the GT box), full (whole image), "
+                   "none (no instance); recorded per instance as its source")
+
+
+def _embedding_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone", default="detector", help="detector (the ResNet-50 body of the run's Faster R-CNN, "
+                   "default), resnet50, any torchvision classifier (mobilenet_v2, efficientnet_b0, ...), timm:NAME")
+    _weights(p, "backbone")
+    p.add_argument("--pool", default="gem", help="global pooling: gem (generalised mean, p=3; default, measured "
+                   "better) or avg")
+    p.add_argument("--crop-margin", type=float, default=0.0, help="grow each box by this fraction per side (default 0)")
+    p.add_argument("--crop-resize", default="pad", help="box → square input: pad (letterbox, default), squash "
+                   "(stretch) or center (resize short side + center crop, the ImageNet recipe); see benchmarks/results")
+    p.add_argument("--batch-size", type=int, help="images per batch (default: 4 on CPU, 64 on CUDA — measured best)")
 
 
 def cmd_prepare(a):
@@ -79,20 +119,14 @@ def _detect_parser(sub):
                                    "box, with its source) and RUN/detections.meta.json. Resumable; a finished run is "
                                    "a no-op unless --force.")
     _run_arg(p)
-    p.add_argument("--detector", default="fasterrcnn_resnet50_fpn",
-                   help="fasterrcnn_resnet50_fpn (default), fasterrcnn_resnet50_fpn_v2, fasterrcnn_mobilenet_v3_large_fpn")
-    _weights(p, "detector")
-    p.add_argument("--detections", help="import boxes from FILE (COCO results of any detector) instead of running one")
+    _box_args(p)
     p.add_argument("--splits", default="test,train", help="comma-separated splits to detect on (default test,train)")
-    p.add_argument("--score", type=float, default=0.3, help="keep boxes scoring at least this (default 0.3)")
     p.add_argument("--max-per-image", type=int, default=10, help="keep at most this many boxes per image")
     p.add_argument("--min-size", default="auto", help="short side fed to the detector: auto = the photo's own "
                    "(clamped to 224-1024 px, ~2.5x faster on CUB), or pixels (torchvision's default is 800)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--fallback", default="gt", help="for an image with no box: gt (the GT box), full (whole image), "
-                   "none (no instance); recorded per instance as its source")
+    p.add_argument("--batch-size", type=int, default=4, help="images per batch (default 4)")
     p.add_argument("--classes", default="bird", help="comma-separated COCO category names to keep (default bird)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    _device(p)
     p.add_argument("--force", action="store_true", help="redo a finished detection")
     p.add_argument("--evaluate", action="store_true", help="also score the boxes against gt_coco.json → reports/detection.md")
     p.add_argument("--evaluate-only", action="store_true", help="only write the quality report of existing detections")
@@ -117,18 +151,11 @@ def _embed_parser(sub):
                                    "[N, D]) + NAME.parquet (one row per vector) + NAME.json (the spec). Resumable.")
     _run_arg(p)
     p.add_argument("--mode", default="full", help="full | gt | det (default full)")
-    p.add_argument("--backbone", default="detector", help="detector (the ResNet-50 body of the run's Faster R-CNN, "
-                   "default), resnet50, any torchvision classifier (mobilenet_v2, efficientnet_b0, ...), timm:NAME")
-    _weights(p, "backbone")
-    p.add_argument("--pool", default="avg", help="global pooling: avg (default) or gem (generalised mean, p=3)")
-    p.add_argument("--crop-margin", type=float, default=0.0, help="grow each box by this fraction per side (default 0)")
-    p.add_argument("--crop-resize", default="squash", help="box → square input: squash (default, measured best), "
-                   "pad (letterbox) or center (resize short side + center crop, the ImageNet eval recipe)")
+    _embedding_args(p)
     p.add_argument("--size", type=int, help="input side in pixels (default: the weights' own, e.g. 224)")
     p.add_argument("--roi", action="store_true", help="gt/det: one trunk pass per image, every box RoI-pooled "
                    "from the feature map (torchvision.ops.roi_align) instead of re-embedding each crop")
-    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    _device(p)
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CPU or CUDA)")
     p.add_argument("--name", help="output name under embeddings/ (default: the mode)")
     p.add_argument("--force", action="store_true", help="replace an existing set made with another spec")
@@ -254,7 +281,7 @@ def cmd_run(a):
 
     cfg = RunConfig(Path(a.cub), Path(a.out), a.split, a.skip_bad, a.detector, a.detector_weights,
                     Path(a.detections) if a.detections else None, a.score, a.fallback, a.backbone, a.weights,
-                    _csv(a.modes), a.crop_resize, a.crop_margin, None if a.pca in ("none", "0") else int(a.pca),
+                    _csv(a.modes), a.crop_resize, a.crop_margin, a.pool, None if a.pca in ("none", "0") else int(a.pca),
                     a.factory, a.index_mode, a.batch_size, a.workers, a.device)
     steps = run_all(cfg)
     print("stage                 seconds  result")
@@ -268,25 +295,14 @@ def _run_parser(sub):
     p = sub.add_parser("run", help="the whole pipeline: prepare → detect → embed → index → evaluate",
                        description="Run every stage in order on a CUB folder, skipping stages already done with the "
                                    "same settings (rerun the same command to resume), then print the comparison.")
-    p.add_argument("--cub", required=True, help="CUB root (the folder holding images.txt)")
-    p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--split", default="song", help="song | official | classes:A-B/C-D (see `cbir prepare -h`)")
-    p.add_argument("--skip-bad", action="store_true")
-    p.add_argument("--detector", default="fasterrcnn_resnet50_fpn")
-    p.add_argument("--detector-weights", default="DEFAULT", help="detector weights (as --weights of `cbir detect`)")
-    p.add_argument("--detections", help="import boxes from this COCO results file instead of running the detector")
-    p.add_argument("--score", type=float, default=0.3)
-    p.add_argument("--fallback", default="gt")
-    p.add_argument("--backbone", default="detector", help="embedding backbone (as in `cbir embed`)")
-    _weights(p, "backbone")
+    _dataset_args(p)
+    _box_args(p, "--detector-weights")
+    _embedding_args(p)
     p.add_argument("--modes", default="full,gt,det", help="embedding modes to compare (default full,gt,det)")
-    p.add_argument("--crop-resize", default="squash")
-    p.add_argument("--crop-margin", type=float, default=0.0)
-    p.add_argument("--pca", default="256")
-    p.add_argument("--factory", default="auto")
+    p.add_argument("--pca", default="256", help="PCA output dimension, or none (default 256)")
+    p.add_argument("--factory", default="auto", help="FAISS factory of the saved index (see `cbir index -h`)")
     p.add_argument("--index-mode", default="det", help="which embeddings get a saved search index (default det)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="auto")
+    _device(p)
     _workers(p)
     p.set_defaults(func=cmd_run)
 
@@ -309,7 +325,7 @@ def _ui_parser(sub):
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="also publish a public gradio.live link (off by default)")
     p.add_argument("--detector", default="run", help="run (the run's detector) or none (whole photo is the query)")
-    p.add_argument("--device", default="auto")
+    _device(p)
     p.set_defaults(func=cmd_ui)
 
 
@@ -325,12 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Read the official CUB layout, split it, decode every image and check every box; "
                                    "write RUN/split.csv, RUN/gt_coco.json (COCO instances, category 16 'bird') and "
                                    "RUN/eda/report.md.")
-    p.add_argument("--cub", required=True, help="CUB root: the folder holding images.txt and images/")
-    p.add_argument("--out", required=True, help="run directory to create or update")
-    p.add_argument("--split", default="song", help="song (classes 1-100 train / 101-200 test, Song et al. 2016), "
-                   "official (train_test_split.txt), or classes:A-B/C-D (e.g. classes:1-10/11-20 for a subset)")
-    p.add_argument("--skip-bad", action="store_true", help="drop undecodable images and empty boxes instead of "
-                   "stopping; they are listed in RUN/bad_images.txt")
+    _dataset_args(p)
     p.add_argument("--no-eda", action="store_true", help="skip the EDA report")
     _workers(p)
     p.set_defaults(func=cmd_prepare)

@@ -21,7 +21,7 @@ from . import CbirError
 from .artifacts import atomic_path, record, require_run, write_json, write_table
 from .data import load_split
 from .embed import load_embeddings
-from .search import reduce
+from .search import reduce, set_search_params
 
 log = logging.getLogger(__name__)
 
@@ -155,12 +155,7 @@ def approximate_metrics(g: Gallery, train: np.ndarray, factory: str, exact_top: 
         raise CbirError(f"--index {factory!r}: FAISS cannot build it ({str(e).splitlines()[-1][:100]})") from None
     index.train(np.ascontiguousarray(train, dtype=np.float32))
     index.add(np.ascontiguousarray(g.instances, dtype=np.float32))
-    params = faiss.ParameterSpace()
-    for name, value in (("efSearch", 128), ("nprobe", 32)):
-        try:
-            params.set_index_parameter(index, name, value)
-        except RuntimeError:
-            pass
+    set_search_params(index)
     _, ids = index.search(np.ascontiguousarray(g.query, dtype=np.float32), min(depth, len(g.instances)))
     instance_image = np.repeat(np.arange(len(g.starts)), np.diff(np.append(g.starts, len(g.instances))))
     images = np.where(ids >= 0, instance_image[np.maximum(ids, 0)], -1)

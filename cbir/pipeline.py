@@ -31,12 +31,13 @@ class RunConfig:
     backbone: str = "detector"
     weights: str = "DEFAULT"
     modes: tuple[str, ...] = ("full", "gt", "det")
-    crop_resize: str = "squash"
+    crop_resize: str = "pad"
     crop_margin: float = 0.0
+    pool: str = "gem"
     pca: int | None = 256
     factory: str = "auto"
     index_mode: str = "det"
-    batch_size: int = 32
+    batch_size: int | None = None
     workers: int = 2
     device: str = "auto"
 
@@ -82,7 +83,7 @@ def run_all(cfg: RunConfig) -> list[tuple[str, float, str]]:
             **write_detection_report(cfg.out)))
     for mode in cfg.modes:
         step(f"embed {mode}", lambda mode=mode: "{} vectors".format(len(embed(EmbedConfig(
-            cfg.out, mode, cfg.backbone, cfg.weights, crop_margin=cfg.crop_margin, crop_resize=cfg.crop_resize,
+            cfg.out, mode, cfg.backbone, cfg.weights, cfg.pool, cfg.crop_margin, cfg.crop_resize,
             batch_size=cfg.batch_size, workers=cfg.workers, device=cfg.device))[1])))
     index_mode = cfg.index_mode if cfg.index_mode in cfg.modes else cfg.modes[-1]
     step(f"index {index_mode}", lambda: build_index(IndexConfig(cfg.out, index_mode, pca=cfg.pca,

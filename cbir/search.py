@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 AUTO_EXACT_MAX = 100_000
 AUTO_HNSW_MAX = 2_000_000
 HNSW_EF_SEARCH = 128
+IVF_NPROBE = 32
 
 
 def auto_factory(n: int, dim: int) -> str:
@@ -165,7 +166,7 @@ def build_index(cfg: IndexConfig) -> SearchIndex:
     work.add_with_ids(np.ascontiguousarray(vectors[gallery], dtype=np.float32), ids)
     if work is not index:
         index = faiss.index_gpu_to_cpu(work)
-    params = _set_search_params(index)
+    params = set_search_params(index)
     manifest = {"name": cfg.index_name, "embeddings": cfg.embeddings, "fingerprint": spec["fingerprint"],
                 "backbone": spec["backbone"], "dim_in": spec["dim"], "pca": pca, "whiten": cfg.whiten,
                 "factory": factory, "search_params": params, "count": int(index.ntotal), "gallery": list(cfg.gallery),
@@ -176,23 +177,19 @@ def build_index(cfg: IndexConfig) -> SearchIndex:
     return search_index
 
 
-def _set_search_params(index) -> dict:
-    """Search-time knobs stored in the manifest and re-applied at load."""
-    params = {}
-    for sub in _inner_indexes(index):
-        if isinstance(sub, faiss.IndexHNSW):
-            sub.hnsw.efSearch = params["efSearch"] = HNSW_EF_SEARCH
-        if isinstance(sub, faiss.IndexIVF):
-            sub.nprobe = params["nprobe"] = max(1, min(sub.nlist, 32))
-    return params
+SEARCH_PARAMS = {"efSearch": HNSW_EF_SEARCH, "nprobe": IVF_NPROBE}
 
 
-def _inner_indexes(index):
-    index = faiss.downcast_index(index)
-    yield index
-    for attr in ("index",):
-        if hasattr(index, attr) and isinstance(getattr(index, attr), faiss.Index):
-            yield from _inner_indexes(getattr(index, attr))
+def set_search_params(index, params: dict = SEARCH_PARAMS) -> dict:
+    """Apply the search-time knobs the index has (through wrappers); returns those that applied."""
+    space, applied = faiss.ParameterSpace(), {}
+    for name, value in params.items():
+        try:
+            space.set_index_parameter(index, name, value)
+            applied[name] = value
+        except RuntimeError:
+            pass
+    return applied
 
 
 def save_index(run: Path, si: SearchIndex) -> None:
@@ -218,11 +215,7 @@ def load_index(run: Path, name: str, gpu: str = "auto") -> SearchIndex:
     table = read_table(table_path).set_index("id")
     if len(table) != index.ntotal:
         raise CbirError(f"{faiss_path}: holds {index.ntotal} vectors but its table {len(table)} rows; rebuild it")
-    for sub in _inner_indexes(index):
-        if isinstance(sub, faiss.IndexHNSW):
-            sub.hnsw.efSearch = manifest["search_params"].get("efSearch", HNSW_EF_SEARCH)
-        if isinstance(sub, faiss.IndexIVF):
-            sub.nprobe = manifest["search_params"].get("nprobe", 32)
+    set_search_params(index, manifest["search_params"])
     return SearchIndex(to_gpu(index, gpu), table, manifest, cub_root(run))
 
 

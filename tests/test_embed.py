@@ -121,7 +121,7 @@ def test_rows_align_with_vectors_and_multi_instance(mini_run, mobilenet):
     rows = table[table.image_id == multi[0]]
     assert rows.instance.tolist() == list(range(len(rows)))
     # any row's vector equals embedding that row's crop directly
-    embedder = Embedder(mobilenet, torch.device("cpu"), "avg", False)
+    embedder = Embedder(mobilenet, torch.device("cpu"), spec["pool"], False)
     split = pd.read_csv(mini_run / "split.csv").set_index("image_id")
     image = pil_to_tensor(load_rgb(cub_root(mini_run) / "images" / split.loc[multi[0]].path))
     crops, _ = InputRecipe.from_spec(spec, mobilenet).inputs(image, rows[["x", "y", "w", "h"]].to_numpy(float))

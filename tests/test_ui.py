@@ -66,44 +66,6 @@ def test_binds_to_loopback_only(server):
     assert listening == [f"0100007F:{port:04X}"]  # 127.0.0.1 only, never 0.0.0.0
 
 
-def _predict(url, path, k=5, score=0.3):
-    from gradio_client import Client, handle_file
-
-    return Client(url, verbose=False).predict(handle_file(str(path)), score, k, api_name="/search")
-
-
-def _predict(url, path, k=5, score=0.3):
-    from gradio_client import Client, handle_file
-
-    return Client(url, verbose=False).predict(handle_file(str(path)), score, k, api_name="/search")
-
-
-def test_binds_to_loopback_only(server):
-    url, _ = server
-    port = int(url.rsplit(":", 1)[1].strip("/"))
-    listening = [line.split()[1] for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
-                 if line.split()[3] == "0A" and int(line.split()[1].split(":")[1], 16) == port]
-    assert listening == [f"0100007F:{port:04X}"]  # 127.0.0.1 only, never 0.0.0.0
-
-
-def _predict(url, path, k=5, score=0.3):
-    from gradio_client import Client, handle_file
-
-    return Client(url, verbose=False).predict(handle_file(str(path)), score, k, api_name="/search")
-
-
-def test_binds_to_loopback_only(server):
-    url, _ = server
-    assert url.startswith("http://127.0.0.1:")
-    port = int(url.rsplit(":", 1)[1].strip("/"))
-    with socket.socket() as s:  # nothing answers on another local address
-        s.settimeout(1)
-        addr = socket.gethostbyname(socket.gethostname())
-        if addr.startswith("127."):
-            pytest.skip("no non-loopback address on this machine")
-        assert s.connect_ex((addr, port)) != 0
-
-
 def test_search_through_gradio_client(server):
     url, _ = server
     boxed, latency, choice, gallery, merged = _predict(url, CARDINAL, k=5)
