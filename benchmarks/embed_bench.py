@@ -72,7 +72,7 @@ def stage_rate(embedder, recipe, rows, root, batch, workers) -> float:
 def quality(vectors: np.ndarray, rows) -> dict:
     x = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     metrics, _ = exact_metrics(gallery_from("bench", x, rows.reset_index(drop=True)))
-    return {"R@1": round(metrics["R@1"], 4), "MAP@R": round(metrics["MAP@R"], 4)}
+    return {k: round(metrics[k], 4) for k in ("R@1", "MAP@R", "mAP")}
 
 
 def main():
@@ -119,9 +119,9 @@ def main():
             rows = rows[rows.image_id.isin(test)].reset_index(drop=True)
             variants = [("squash", 0.0, False, "avg", False)] if mode == "full" else [
                 (r, m, False, "avg", False) for r in ("squash", "pad", "center") for m in (0.0, 0.1, 0.2)]
+            variants += [("squash", 0.0, False, "gem", False)] + ([] if mode == "full" else [("pad", 0.0, False, "gem", False)])
             if mode == "det":
-                variants += [("squash", 0.0, True, "avg", False), ("squash", 0.0, False, "gem", False),
-                             ("squash", 0.0, False, "avg", True)]
+                variants += [("squash", 0.0, True, "avg", False), ("squash", 0.0, False, "avg", True)]
             for resize, margin, roi, pool, bf16 in variants:
                 cfg = EmbedConfig(run, mode, a.backbone, a.weights, pool, margin, resize, roi=roi, bf16=bf16)
                 rec = InputRecipe.from_spec(embedding_spec(cfg, backbone), backbone)

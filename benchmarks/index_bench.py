@@ -36,7 +36,7 @@ def clustered(n: int, dim: int, clusters: int, rng: np.random.Generator, centres
 
 def factory_for(name: str, n: int, dim: int) -> str:
     if name == "IVFPQ":
-        return f"IVF{int(4 * np.sqrt(n))},PQ{dim // 8}"
+        return f"IVF{int(4 * np.sqrt(n))},PQ{dim // 4}"
     return name
 
 
