@@ -3,7 +3,6 @@ import re
 import subprocess
 import sys
 import tomllib
-from pathlib import Path
 
 import pandas as pd
 import pytest
