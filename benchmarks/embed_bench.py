@@ -5,7 +5,7 @@ crop policies, RoI pooling and bf16 on a prepared run.
 
 RUN must hold split.csv and detections.json (e.g. `cbir prepare` + `cbir detect --detections`). Quality is
 leave-one-out over the run's test split, no PCA (nothing fitted), so each row is a pure function of the
-crop recipe. Results → benchmarks/results/embed_bench.{md,json}.
+crop recipe. Results → benchmarks/results/embed_bench_<device>[_speed].{md,json} (_speed: --skip-quality).
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def main():
                 table.append(row)
         results["quality"] = table
     OUT.mkdir(exist_ok=True)
-    stem = OUT / f"embed_bench_{device.type}"
+    stem = OUT / f"embed_bench_{device.type}{'_speed' if a.skip_quality else ''}"
     stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
     lines = [f"# Embedding benchmark ({results['machine']})", "", f"backbone {results['backbone']} "
              f"[{results['weights']}], torch {results['torch']}", "", "| speed | value |", "|---|---|"]

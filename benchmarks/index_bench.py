@@ -1,6 +1,6 @@
 """FAISS scale benchmark on clustered synthetic vectors (the shape of real embeddings, not uniform noise):
 build time, memory, queries/s (batched and one at a time) and recall@10 against exact search, for
-Flat, HNSW32 and IVF-PQ, at each size. `cbir index --factory auto` follows from this table.
+Flat, HNSW32, IVF-PQ and IVF-SQ8, at each size; rows are merged into the results file. `cbir index --factory auto` follows from this table.
 
     python benchmarks/index_bench.py [--sizes 10000,100000,1000000] [--dim 256] [--factories Flat,HNSW32,IVFPQ]
 
@@ -35,8 +35,11 @@ def clustered(n: int, dim: int, clusters: int, rng: np.random.Generator, centres
 
 
 def factory_for(name: str, n: int, dim: int) -> str:
+    """IVFPQ / IVFSQ8 get the usual 4·sqrt(n) lists; PQ with 4-d subquantizers."""
     if name == "IVFPQ":
         return f"IVF{int(4 * np.sqrt(n))},PQ{dim // 4}"
+    if name == "IVFSQ8":
+        return f"IVF{int(4 * np.sqrt(n))},SQ8"
     return name
 
 
@@ -54,7 +57,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="10000,100000,1000000")
     p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--factories", default="Flat,HNSW32,IVFPQ")
+    p.add_argument("--factories", default="Flat,HNSW32,IVFPQ,IVFSQ8")
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--single", type=int, default=200, help="queries timed one at a time")
     p.add_argument("--skip", default="", help="comma-separated size:factory pairs to leave out (e.g. 1000000:HNSW32)")
@@ -98,6 +101,11 @@ def main():
     stem = OUT / f"index_bench_{'gpu' if gpu else 'cpu'}"
     meta = {"machine": f"{a.tag}: {faiss.omp_get_max_threads()} threads", "faiss": faiss.__version__, "dim": a.dim,
             "queries": a.queries, "params": "HNSW efSearch=128, IVF nprobe=32"}
+    if stem.with_suffix(".json").exists():  # merge: a run of some sizes/factories updates only its own rows
+        done = {(r["n"], r["factory"]) for r in rows}
+        rows = [r for r in json.loads(stem.with_suffix(".json").read_text())["rows"]
+                if (r["n"], r["factory"]) not in done] + rows
+        rows.sort(key=lambda r: (r["n"], r["factory"]))
     stem.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
     import pandas as pd
 
