@@ -193,7 +193,7 @@ def _index_parser(sub):
     p.add_argument("--pca", default="256", help="PCA output dimension, or none (default 256)")
     p.add_argument("--whiten", action="store_true", help="PCA whitening")
     p.add_argument("--factory", default="auto", help="FAISS index_factory body: Flat, HNSW32, IVF1024,PQ32 ... or "
-                   "auto (exact up to 100k vectors, HNSW32 up to 2M, IVF-PQ beyond; see benchmarks/index_bench.py)")
+                   "auto (exact up to 100k vectors, IVF-SQ8 up to 50M, IVF-PQ beyond; see benchmarks/results/index_bench_cpu.md)")
     p.add_argument("--gpu", default="auto", help="auto (GPU when faiss-gpu sees one), off, or a GPU number")
     p.add_argument("--gallery", default="train,test", help="splits to put in the index (default train,test)")
     p.add_argument("--add", nargs="+", metavar="PATH", help="photos or folders of photos to add to an existing index")

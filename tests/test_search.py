@@ -170,3 +170,12 @@ def test_querier_matches_stored_vectors_for_a_run_photo(run):
     assert per_box[1].neighbours.image_id.iloc[0] == row.image_id
     assert per_box[1].neighbours.similarity.iloc[0] == pytest.approx(1.0, abs=1e-4)
     assert str(MOBILENET) == q.spec["weights"]
+
+
+def test_auto_factory_follows_the_scale_benchmark():
+    from cbir.search import auto_factory
+
+    assert auto_factory(50_000, 256, 25_000) == "Flat"
+    assert auto_factory(1_000_000, 256, 500_000) == "IVF4000,SQ8"
+    assert auto_factory(1_000_000, 256, 3_900) == "IVF100,SQ8"  # never more lists than train vectors support
+    assert auto_factory(100_000_000, 256, 10_000_000).endswith(",PQ64")
