@@ -13,7 +13,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from . import CbirError
-from .artifacts import record, write_json, write_table
+from .artifacts import entry, read_table, record, require_run, write_json, write_table
 
 log = logging.getLogger(__name__)
 
@@ -235,13 +235,9 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
 
 
 def load_split(run: Path) -> pd.DataFrame:
-    from .artifacts import read_table, require_run
-
     return read_table(require_run(run) / "split.csv")
 
 
 def cub_root(run: Path) -> Path:
     """Where the run's images live (recorded by prepare, so later stages need no --cub)."""
-    from .artifacts import entry
-
     return Path(entry(run, "split.csv")["cub_root"])

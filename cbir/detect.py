@@ -7,6 +7,8 @@ except through each instance's recorded `source`.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import math
@@ -20,6 +22,8 @@ import torchvision
 from torch.utils.data import DataLoader, Dataset
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.transforms.functional import pil_to_tensor
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
 from . import CbirError
@@ -85,12 +89,14 @@ class NativeResolutionTransform(GeneralizedRCNNTransform):
     def __init__(self, base: GeneralizedRCNNTransform, bounds: tuple[int, int] = NATIVE_BOUNDS):
         super().__init__(base.min_size, base.max_size, base.image_mean, base.image_std,
                          size_divisible=base.size_divisible, fixed_size=base.fixed_size)
-        self.bounds = bounds
+        self.bounds, self.base_max_size = bounds, base.max_size
 
     def resize(self, image, target=None):
-        short = min(image.shape[-2:])
-        self.min_size = (int(min(max(short, self.bounds[0]), self.bounds[1])),)
-        self.max_size = max(self.max_size, max(image.shape[-2:]))
+        """Set this photo's sizes from its own shape (never from earlier photos), then resize as torchvision does."""
+        short, long = min(image.shape[-2:]), max(image.shape[-2:])
+        target_short = int(min(max(short, self.bounds[0]), self.bounds[1]))
+        self.min_size = (target_short,)
+        self.max_size = max(self.base_max_size, math.ceil(long * target_short / short))
         return super().resize(image, target)
 
 
@@ -320,12 +326,6 @@ def box_iou_xywh(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def coco_ap(gt_path: Path, dets: list[dict], image_ids: list[int], category_id: int) -> dict[str, float]:
     """pycocotools' bbox AP / AP50 / AP75 for one category over the given images."""
-    import contextlib
-    import io
-
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(gt_path))
         if not dets:

@@ -15,11 +15,16 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pandas as pd
+import torch
+from torchvision.transforms.functional import pil_to_tensor
+from tqdm import tqdm
 
 from . import CbirError
 from .artifacts import atomic_path, read_json, read_table, record, require_run, write_json, write_table
-from .data import cub_root, load_split
-from .embed import load_embeddings
+from .data import cub_root, load_rgb, load_split
+from .detect import kept_boxes, load_run_detector, resolve_device
+from .embed import Embedder, embed_photo, load_embeddings
+from .models import build_backbone
 
 log = logging.getLogger(__name__)
 
@@ -312,12 +317,6 @@ class Querier:
     """Index, backbone and (optionally) detector loaded once; answers photos the way the run was built."""
 
     def __init__(self, run: Path, index_name: str, use_detector: bool = True, device: str = "auto", gpu: str = "auto"):
-        import torch
-
-        from .detect import load_run_detector, resolve_device
-        from .embed import Embedder
-        from .models import build_backbone
-
         self.run = require_run(run)
         self.si = load_index(run, index_name, gpu)
         self.spec = self.si.manifest["embedding_spec"]
@@ -332,7 +331,6 @@ class Querier:
             self.detector, self.detect_meta = load_run_detector(run, self.device)
         split = load_split(run)
         self.gt_by_name = {Path(r.path).name: (r.width, r.height, [r.x, r.y, r.w, r.h]) for r in split.itertuples()}
-        self._torch = torch
 
     @property
     def detector_note(self) -> str:
@@ -346,13 +344,10 @@ class Querier:
     def boxes(self, image, score: float | None = None, name: str | None = None) -> list[dict]:
         """Detected boxes of the run's categories, or else the whole photo as a fallback instance plus, for a
         photo of the run itself (matched by file name and size), its GT box."""
-        from .detect import kept_boxes
-        from torchvision.transforms.functional import pil_to_tensor
-
         found = []
         if self.detector is not None:
             m = self.detect_meta
-            with self._torch.inference_mode():
+            with torch.inference_mode():
                 out = self.detector([pil_to_tensor(image).to(self.device).float().div_(255)])[0]
             found = kept_boxes(out, {int(c): n for c, n in m["classes"].items()},
                                m["score_threshold"] if score is None else score, m["max_per_image"])
@@ -368,8 +363,6 @@ class Querier:
 
     def query(self, image, k: int, score: float | None = None, exclude_image: int | None = None,
               name: str | None = None):
-        from .embed import embed_photo
-
         boxes = self.boxes(image, score, name)
         vectors = embed_photo(image, np.array([b["bbox"] for b in boxes]), self.spec, self.embedder)
         return query_vectors(self.si, vectors, boxes, k, exclude_image)
@@ -399,17 +392,12 @@ def photo_files(paths: list[Path]) -> list[Path]:
 def add_photos(run: Path, name: str, paths: list[Path], use_detector: bool = True) -> tuple[int, list[str]]:
     """Detect → embed → add new photos to a saved index; new image ids continue after the run's,
     a photo already in the index (same absolute path) is skipped. Returns (instances added, errors)."""
-    from .data import load_rgb
-    from .embed import embed_photo
-
     q = Querier(run, name, use_detector, gpu="off")
     si, table = q.si, q.si.table
     known = set(table.path.dropna())
     next_image = int(max(table.image_id.max(), load_split(run).image_id.max())) + 1
     next_id = int(si.manifest["next_id"])
     rows, vectors, errors = [], [], []
-    from tqdm import tqdm
-
     for path in tqdm(photo_files(paths), desc="add photos", unit="img"):
         path = path.resolve()
         if str(path) in known:

@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from . import CbirError
 from .data import load_rgb
-from .search import Querier
+from .search import Querier, results_json
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +57,8 @@ def neighbour_cards(querier: Querier, rows: list[dict]) -> list[tuple[Image.Imag
     return cards
 
 
-def run_query(querier: Querier, path: str | None, score: float, k: int) -> dict:
-    """The page's one action; returns a JSON-able document (also the API answer of /search)."""
-    from .search import results_json
-
+def run_query(querier: Querier, path: str | None, score: float, k: int) -> tuple[dict, Image.Image]:
+    """The page's one action: a JSON-able results document, and the decoded photo to draw the boxes on."""
     if not path:
         raise CbirError("upload a photo first")
     image = load_rgb(Path(path), max_pixels=MAX_UPLOAD_PIXELS)
@@ -69,7 +67,7 @@ def run_query(querier: Querier, path: str | None, score: float, k: int) -> dict:
     doc = results_json(Path(path).name, boxes, merged)
     doc["latency_ms"] = round((time.perf_counter() - start) * 1000, 1)
     doc["size"] = list(image.size)
-    return doc
+    return doc, image
 
 
 def build_app(querier: Querier, examples: list[str], default_k: int = 10) -> gr.Blocks:
@@ -97,13 +95,12 @@ def build_app(querier: Querier, examples: list[str], default_k: int = 10) -> gr.
 
         def search(path, score_value, k_value):
             try:
-                doc = run_query(querier, path, score_value, k_value)
+                doc, image = run_query(querier, path, score_value, k_value)
             except CbirError as e:
                 raise gr.Error(str(e)) from None
             except Exception as e:  # noqa: BLE001 — the page shows a message, never a stack trace
                 log.exception("query failed")
                 raise gr.Error(f"could not process this photo ({type(e).__name__}: {e})") from None
-            image = load_rgb(Path(path), max_pixels=MAX_UPLOAD_PIXELS)
             labels = [f"{i} ({b['score']:.2f})" if b["source"] == "detected" else f"{i} {BOX_KIND.get(b['source'], '')}"
                       for i, b in enumerate(doc["boxes"], 1)]
             names = [f"box {i} · " + BOX_KIND.get(b["source"], f"score {b['score']:.2f}")
