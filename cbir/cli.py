@@ -1,216 +1,307 @@
-"""`cbir` command line: parses flags, calls one stage function, prints a short summary to stdout."""
+"""`cbir` command line: flags → keyword-only stage configs → one stage function; a short summary on stdout.
+
+The config builders (`prepare_config`, `detect_config`, ...) are shared by each stage's own command and
+by `cbir run`, so a flag means the same thing everywhere.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 from pathlib import Path
 
 from . import CbirError, __version__
+from .artifacts import Interrupted
+from .images import DEFAULT_MAX_PIXELS
+from .retrieval.reduce import parse_pca
 
 log = logging.getLogger("cbir")
 
-
-def _run_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", required=True, help="run directory (made by `cbir prepare`; stages read and write "
-                   "their artifacts there: split.csv, detections.json, embeddings/, index/, reports/)")
-
-
 DEFAULT_WORKERS = max(1, min(8, (os.cpu_count() or 2) - 1))  # leave a core to the model
-
-
-def _workers(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
-                   help=f"DataLoader worker processes for decoding (default: cores - 1, here {DEFAULT_WORKERS})")
-
-
-def _weights(p: argparse.ArgumentParser, what: str, flag: str = "--weights") -> None:
-    p.add_argument(flag, default="DEFAULT",
-                   help=f"{what} weights: DEFAULT / a torchvision weights name (looked up in $CBIR_WEIGHTS_DIR, "
-                        "the torch hub cache, then downloaded), a state_dict PATH, or 'none' (random, plumbing only)")
-
-
-def _device(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
-
-
-def _dataset_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cub", required=True, help="CUB root: the folder holding images.txt and images/")
-    p.add_argument("--out", required=True, help="run directory to create or update")
-    p.add_argument("--split", default="song", help="song (classes 1-100 train / 101-200 test, Song et al. 2016), "
-                   "official (train_test_split.txt), or classes:A-B/C-D (e.g. classes:1-10/11-20 for a subset)")
-    p.add_argument("--skip-bad", action="store_true", help="drop undecodable images and empty boxes instead of "
-                   "stopping; they are listed in RUN/bad_images.txt")
-
-
-def _box_args(p: argparse.ArgumentParser, weights_flag: str = "--weights") -> None:
-    p.add_argument("--detector", default="fasterrcnn_resnet50_fpn",
-                   help="fasterrcnn_resnet50_fpn (default), fasterrcnn_resnet50_fpn_v2, fasterrcnn_mobilenet_v3_large_fpn")
-    _weights(p, "detector", weights_flag)
-    p.add_argument("--detections", help="import boxes from FILE (COCO results of any detector) instead of running one")
-    p.add_argument("--score", type=float, default=0.3, help="keep boxes scoring at least this (default 0.3)")
-    p.add_argument("--fallback", default="gt", help="for an image with no box: gt (the GT box), full (whole image), "
-                   "none (no instance); recorded per instance as its source")
-
-
-def _embedding_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backbone", default="detector", help="detector (the ResNet-50 body of the run's Faster R-CNN, "
-                   "default), resnet50, any torchvision classifier (mobilenet_v2, efficientnet_b0, ...), timm:NAME")
-    _weights(p, "backbone")
-    p.add_argument("--pool", default="gem", help="global pooling: gem (generalised mean, p=3; default, measured "
-                   "better) or avg")
-    p.add_argument("--crop-margin", type=float, default=0.0, help="grow each box by this fraction per side (default 0)")
-    p.add_argument("--crop-resize", default="pad", help="box → square input: pad (letterbox, default), squash "
-                   "(stretch) or center (resize short side + center crop, the ImageNet recipe); see benchmarks/results")
-    p.add_argument("--batch-size", type=int, help="images per batch (default: 4 on CPU, 64 on CUDA — measured best)")
-
-
-def cmd_prepare(a):
-    from .data import PrepareConfig, prepare
-    from .eda import eda
-
-    result = prepare(PrepareConfig(Path(a.cub), Path(a.out), a.split, a.skip_bad, a.workers))
-    counts = result.split.split.value_counts()
-    print(f"{a.out}/split.csv: {len(result.split)} images ({counts.get('train', 0)} train, "
-          f"{counts.get('test', 0)} test), {result.split.class_id.nunique()} classes; "
-          f"{len(result.bad)} bad, {result.clipped} boxes clipped")
-    if not a.no_eda:
-        print(f"EDA report: {eda(Path(a.out))}")
-
-
-def cmd_eda(a):
-    from .eda import eda
-
-    print(f"EDA report: {eda(Path(a.run))}")
-
-
-def cmd_download(a):
-    from .download import CUB_MD5, CUB_URL, download_cub
-
-    print(download_cub(Path(a.out), a.url or CUB_URL, a.md5 or CUB_MD5))
 
 
 def _csv(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
+def _bounded(kind, low=None, high=None):
+    """An argparse type that also checks a range, so bad values fail before any work."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if (low is not None and value < low) or (high is not None and value > high) or value != value:
+            raise argparse.ArgumentTypeError(f"{text!r} must lie in [{low}, {'∞' if high is None else high}]")
+        return value
+    return parse
+
+
+# ---------------------------------------------------------------- shared flags
+
+def _run_arg(p):
+    p.add_argument("--run", required=True, type=Path, help="run directory (made by `cbir prepare`; every stage "
+                   "reads and writes its artifacts there, see `cbir status`)")
+
+
+def _workers(p):
+    p.add_argument("--workers", type=_bounded(int, 0, 64), default=DEFAULT_WORKERS,
+                   help=f"worker processes for decoding (default: cores - 1, here {DEFAULT_WORKERS})")
+
+
+def _weights(p, what: str, flag: str = "--weights"):
+    p.add_argument(flag, default="DEFAULT",
+                   help=f"{what} weights: DEFAULT / a torchvision weights name (looked up in $CBIR_WEIGHTS_DIR, "
+                        "the torch hub cache, then downloaded), a state_dict PATH, or 'none' (random, plumbing only)")
+
+
+def _moved_weights(p):
+    p.add_argument("--weights", help="new place of the backbone weights file if it moved (checked against the "
+                   "recorded fingerprint)")
+    p.add_argument("--detector-weights", help="new place of the detector weights file if it moved")
+
+
+def _device(p):
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+
+
+def _force(p, what: str):
+    p.add_argument("--force", action="store_true", help=f"redo {what} even when its inputs are unchanged")
+
+
+def _dataset_args(p):
+    p.add_argument("--cub", required=True, type=Path, help="CUB root: the folder holding images.txt and images/")
+    p.add_argument("--split", default="song", help="song (classes 1-100 train / 101-200 test, Song et al. 2016), "
+                   "official (train_test_split.txt), or classes:A-B/C-D (e.g. classes:1-10/11-20 for a subset)")
+    p.add_argument("--skip-bad", action="store_true", help="drop undecodable images and empty boxes instead of "
+                   "stopping; they are listed in RUN/dataset/bad_images.txt")
+    p.add_argument("--max-pixels", type=_bounded(int, 1), default=DEFAULT_MAX_PIXELS,
+                   help=f"refuse photos larger than this (default {DEFAULT_MAX_PIXELS:,}); larger-than-40-Mpx photos "
+                        "are decoded reduced, boxes stay in original pixels")
+
+
+def _box_args(p, weights_flag: str = "--weights"):
+    p.add_argument("--detector", default="fasterrcnn_resnet50_fpn",
+                   help="fasterrcnn_resnet50_fpn (default), fasterrcnn_resnet50_fpn_v2, fasterrcnn_mobilenet_v3_large_fpn, "
+                        "or onnx:PATH (a TF Object Detection API SSD export; needs onnxruntime)")
+    _weights(p, "detector", weights_flag)
+    p.add_argument("--labels", help="label file of an ONNX detector (for names; ids are COCO's)")
+    p.add_argument("--detections", type=Path, help="import boxes from FILE (COCO results of any detector) instead "
+                   "of running one")
+    p.add_argument("--score", type=_bounded(float, 0, 1), default=0.3, help="keep boxes scoring at least this (default 0.3)")
+    p.add_argument("--fallback", default="gt", choices=("gt", "full", "none"), help="for an image with no box: gt "
+                   "(its GT boxes), full (whole image), none (no instance); recorded per instance as its source")
+    p.add_argument("--classes", default="bird", help="comma-separated COCO category names to keep (default bird)")
+    p.add_argument("--min-size", default="auto", help="short side fed to a torchvision detector: auto = the photo's "
+                   "own (clamped to 224-1024 px, ~2.5x faster on CUB), or pixels (torchvision's default is 800)")
+
+
+def _embedding_args(p):
+    p.add_argument("--backbone", default="detector", help="detector (the ResNet-50 body of the run's Faster R-CNN, "
+                   "default), resnet50, any torchvision classifier (mobilenet_v2, efficientnet_b0, ...), timm:NAME")
+    _weights(p, "backbone")
+    p.add_argument("--pool", default="gem", choices=("gem", "avg"), help="global pooling: gem (generalised mean, "
+                   "p=3; default, measured better) or avg")
+    p.add_argument("--crop-margin", type=_bounded(float, 0, 2), default=0.0,
+                   help="grow each box by this fraction per side (default 0)")
+    p.add_argument("--crop-resize", default="pad", choices=("pad", "squash", "center"), help="box → square input: "
+                   "pad (letterbox, default), squash (stretch) or center (ImageNet recipe); see benchmarks/results")
+    p.add_argument("--batch-size", type=_bounded(int, 1, 4096), help="images per batch (default: 4 on CPU, 64 on "
+                   "CUDA — measured best)")
+
+
+def _index_args(p):
+    p.add_argument("--pca", default="256", type=parse_pca_arg, help="PCA output dimension, or none (default 256)")
+    p.add_argument("--whiten", action="store_true", help="PCA whitening")
+    p.add_argument("--factory", default="auto", help="FAISS index_factory body: Flat, HNSW32, IVF1024,PQ32 ... or "
+                   "auto (exact up to 100k vectors, IVF-SQ8 up to 50M, IVF-PQ beyond; benchmarks/results/index_bench_cpu.md)")
+    p.add_argument("--gpu", default="auto", help="auto (GPU when faiss-gpu sees one), off, or a GPU number")
+
+
+def parse_pca_arg(text: str):
+    try:
+        return parse_pca(text)
+    except CbirError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+# ---------------------------------------------------------------- configs from flags (shared with `run`)
+
+def prepare_config(a, run: Path):
+    from .datasets.prepare import PrepareConfig
+
+    return PrepareConfig(run=run, root=a.cub, split=a.split, skip_bad=a.skip_bad, max_pixels=a.max_pixels,
+                         workers=a.workers, force=getattr(a, "force", False))
+
+
+def detect_config(a, run: Path, weights: str):
+    from .detection.stage import DetectConfig
+
+    return DetectConfig(run=run, detector=a.detector, weights=weights, labels=a.labels,
+                        splits=_csv(getattr(a, "splits", "train,test")), score=a.score,
+                        max_per_image=getattr(a, "max_per_image", 10), min_size=a.min_size,
+                        batch_size=getattr(a, "detect_batch_size", 4), workers=a.workers, fallback=a.fallback,
+                        classes=_csv(a.classes), detections=a.detections, device=a.device,
+                        force=getattr(a, "force", False))
+
+
+def embed_config(a, run: Path, mode: str, name: str | None = None):
+    from .encoders.stage import EmbedConfig
+
+    return EmbedConfig(run=run, mode=mode, backbone=a.backbone, weights=a.weights, pool=a.pool,
+                       crop_margin=a.crop_margin, crop_resize=a.crop_resize, size=getattr(a, "size", None),
+                       roi=getattr(a, "roi", False), batch_size=a.batch_size, workers=a.workers, device=a.device,
+                       bf16=getattr(a, "bf16", False), name=name, force=getattr(a, "force", False))
+
+
+def index_config(a, run: Path, embeddings: str, name: str | None = None):
+    from .retrieval.index import IndexConfig
+
+    return IndexConfig(run=run, embeddings=embeddings, name=name, pca=a.pca, whiten=a.whiten, factory=a.factory,
+                       gpu=a.gpu, gallery=_csv(getattr(a, "gallery", "train,test")), force=getattr(a, "force", False))
+
+
+# ---------------------------------------------------------------- commands
+
+def cmd_prepare(a):
+    from .metrics.eda import eda
+
+    from .datasets.prepare import prepare
+
+    result = prepare(prepare_config(a, a.out))
+    s = result.dataset.meta["summary"]
+    print(f"{a.out}/dataset: {s['images']} images ({s['train']} train, {s['test']} test), {s['classes']} classes, "
+          f"{s['instances']} GT boxes; {s['bad_images']} bad, {s['clipped_boxes']} boxes clipped")
+    if not a.no_eda:
+        print(f"EDA report: {eda(a.out)}")
+
+
+def cmd_eda(a):
+    from .metrics.eda import eda
+
+    print(f"EDA report: {eda(a.run, a.force)}")
+
+
+def cmd_download(a):
+    from .datasets.download import CUB_MD5, CUB_URL, download_cub
+
+    print(download_cub(Path(a.out), a.url or CUB_URL, a.md5 or CUB_MD5))
+
+
 def cmd_detect(a):
-    from .detect import DetectConfig, detect, write_detection_report
+    from .detection.report import write_detection_report
+    from .detection.stage import detect
 
     if not a.evaluate_only:
-        result = detect(DetectConfig(Path(a.run), a.detector, a.weights, _csv(a.splits), a.score, a.max_per_image,
-                                     a.min_size, a.batch_size, a.workers, a.fallback, _csv(a.classes),
-                                     Path(a.detections) if a.detections else None, a.device, a.force))
-        m = result.meta
-        print(f"{a.run}/detections.json: {m['instances']} instances on {m['images']} images "
+        m = detect(detect_config(a, a.run, a.weights)).meta
+        print(f"{a.run}/detections: {m['instances']} instances on {m['images']} images "
               f"({m['sources']}), fallback rate {m['fallback_rate']:.1%}")
     if a.evaluate or a.evaluate_only:
-        q = write_detection_report(Path(a.run))
-        print(f"{a.run}/reports/detection.md: AP {q['AP']:.3f}, AP50 {q['AP50']:.3f}, "
+        q = write_detection_report(a.run)
+        print(f"{a.run}/reports/detection: AP {q['AP']:.3f}, AP50 {q['AP50']:.3f}, "
               f"top box IoU>=0.5 {q['top_box_iou50_rate']:.1%}, median IoU {q['median_top_box_iou']:.3f}")
 
 
 def _detect_parser(sub):
-    p = sub.add_parser("detect", help="find the birds: torchvision detector or imported boxes → detections.json",
-                       description="Run a torchvision detector over the run's images (or import another detector's "
-                                   "COCO results with --detections) → RUN/detections.json (COCO results: every kept "
-                                   "box, with its source) and RUN/detections.meta.json. Resumable; a finished run is "
-                                   "a no-op unless --force.")
+    p = sub.add_parser("detect", help="find the objects: a detector or imported boxes → RUN/detections",
+                       description="Run a detector over the run's images (or import another detector's COCO results "
+                                   "with --detections) → RUN/detections/detections.json (COCO results: every kept box, "
+                                   "with its source). Resumable; redone only when its inputs change (or --force).")
     _run_arg(p)
     _box_args(p)
-    p.add_argument("--splits", default="test,train", help="comma-separated splits to detect on (default test,train)")
-    p.add_argument("--max-per-image", type=int, default=10, help="keep at most this many boxes per image")
-    p.add_argument("--min-size", default="auto", help="short side fed to the detector: auto = the photo's own "
-                   "(clamped to 224-1024 px, ~2.5x faster on CUB), or pixels (torchvision's default is 800)")
-    p.add_argument("--batch-size", type=int, default=4, help="images per batch (default 4)")
-    p.add_argument("--classes", default="bird", help="comma-separated COCO category names to keep (default bird)")
+    p.add_argument("--splits", default="train,test", help="comma-separated splits to detect on (default train,test)")
+    p.add_argument("--max-per-image", type=_bounded(int, 1, 1000), default=10, help="keep at most this many boxes per image")
+    p.add_argument("--batch-size", dest="detect_batch_size", type=_bounded(int, 1, 256), default=4,
+                   help="images per batch (default 4)")
     _device(p)
-    p.add_argument("--force", action="store_true", help="redo a finished detection")
-    p.add_argument("--evaluate", action="store_true", help="also score the boxes against gt_coco.json → reports/detection.md")
+    _force(p, "the detection")
+    p.add_argument("--evaluate", action="store_true", help="also score the boxes against the GT → reports/detection")
     p.add_argument("--evaluate-only", action="store_true", help="only write the quality report of existing detections")
     _workers(p)
     p.set_defaults(func=cmd_detect)
 
 
 def cmd_embed(a):
-    from .embed import EmbedConfig, embed
+    from .encoders.stage import embed
 
-    vectors, table, spec = embed(EmbedConfig(Path(a.run), a.mode, a.backbone, a.weights, a.pool, a.crop_margin,
-                                             a.crop_resize, a.size, a.roi, a.batch_size, a.workers, a.device,
-                                             a.bf16, a.name, a.force))
-    print(f"{a.run}/embeddings/{a.name or a.mode}.npy: {vectors.shape[0]} x {vectors.shape[1]} "
-          f"({table.source.value_counts().to_dict()}), backbone {spec['backbone']} [{spec['weights_fingerprint']}]")
+    vectors, table, info = embed(embed_config(a, a.run, a.mode, a.name))
+    print(f"{a.run}/embeddings/{a.name or a.mode}: {vectors.shape[0]} x {vectors.shape[1]} "
+          f"({table.source.value_counts().to_dict()}), backbone {info['spec']['backbone']} "
+          f"[{info['spec']['weights_fingerprint']}]")
 
 
 def _embed_parser(sub):
-    p = sub.add_parser("embed", help="one vector per image, GT box or detected instance → embeddings/NAME.npy",
+    p = sub.add_parser("embed", help="one vector per image, GT box or detected instance → RUN/embeddings/NAME",
                        description="Embed whole images (full), ground-truth boxes (gt, the oracle) or every "
-                                   "detected instance (det) with a CNN trunk → RUN/embeddings/NAME.npy (float32 "
-                                   "[N, D]) + NAME.parquet (one row per vector) + NAME.json (the spec). Resumable.")
+                                   "detected instance (det) with a CNN trunk → RUN/embeddings/NAME/vectors.npy "
+                                   "(float32 [N, D]) + rows.parquet (one row per vector). Resumable; redone only when "
+                                   "its inputs change (or --force).")
     _run_arg(p)
-    p.add_argument("--mode", default="full", help="full | gt | det (default full)")
+    p.add_argument("--mode", default="full", choices=("full", "gt", "det"), help="full | gt | det (default full)")
     _embedding_args(p)
-    p.add_argument("--size", type=int, help="input side in pixels (default: the weights' own, e.g. 224)")
+    p.add_argument("--size", type=_bounded(int, 32, 2048), help="input side in pixels (default: the weights' own)")
     p.add_argument("--roi", action="store_true", help="gt/det: one trunk pass per image, every box RoI-pooled "
                    "from the feature map (torchvision.ops.roi_align) instead of re-embedding each crop")
     _device(p)
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CPU or CUDA)")
     p.add_argument("--name", help="output name under embeddings/ (default: the mode)")
-    p.add_argument("--force", action="store_true", help="replace an existing set made with another spec")
+    _force(p, "the embedding")
     _workers(p)
     p.set_defaults(func=cmd_embed)
 
 
 def cmd_index(a):
-    from .search import IndexConfig, add_photos, build_index, parse_ids, remove_images
+    from .retrieval.index import build_index
+    from .retrieval.ingest import add_photos, parse_ids, remove_images
 
     name = a.name or a.embeddings
+    if not name:
+        raise CbirError("--embeddings NAME (to build) or --name NAME (to --add / --remove) is required")
     if a.add:
-        added, errors = add_photos(Path(a.run), name, [Path(p) for p in a.add], not a.no_detector)
+        added, errors = add_photos(a.run, name, [Path(p) for p in a.add], not a.no_detector, a.moved_weights,
+                                   a.detector_weights)
         print(f"index {name}: added {added} instance(s); {len(errors)} unreadable photo(s) skipped")
     elif a.remove:
-        print(f"index {name}: removed {remove_images(Path(a.run), name, parse_ids(a.remove))} vector(s)")
+        print(f"index {name}: removed {remove_images(a.run, name, parse_ids(a.remove))} vector(s)")
     else:
         if not a.embeddings:
             raise CbirError("--embeddings NAME is required to build an index (e.g. --embeddings det)")
-        si = build_index(IndexConfig(Path(a.run), a.embeddings, a.name, None if a.pca in ("none", "0") else int(a.pca),
-                                     a.whiten, a.factory, a.gpu, _csv(a.gallery)))
-        m = si.manifest
-        print(f"{a.run}/index/{m['name']}.faiss: {m['count']} vectors, {m['factory']} (PCA fitted on "
-              f"{m['train_rows']} train rows)")
+        m = build_index(index_config(a, a.run, a.embeddings, a.name)).manifest
+        print(f"{a.run}/index/{m['name']}: {m['count']} vectors, {m['factory']} (PCA fitted on "
+              f"{m['train_rows']} train rows; {len(m['edits'])} --add/--remove edit(s) kept)")
 
 
 def _index_parser(sub):
     p = sub.add_parser("index", help="PCA (fitted on train) + FAISS index over an embeddings set; --add / --remove",
-                       description="Build RUN/index/NAME.faiss: L2-normalise, PCA fitted on the train split only, "
+                       description="Build RUN/index/NAME: L2-normalise, PCA fitted on the train split only, "
                                    "L2-normalise (inner product = cosine), then a FAISS index_factory index. With "
-                                   "--add: detect → embed → add new photos; with --remove: drop images by id.")
+                                   "--add: detect → embed → add new photos (resumable); with --remove: drop images by "
+                                   "id. A rebuild replays earlier --add/--remove edits.")
     _run_arg(p)
     p.add_argument("--embeddings", help="embeddings set to index (e.g. full, gt, det)")
     p.add_argument("--name", help="index name (default: the embeddings name)")
-    p.add_argument("--pca", default="256", help="PCA output dimension, or none (default 256)")
-    p.add_argument("--whiten", action="store_true", help="PCA whitening")
-    p.add_argument("--factory", default="auto", help="FAISS index_factory body: Flat, HNSW32, IVF1024,PQ32 ... or "
-                   "auto (exact up to 100k vectors, IVF-SQ8 up to 50M, IVF-PQ beyond; see benchmarks/results/index_bench_cpu.md)")
-    p.add_argument("--gpu", default="auto", help="auto (GPU when faiss-gpu sees one), off, or a GPU number")
+    _index_args(p)
     p.add_argument("--gallery", default="train,test", help="splits to put in the index (default train,test)")
     p.add_argument("--add", nargs="+", metavar="PATH", help="photos or folders of photos to add to an existing index")
     p.add_argument("--no-detector", action="store_true", help="with --add: embed whole photos, do not detect")
     p.add_argument("--remove", metavar="IDS", help="comma-separated image ids to remove from an existing index")
+    p.add_argument("--weights", dest="moved_weights", help="with --add: new place of the backbone weights file if "
+                   "it moved (checked against the recorded fingerprint)")
+    p.add_argument("--detector-weights", help="with --add: new place of the detector weights file if it moved")
+    _force(p, "the index (earlier --add/--remove edits are replayed)")
     p.set_defaults(func=cmd_index)
 
 
 def cmd_search(a):
-    import json
+    from .images import open_photo
+    from .retrieval.query import Querier, results_json
 
-    from .data import load_rgb
-    from .search import Querier, results_json
-
-    q = Querier(Path(a.run), a.index, not a.no_detector)
+    q = Querier(a.run, a.index, not a.no_detector, weights=a.weights, detector_weights=a.detector_weights)
     if a.image:
-        boxes, merged = q.query(load_rgb(Path(a.image)), a.k)
+        boxes, merged = q.query(open_photo(Path(a.image)), a.k, name=Path(a.image).name)
     else:
         boxes, merged = q.query_id(a.query_id, a.k)
     doc = results_json(a.image or f"image_id {a.query_id}", boxes, merged)
@@ -230,125 +321,165 @@ def _table(records: list[dict]) -> str:
 
     if not records:
         return "(no results)"
-    df = pd.DataFrame(records)[["similarity", "image_id", "instance", "class_name", "box", "path"]]
-    return df.to_string(index=False)
+    return pd.DataFrame(records)[["similarity", "image_id", "instance", "class_name", "box", "path"]].to_string(index=False)
 
 
 def _search_parser(sub):
     p = sub.add_parser("search", help="nearest boxes and images for a new photo (--image) or a run image (--query-id)",
-                       description="Detect the birds in a photo with the run's detector (whole photo when none is "
+                       description="Detect the objects in a photo with the run's detector (whole photo when none is "
                                    "found or the boxes were imported), embed each box with the index's backbone and "
-                                   "preprocessing, and list each box's nearest gallery instances and images.")
+                                   "preprocessing, and list each box's nearest gallery instances and images. Reads "
+                                   "only: needs no lock, works while another command writes the run.")
     _run_arg(p)
     p.add_argument("--index", required=True, help="index name under RUN/index/")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--image", help="a photo file")
     group.add_argument("--query-id", type=int, help="an image id already in the run (excluded from its own results)")
-    p.add_argument("--k", type=int, default=10, help="neighbours per box (default 10)")
+    p.add_argument("--k", type=_bounded(int, 1, 10000), default=10, help="neighbours per box (default 10)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     p.add_argument("--no-detector", action="store_true", help="query with the whole photo, no detection")
+    _moved_weights(p)
     p.set_defaults(func=cmd_search)
 
 
 def cmd_evaluate(a):
-    from .evaluate import SHOWN, EvalConfig, evaluate
+    from .evaluate import SHOWN, evaluate
 
-    pcas = tuple(None if p.strip() in ("none", "0") else int(p) for p in a.pca.split(","))
-    result = evaluate(EvalConfig(Path(a.run), _csv(a.embeddings), pcas, a.whiten, a.index, not a.no_plots))
-    m = result.metrics
-    print(m[["embeddings", "pca", "index"] + [c for c in SHOWN if c in m]].round(4).to_string(index=False))
-    print(f"\nreports: {a.run}/reports/ (metrics.csv, comparison.md, pr_curves.png, embedding maps, grids)")
+    result = evaluate(evaluate_config(a, a.run, _csv(a.embeddings)))
+    m = result.computed
+    print(m[["embeddings", "reduction", "pca", "index"] + [c for c in SHOWN if c in m]].round(4).to_string(index=False))
+    print(f"\nreport: {a.run}/reports/retrieval/ (metrics.csv, comparison.md — earlier rows kept —, plots)")
+
+
+def evaluate_config(a, run: Path, embeddings: tuple[str, ...]):
+    from .evaluate import EvalConfig
+
+    return EvalConfig(run=run, embeddings=embeddings, pca=a.eval_pca, whiten=a.whiten, index=a.index,
+                      served=_csv(a.served), plots=not a.no_plots, force=getattr(a, "force", False))
+
+
+def _pca_list(text: str):
+    return tuple(parse_pca_arg(p) for p in _csv(text))
 
 
 def _evaluate_parser(sub):
-    p = sub.add_parser("evaluate", help="leave-one-out retrieval metrics on the test split → reports/",
-                       description="Every test image queries all other test images (itself excluded), PCA fitted on "
-                                   "train as in search. R@1/2/4/8, P@1/5/10, mAP, MAP@R, R-precision, NMI → "
-                                   "reports/metrics.csv, comparison.md, pr_curves.png, embedding maps, top-10 grids.")
+    p = sub.add_parser("evaluate", help="leave-one-out retrieval metrics on the test split → reports/retrieval",
+                       description="Every test image queries all other test images (itself excluded). Rows per "
+                                   "embeddings set x PCA (refit on train here) and per served index (--served: the "
+                                   "saved index as users search it). R@K, P@K, mAP, MAP@R, R-precision, NMI → "
+                                   "RUN/reports/retrieval; rows of earlier calls are kept.")
     _run_arg(p)
     p.add_argument("--embeddings", default="full,gt,det", help="comma-separated embeddings sets; A+B concatenates "
                    "per image (e.g. full+det). Missing sets are skipped with a warning (default full,gt,det)")
-    p.add_argument("--pca", default="256", help="comma-separated PCA dims to compare, none = no PCA (default 256)")
+    p.add_argument("--pca", dest="eval_pca", default="256", type=_pca_list,
+                   help="comma-separated PCA dims to compare, none = no PCA (default 256)")
     p.add_argument("--whiten", action="store_true", help="PCA whitening")
     p.add_argument("--index", default="exact", help="exact, or a FAISS factory body (e.g. HNSW32, IVF64,PQ16) "
                    "scored beside exact search with its recall@10 against exact")
+    p.add_argument("--served", default="", help="comma-separated saved index names to score as served")
     p.add_argument("--no-plots", action="store_true", help="metrics only, no pictures")
     p.set_defaults(func=cmd_evaluate)
 
 
 def cmd_run(a):
+    from dataclasses import replace
+
     from .pipeline import RunConfig, run_all
 
-    cfg = RunConfig(Path(a.cub), Path(a.out), a.split, a.skip_bad, a.detector, a.detector_weights,
-                    Path(a.detections) if a.detections else None, a.score, a.fallback, a.backbone, a.weights,
-                    _csv(a.modes), a.crop_resize, a.crop_margin, a.pool, None if a.pca in ("none", "0") else int(a.pca),
-                    a.factory, a.index_mode, a.batch_size, a.workers, a.device)
+    modes = _csv(a.modes)
+    index_mode = a.index_mode if a.index_mode in modes else modes[-1]
+    fused = tuple(f"full+{m}" for m in ("det",) if {"full", m} <= set(modes))
+    cfg = RunConfig(prepare=prepare_config(a, a.out),
+                    detect=detect_config(a, a.out, a.detector_weights) if "det" in modes else None,
+                    embed=embed_config(a, a.out, modes[0]), modes=modes,
+                    index=index_config(a, a.out, index_mode),
+                    evaluate=replace(evaluate_config(a, a.out, modes + fused),
+                                     served=tuple(dict.fromkeys((index_mode, *_csv(a.served))))))
     steps = run_all(cfg)
     print("stage                 seconds  result")
     for name, seconds, note in steps:
         print(f"{name:<21} {seconds:7.1f}  {note}")
-    print(f"\n{a.out}/reports/comparison.md:\n")
-    print((Path(a.out) / "reports" / "comparison.md").read_text())
+    print(f"\n{a.out}/reports/retrieval/comparison.md:\n")
+    print((a.out / "reports" / "retrieval" / "comparison.md").read_text())
 
 
 def _run_parser(sub):
     p = sub.add_parser("run", help="the whole pipeline: prepare → detect → embed → index → evaluate",
-                       description="Run every stage in order on a CUB folder, skipping stages already done with the "
-                                   "same settings (rerun the same command to resume), then print the comparison.")
+                       description="Run every stage in order on a CUB folder; each is skipped when its inputs are "
+                                   "unchanged (rerun the same command to resume), redone when they changed, then "
+                                   "print the comparison. Earlier --add/--remove edits of the index are replayed.")
     _dataset_args(p)
+    p.add_argument("--out", required=True, type=Path, help="run directory to create or update")
     _box_args(p, "--detector-weights")
     _embedding_args(p)
     p.add_argument("--modes", default="full,gt,det", help="embedding modes to compare (default full,gt,det)")
-    p.add_argument("--pca", default="256", help="PCA output dimension, or none (default 256)")
-    p.add_argument("--factory", default="auto", help="FAISS factory of the saved index (see `cbir index -h`)")
+    _index_args(p)
     p.add_argument("--index-mode", default="det", help="which embeddings get a saved search index (default det)")
+    p.add_argument("--index", default="exact", help="approximate FAISS factory to score beside exact search")
+    p.add_argument("--served", default="", help="more saved index names to evaluate as served (the run's own "
+                   "index always is)")
+    p.set_defaults(eval_pca=None, no_plots=False)
     _device(p)
     _workers(p)
     p.set_defaults(func=cmd_run)
 
 
+def cmd_status(a):
+    from .status import run_status
+
+    rows = run_status(a.run)
+    width = max(len(r[0]) for r in rows)
+    for name, state, detail in rows:
+        print(f"{name:<{width}}  {state:<8}  {detail}")
+
+
 def cmd_ui(a):
-    from .ui import serve
+    from .ui.app import serve
 
     if a.share:
         log.warning("--share: the page will be reachable from the internet through a gradio.live link")
-    serve(Path(a.run), a.index, a.host, a.port, a.share, a.detector != "none", a.device)
+    serve(a.run, a.index, a.host, a.port, a.share, a.detector != "none", a.device, a.weights, a.detector_weights)
 
 
 def _ui_parser(sub):
     p = sub.add_parser("ui", help="Gradio page: upload a photo, see the boxes and each box's neighbours",
                        description="Serve a page over `cbir search`: upload a photo (or click a test-split example), "
-                                   "see every bird boxed with its score, and each box's nearest gallery images.")
+                                   "see every object boxed with its score, and each box's nearest gallery images.")
     _run_arg(p)
     p.add_argument("--index", default="det", help="index name under RUN/index/ (default det)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=_bounded(int, 1, 65535), default=7860)
     p.add_argument("--share", action="store_true", help="also publish a public gradio.live link (off by default)")
-    p.add_argument("--detector", default="run", help="run (the run's detector) or none (whole photo is the query)")
+    p.add_argument("--detector", default="run", choices=("run", "none"),
+                   help="run (the run's detector) or none (whole photo is the query)")
     _device(p)
+    _moved_weights(p)
     p.set_defaults(func=cmd_ui)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cbir", description="Object-detection-based multi-instance image retrieval "
                                      "on CUB-200-2011 and your own photos. Stages: prepare → detect → embed → "
-                                     "index → evaluate / search / ui; `run` chains them.")
+                                     "index → evaluate / search / ui; `run` chains them; `status` shows a run.")
     parser.add_argument("--version", action="version", version=f"cbir {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("prepare", help="read CUB, split it, check every image, write split.csv + gt_coco.json + EDA",
+    p = sub.add_parser("prepare", help="read CUB, split it, check every image → RUN/dataset (+ EDA)",
                        description="Read the official CUB layout, split it, decode every image and check every box; "
-                                   "write RUN/split.csv, RUN/gt_coco.json (COCO instances, category 16 'bird') and "
-                                   "RUN/eda/report.md.")
+                                   "write RUN/dataset (images.parquet, instances.parquet, gt_coco.json: COCO instances, "
+                                   "category 16 'bird') and RUN/eda/report.md. Redone only when its inputs change.")
     _dataset_args(p)
+    p.add_argument("--out", required=True, type=Path, help="run directory to create or update")
     p.add_argument("--no-eda", action="store_true", help="skip the EDA report")
+    _force(p, "the preparation")
     _workers(p)
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("eda", help="(re)write the EDA report of a prepared run",
                        description="Plots and a summary table of the split, image sizes and GT boxes → RUN/eda/.")
     _run_arg(p)
+    _force(p, "the report")
     p.set_defaults(func=cmd_eda)
 
     p = sub.add_parser("download-cub", help="download and verify the official CUB_200_2011.tgz",
@@ -359,28 +490,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--md5", help="expected md5 of the archive at --url")
     p.set_defaults(func=cmd_download)
 
-    for register in _stage_parsers():
+    p = sub.add_parser("status", help="each artifact of a run: done / stale (why) / missing / partial / damaged",
+                       description="List every artifact of RUN with its state: done, stale (an input changed since, "
+                                   "and which), missing, partial (an interrupted stage's kept shards) or damaged. "
+                                   "Reads only.")
+    _run_arg(p)
+    p.set_defaults(func=cmd_status)
+
+    for register in (_detect_parser, _embed_parser, _index_parser, _search_parser, _evaluate_parser, _run_parser,
+                     _ui_parser):
         register(sub)
     return parser
 
 
-def _stage_parsers():
-    """Subcommands of the later stages, each defined beside its own flags."""
-    return [_detect_parser, _embed_parser, _index_parser, _search_parser, _evaluate_parser, _run_parser, _ui_parser]
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "eval_pca", ()) is None:  # `cbir run` evaluates the index's own PCA setting
+        args.eval_pca = (args.pca,)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss").setLevel(logging.WARNING)
     try:
         args.func(args)
+    except Interrupted as e:
+        print(f"cbir {args.command}: {e}", file=sys.stderr)
+        return 130
     except CbirError as e:
         print(f"cbir {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"cbir {args.command}: interrupted; finished work is kept, run the same command to resume",
+        print(f"cbir {args.command}: interrupted; nothing half-written was kept — the run holds what it had before",
               file=sys.stderr)
         return 130
     return 0

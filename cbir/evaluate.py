@@ -1,8 +1,12 @@
-"""Evaluation: leave-one-out retrieval over the test split (Song et al. protocol) for each embeddings set,
-PCA fitted on train as in search; exact ranking as the reference, an approximate index scored beside it.
+"""The `evaluate` stage: leave-one-out retrieval over the test split (Song et al. protocol) for each
+embeddings set → the `reports/retrieval` artifact.
 
-Metrics are computed from chunks of the similarity matrix with array operations only (no loop over
-query x gallery), so 6,000 x 2,048 takes seconds and memory stays bounded.
+Two kinds of rows, labelled in the `reduction` column:
+- `refit`: the reduction is fitted here on the train split (PCA dims to compare), exact search as the
+  reference, and an approximate FAISS factory scored beside it (`--index`);
+- `served:NAME`: the saved index a user searches — its own reduction, and its own store searched among
+  the test rows (recall@10 against exact search in that space).
+A narrower evaluate replaces its own rows and keeps the others.
 """
 
 from __future__ import annotations
@@ -14,194 +18,53 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pandas as pd
-from sklearn.cluster import KMeans
-from sklearn.metrics import normalized_mutual_info_score
 
 from . import CbirError
-from .artifacts import atomic_path, record, require_run, write_json, write_table
-from .data import load_split
-from .embed import load_embeddings
-from .search import reduce, set_search_params
+from .artifacts import Artifact, commit, fingerprint, read_table, writing
+from .datasets import load_dataset
+from .encoders.stage import load_embeddings
+from .layout import RunLayout
+from .metrics.ranking import Gallery, exact_metrics, nmi, ranked_metrics
+from .retrieval.faiss_store import set_search_params
+from .retrieval.reduce import reduce
+from .retrieval.saved import load_index
 
 log = logging.getLogger(__name__)
 
-RECALL_KS = (1, 2, 4, 8)
-PRECISION_KS = (1, 5, 10)
-CHUNK = 512
+REPORT = "retrieval"
+KEY = ["embeddings", "reduction", "pca", "index"]
+SHOWN = ["R@1", "R@2", "R@4", "R@8", "P@5", "P@10", "mAP", "MAP@R", "R-precision", "NMI", "recall@10 vs exact"]
+DEPTH = 100  # ranking depth of approximate searches
 
 
-@dataclass
-class Gallery:
-    """Test items as retrieval sees them: one query vector per image, and per gallery image the
-    vectors of its instances (several for det) whose best match scores the image."""
-
-    query: np.ndarray  # [n_images, d], the image's top-scoring instance
-    instances: np.ndarray  # [n_instances, d], sorted by image
-    starts: np.ndarray  # [n_images], first instance row of each image
-    labels: np.ndarray  # [n_images]
-    image_ids: np.ndarray  # [n_images]
-    boxes: np.ndarray | None = None  # [n_instances, 4] x, y, w, h — for drawing results
-
-
-def image_sims(q: np.ndarray, g: Gallery) -> np.ndarray:
-    """[len(q), n_images]: each gallery image scored by its best-matching instance."""
-    sims = q @ g.instances.T
-    if len(g.starts) == len(g.instances):
-        return sims
-    return np.maximum.reduceat(sims, g.starts, axis=1)
-
-
-@dataclass
-class RankStats:
-    """Per-query metric arrays, accumulated over chunks."""
-
-    recall: dict[int, list] = field(default_factory=lambda: {k: [] for k in RECALL_KS})
-    precision: dict[int, list] = field(default_factory=lambda: {k: [] for k in PRECISION_KS})
-    ap: list = field(default_factory=list)
-    r_precision: list = field(default_factory=list)
-    map_at_r: list = field(default_factory=list)
-    top: list = field(default_factory=list)  # each query's 10 best gallery columns (exact), all queries
-    pr_hits: np.ndarray | None = None  # summed cumulative hits per rank, for the micro-averaged PR curve
-    relevant_total: int = 0
-    excluded: int = 0
-
-
-def rank_metrics(sims: np.ndarray, q_labels: np.ndarray, g_labels: np.ndarray, self_index: np.ndarray,
-                 stats: RankStats) -> None:
-    """Add one chunk of queries to `stats`. `self_index[i]` is query i's own gallery column (-1: none);
-    it is ranked last and never relevant. Queries with no relevant item are counted as excluded.
-
-    AP follows sklearn's average_precision_score (tied scores form one threshold); rank metrics break
-    ties by gallery order, as a stable sort would.
-    """
-    sims = sims.astype(np.float64, copy=True)
-    rows = np.arange(len(sims))
-    has_self = self_index >= 0
-    sims[rows[has_self], self_index[has_self]] = -np.inf
-    order = np.argsort(-sims, axis=1, kind="stable")
-    stats.top.append(order[:, :10])
-    ranked = np.take_along_axis(sims, order, 1)
-    rel = g_labels[order] == q_labels[:, None]
-    rel[np.isneginf(ranked)] = False
-    n_rel = rel.sum(1)
-    valid = n_rel > 0
-    stats.excluded += int((~valid).sum())
-    rel, ranked, n_rel = rel[valid], ranked[valid], n_rel[valid]
-    if not len(rel):
-        return
-    cum = np.cumsum(rel, 1)
-    ranks = np.arange(1, rel.shape[1] + 1)
-    for k in RECALL_KS:
-        stats.recall[k].append(cum[:, min(k, rel.shape[1]) - 1] > 0)
-    for k in PRECISION_KS:
-        stats.precision[k].append(cum[:, min(k, rel.shape[1]) - 1] / k)
-    r_idx = n_rel - 1
-    stats.r_precision.append(cum[np.arange(len(rel)), r_idx] / n_rel)
-    within_r = ranks[None, :] <= n_rel[:, None]
-    stats.map_at_r.append((rel * within_r * cum / ranks).sum(1) / n_rel)
-    block_end = np.ones_like(rel)
-    block_end[:, :-1] = ranked[:, :-1] != ranked[:, 1:]
-    ends_cum = np.where(block_end, cum, 0)
-    prev = np.zeros_like(cum)
-    prev[:, 1:] = np.maximum.accumulate(ends_cum, axis=1)[:, :-1]
-    stats.ap.append((block_end * (cum - prev) * cum / ranks).sum(1) / n_rel)
-    hits = cum.sum(0)
-    stats.pr_hits = hits if stats.pr_hits is None else stats.pr_hits + hits
-    stats.relevant_total += int(n_rel.sum())
-
-
-def summarise(stats: RankStats) -> dict[str, float]:
-    mean = lambda parts: float(np.concatenate(parts).mean()) if parts else float("nan")  # noqa: E731
-    out = {f"R@{k}": mean(v) for k, v in stats.recall.items()}
-    out.update({f"P@{k}": mean(v) for k, v in stats.precision.items()})
-    out.update({"mAP": mean(stats.ap), "R-precision": mean(stats.r_precision), "MAP@R": mean(stats.map_at_r)})
-    return out
-
-
-def exact_metrics(g: Gallery) -> tuple[dict[str, float], RankStats]:
-    """Every test image queries all others (itself excluded)."""
-    stats = RankStats()
-    for start in range(0, len(g.query), CHUNK):
-        sl = slice(start, start + CHUNK)
-        rank_metrics(image_sims(g.query[sl], g), g.labels[sl], g.labels, np.arange(len(g.query))[sl], stats)
-    return summarise(stats), stats
-
-
-def nmi(g: Gallery, seed: int = 0) -> float:
-    """NMI of k-means (k = number of test classes) on the query vectors, as in Song et al."""
-    k = len(np.unique(g.labels))
-    clusters = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(g.query)
-    return float(normalized_mutual_info_score(g.labels, clusters))
-
-
-def first_occurrences(rows: np.ndarray) -> np.ndarray:
-    """Mask of the first appearance of each value within each row (later duplicates False)."""
-    order = np.argsort(rows, axis=1, kind="stable")
-    sorted_rows = np.take_along_axis(rows, order, 1)
-    dup_sorted = np.zeros(rows.shape, bool)
-    dup_sorted[:, 1:] = sorted_rows[:, 1:] == sorted_rows[:, :-1]
-    dup = np.empty_like(dup_sorted)
-    np.put_along_axis(dup, order, dup_sorted, 1)
-    return ~dup
-
-
-def approximate_metrics(g: Gallery, train: np.ndarray, factory: str, exact_top: np.ndarray,
-                        depth: int = 100) -> dict[str, float]:
-    """R@K / P@K from a FAISS index over the test instances (trained on train vectors only), and its
-    recall@10 against exact search's top 10: the price of approximation."""
-    try:
-        index = faiss.index_factory(g.instances.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as e:
-        raise CbirError(f"--index {factory!r}: FAISS cannot build it ({str(e).splitlines()[-1][:100]})") from None
-    index.train(np.ascontiguousarray(train, dtype=np.float32))
-    index.add(np.ascontiguousarray(g.instances, dtype=np.float32))
-    set_search_params(index)
-    _, ids = index.search(np.ascontiguousarray(g.query, dtype=np.float32), min(depth, len(g.instances)))
-    instance_image = np.repeat(np.arange(len(g.starts)), np.diff(np.append(g.starts, len(g.instances))))
-    images = np.where(ids >= 0, instance_image[np.maximum(ids, 0)], -1)
-    q = np.arange(len(images))[:, None]
-    valid = first_occurrences(images) & (images >= 0) & (images != q)
-    rank = np.cumsum(valid, 1) - 1
-    rel = valid & (g.labels[np.maximum(images, 0)] == g.labels[:, None])
-    _, inverse, counts = np.unique(g.labels, return_inverse=True, return_counts=True)
-    answerable = counts[inverse] > 1
-    out = {f"R@{k}": float((rel & (rank < k)).any(1)[answerable].mean()) for k in RECALL_KS}
-    out.update({f"P@{k}": float(((rel & (rank < k)).sum(1) / k)[answerable].mean()) for k in PRECISION_KS})
-    in_exact = (images[:, :, None] == exact_top[:, None, :]).any(2)
-    out["recall@10 vs exact"] = float(((valid & (rank < 10) & in_exact).sum(1) / exact_top.shape[1]).mean())
-    return out
-
-
-# ---------------------------------------------------------------- from a run's embeddings to a Gallery
-
-def check_no_leak(run: Path, name: str, table: pd.DataFrame) -> None:
-    """Refuse embeddings whose split labels disagree with split.csv: a train image among the test
-    queries (or a test image used to fit PCA) would inflate every number."""
-    split = load_split(run).set_index("image_id").split
+def check_no_leak(layout: RunLayout, name: str, table: pd.DataFrame) -> None:
+    """Refuse embeddings whose split labels disagree with the prepared dataset: a train image among the
+    test queries (or a test image used to fit PCA) would inflate every number."""
+    split = load_dataset(layout).images.set_index("image_id").split
     known = table.image_id.isin(split.index)
     if not known.all():
-        raise CbirError(f"embeddings {name}: {int((~known).sum())} rows have image ids not in split.csv; "
-                        f"re-run `cbir embed --force`")
+        raise CbirError(f"embeddings {name}: {int((~known).sum())} rows have image ids not in the dataset; "
+                        f"redo them with `cbir embed --force`")
     wrong = table.split.to_numpy() != split.loc[table.image_id].to_numpy()
     if wrong.any():
         r = table[wrong].iloc[0]
-        raise CbirError(f"embeddings {name}: {int(wrong.sum())} rows disagree with split.csv (image {r.image_id} is "
-                        f"'{r.split}' there, '{split.loc[r.image_id]}' in split.csv): train rows would leak into the "
-                        f"test queries; re-run `cbir embed --force` after `cbir prepare`")
+        raise CbirError(f"embeddings {name}: {int(wrong.sum())} rows disagree with the dataset split (image "
+                        f"{r.image_id} is '{r.split}' there, '{split.loc[r.image_id]}' in the dataset): train rows "
+                        f"would leak into the test queries; redo them with `cbir embed --force`")
 
 
 def gallery_from(name: str, vectors: np.ndarray, table: pd.DataFrame, split: str = "test") -> Gallery:
     """A split's rows → per-image query (top-scoring instance) and instance blocks grouped by image."""
-    test = table[table.split == split].reset_index()
-    test = test.sort_values(["image_id", "score", "instance"], ascending=[True, False, True], kind="stable")
-    if test.empty:
+    part = table[table.split == split].reset_index()
+    part = part.sort_values(["image_id", "score", "instance"], ascending=[True, False, True], kind="stable")
+    if part.empty:
         raise CbirError(f"embeddings {name}: no {split} rows to evaluate")
-    rows = test["index"].to_numpy()
-    image_ids = test.image_id.to_numpy()
+    rows = part["index"].to_numpy()
+    image_ids = part.image_id.to_numpy()
     starts = np.flatnonzero(np.r_[True, image_ids[1:] != image_ids[:-1]])
-    instances = vectors[rows]
-    return Gallery(instances[starts], instances, starts, test.class_id.to_numpy()[starts], image_ids[starts],
-                   test[["x", "y", "w", "h"]].to_numpy(float))
+    instances = np.asarray(vectors[rows])
+    return Gallery(instances[starts], instances, starts, part.class_id.to_numpy()[starts], image_ids[starts],
+                   part[["x", "y", "w", "h"]].to_numpy(float), rows)
 
 
 def concat_galleries(parts: list[Gallery]) -> Gallery:
@@ -216,88 +79,163 @@ def concat_galleries(parts: list[Gallery]) -> Gallery:
     return Gallery(query, query, np.arange(len(ids)), labels, ids)
 
 
-def load_gallery(run: Path, name: str, pca: int | None, whiten: bool) -> tuple[Gallery, Gallery, dict]:
-    """Reduced test and train galleries (train: for training an approximate index) and the spec."""
+def load_gallery(layout: RunLayout, name: str, pca: int | None, whiten: bool) -> tuple[Gallery, Gallery, dict]:
+    """Refit reduction: reduced test and train galleries (train: for training an approximate index)."""
     if "+" in name:
-        parts = [load_gallery(run, n, pca, whiten) for n in name.split("+")]
-        spec = {"backbone": "+".join(dict.fromkeys(p[2]["backbone"] for p in parts)), "mode": name}
-        return concat_galleries([p[0] for p in parts]), concat_galleries([p[1] for p in parts]), spec
-    vectors, table, spec = load_embeddings(run, name)
-    check_no_leak(run, name, table)
+        parts = [load_gallery(layout, n, pca, whiten) for n in name.split("+")]
+        info = {"backbone": "+".join(dict.fromkeys(p[2]["backbone"] for p in parts)),
+                "fingerprints": {k: v for p in parts for k, v in p[2]["fingerprints"].items()}}
+        return concat_galleries([p[0] for p in parts]), concat_galleries([p[1] for p in parts]), info
+    vectors, table, emb = load_embeddings(layout, name)
+    check_no_leak(layout, name, table)
     is_train = (table.split == "train").to_numpy()
     if not is_train.any():
         raise CbirError(f"embeddings {name}: no train rows to fit PCA on")
     reduced = reduce(np.asarray(vectors), np.asarray(vectors[is_train]), pca, whiten)
-    return gallery_from(name, reduced, table), gallery_from(name, reduced, table, "train"), spec
+    info = {"backbone": emb["spec"]["backbone"], "fingerprints": {layout.embeddings(name): emb["fingerprint"]}}
+    return gallery_from(name, reduced, table), gallery_from(name, reduced, table, "train"), info
 
 
-@dataclass
+def refit_approximate(g: Gallery, train: np.ndarray, factory: str, exact_top: np.ndarray) -> dict[str, float]:
+    """An approximate FAISS index over the test instances, trained on train vectors only."""
+    try:
+        index = faiss.index_factory(g.instances.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise CbirError(f"--index {factory!r}: FAISS cannot build it ({str(e).splitlines()[-1][:100]})") from None
+    index.train(np.ascontiguousarray(train, dtype=np.float32))
+    index.add(np.ascontiguousarray(g.instances, dtype=np.float32))
+    set_search_params(index)
+    _, ids = index.search(np.ascontiguousarray(g.query, dtype=np.float32), min(DEPTH, len(g.instances)))
+    return ranked_metrics(g, ids, exact_top)
+
+
+@dataclass(kw_only=True)
 class EvalConfig:
     run: Path
     embeddings: tuple[str, ...] = ("full", "gt", "det")
     pca: tuple[int | None, ...] = (256,)
     whiten: bool = False
     index: str = "exact"  # or a FAISS factory body (e.g. HNSW32) scored beside exact search
+    served: tuple[str, ...] = ()  # saved indexes to score as served
     plots: bool = True
+    force: bool = False
 
 
 @dataclass
 class Evaluation:
-    metrics: pd.DataFrame
+    metrics: pd.DataFrame  # every row of the report (earlier ones kept)
+    computed: pd.DataFrame = field(default_factory=pd.DataFrame)  # the rows of this call
     galleries: dict[str, Gallery] = field(default_factory=dict)
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
 
+def _score(result: Evaluation, key: str, gallery: Gallery, base: dict, approximate) -> list[dict]:
+    metrics, stats = exact_metrics(gallery)
+    rows = [{**base, "index": "exact", **metrics, "NMI": nmi(gallery), "excluded queries": stats.excluded}]
+    if approximate is not None:
+        rows.append({**base, **approximate(np.concatenate(stats.top))})
+    result.galleries[key] = gallery
+    ranks = np.arange(1, len(stats.pr_hits) + 1)
+    n_queries = len(gallery.query) - stats.excluded
+    result.curves[key] = (stats.pr_hits / stats.relevant_total, stats.pr_hits / (ranks * n_queries))
+    return rows
+
+
+def _refit_rows(layout: RunLayout, cfg: EvalConfig, name: str, pca: int | None, result: Evaluation) -> list[dict]:
+    gallery, train, info = load_gallery(layout, name, pca, cfg.whiten)
+    base = {"embeddings": name, "reduction": "refit", "backbone": info["backbone"], "pca": str(pca or "none"),
+            "dim": gallery.query.shape[1], "images": len(gallery.query), "instances": len(gallery.instances),
+            "fingerprint": fingerprint([info["fingerprints"], pca, cfg.whiten, cfg.index])}
+    approximate = None if cfg.index == "exact" else \
+        (lambda top: {"index": cfg.index, **refit_approximate(gallery, train.instances, cfg.index, top)})
+    return _score(result, f"{name} (PCA {pca or 'none'})", gallery, base, approximate)
+
+
+def _served_rows(layout: RunLayout, name: str, result: Evaluation) -> list[dict]:
+    """Score a saved index as served: its reduction and its store, searched among the test rows."""
+    si = load_index(layout, name, gpu="auto")
+    emb_name = si.manifest["embeddings"]
+    vectors, table, emb = load_embeddings(layout, emb_name)
+    if emb["spec"]["fingerprint"] != si.manifest["embedding_spec"]["fingerprint"]:
+        raise CbirError(f"index {name} was built from other {emb_name} vectors than the run holds now; rebuild it "
+                        f"with `cbir index --embeddings {emb_name} --name {name}`")
+    check_no_leak(layout, emb_name, table)
+    gallery = gallery_from(emb_name, si.store.transform(np.asarray(vectors)), table)
+    test_ids = si.table.index[si.table.split == "test"].to_numpy(np.int64)
+    position = np.full(len(table), -1, np.int64)
+    position[gallery.rows] = np.arange(len(gallery.rows))
+
+    def approximate(top):
+        queries = np.asarray(vectors[gallery.rows[gallery.starts]])
+        _, ids = si.search(queries, min(DEPTH, len(test_ids)), subset=test_ids)
+        return {"index": _body(si.manifest["factory"]),
+                **ranked_metrics(gallery, np.where(ids >= 0, position[np.maximum(ids, 0)], -1), top)}
+
+    base = {"embeddings": emb_name, "reduction": f"served:{name}", "backbone": si.manifest["backbone"],
+            "pca": str(si.manifest["pca"] or "none"), "dim": gallery.query.shape[1], "images": len(gallery.query),
+            "instances": len(gallery.instances),
+            "fingerprint": fingerprint([Artifact(layout, layout.index(name)).meta()["files"], emb["fingerprint"]])}
+    return _score(result, f"{emb_name} (served {name})", gallery, base, approximate)
+
+
+def _body(factory: str) -> str:
+    """The index part of a factory string, without the reduction and the id map."""
+    parts = [p for p in factory.split(",") if not p.startswith(("L2norm", "PCA", "IDMap"))]
+    return ",".join(parts) or "Flat"
+
+
 def evaluate(cfg: EvalConfig) -> Evaluation:
-    """Score every embeddings set x PCA setting → reports/metrics.csv, comparison.md and the plots."""
-    run = require_run(cfg.run)
-    names = [n for n in cfg.embeddings if all((run / "embeddings" / f"{p}.npy").exists() for p in n.split("+"))]
-    missing = sorted(set(cfg.embeddings) - set(names))
-    if missing:
-        log.warning("skipping embeddings not found in %s/embeddings: %s", run, ", ".join(missing))
-    if not names:
-        raise CbirError(f"{run}/embeddings: none of {', '.join(cfg.embeddings)} exist; run `cbir embed` first")
-    rows, result = [], Evaluation(pd.DataFrame())
-    for name in names:
-        for pca in cfg.pca:
-            gallery, train, spec = load_gallery(run, name, pca, cfg.whiten)
-            metrics, stats = exact_metrics(gallery)
-            base = {"embeddings": name, "backbone": spec["backbone"], "pca": pca or "none",
-                    "dim": gallery.query.shape[1], "images": len(gallery.query),
-                    "instances": len(gallery.instances), "excluded queries": stats.excluded}
-            rows.append({**base, "index": "exact", **metrics, "NMI": nmi(gallery)})
-            if cfg.index != "exact":
-                rows.append({**base, "index": cfg.index,
-                             **approximate_metrics(gallery, train.instances, cfg.index, np.concatenate(stats.top))})
-            key = f"{name} (PCA {pca or 'none'})"
-            result.galleries[key] = gallery
-            ranks = np.arange(1, len(stats.pr_hits) + 1)
-            n_queries = len(gallery.query) - stats.excluded
-            result.curves[key] = (stats.pr_hits / stats.relevant_total, stats.pr_hits / (ranks * n_queries))
-    result.metrics = pd.DataFrame(rows)
-    reports = run / "reports"
-    write_table(reports / "metrics.csv", result.metrics)
-    with atomic_path(reports / "comparison.md") as tmp:
-        tmp.write_text(comparison_markdown(result.metrics, run))
-    if cfg.plots:
-        from .plots import write_plots
+    """Score every embeddings set x PCA setting (and each served index) → reports/retrieval."""
+    with writing(cfg.run) as layout:
+        present = [n for n in cfg.embeddings
+                   if all(Artifact(layout, layout.embeddings(p)).exists() for p in n.split("+"))]
+        missing = sorted(set(cfg.embeddings) - set(present))
+        if missing:
+            log.warning("skipping embeddings not found in %s/embeddings: %s", layout.root, ", ".join(missing))
+        if not present and not cfg.served:
+            raise CbirError(f"{layout.root}/embeddings: none of {', '.join(cfg.embeddings)} exist; run `cbir embed` first")
+        result = Evaluation(pd.DataFrame())
+        rows = [r for name in present for pca in cfg.pca for r in _refit_rows(layout, cfg, name, pca, result)]
+        rows += [r for name in cfg.served for r in _served_rows(layout, name, result)]
+        result.computed = pd.DataFrame(rows)
+        art = Artifact(layout, layout.report(REPORT))
+        previous = read_table(art.folder() / layout.METRICS) if art.exists() else pd.DataFrame(columns=KEY)
+        previous = previous.astype({k: str for k in KEY})
+        computed = result.computed.astype({k: str for k in KEY})
+        kept = previous[~previous.set_index(KEY).index.isin(computed.set_index(KEY).index)]
+        result.metrics = pd.concat([kept, computed], ignore_index=True).sort_values(KEY, kind="stable",
+                                                                                   ignore_index=True)
+        upstream = _upstream(layout, result.metrics)
+        with commit(art, {"rows": sorted(result.metrics.fingerprint)}, upstream) as staged:
+            if art.exists():  # pictures of rows that were not recomputed stay
+                folder = art.folder()
+                staged.copy_from(folder, [p.name for p in folder.glob("*.png")])
+            staged.write_table(layout.METRICS, result.metrics)
+            staged.write_json("metrics.json", result.metrics.to_dict(orient="records"))
+            staged.file(layout.COMPARISON).write_text(comparison_markdown(result.metrics, layout.root))
+            if cfg.plots:
+                from .metrics.plots import write_plots
 
-        write_plots(run, result)
-    record(run, "reports/metrics.csv", embeddings=names, pca=[p or "none" for p in cfg.pca], index=cfg.index,
-           rows=len(rows))
-    write_json(reports / "metrics.json", result.metrics.to_dict(orient="records"))
-    return result
+                write_plots(load_dataset(layout), result, staged.folder)
+            staged.summary.update(rows=len(result.metrics), computed=len(result.computed))
+        return result
 
 
-SHOWN = ["R@1", "R@2", "R@4", "R@8", "P@5", "P@10", "mAP", "MAP@R", "R-precision", "NMI", "recall@10 vs exact"]
+def _upstream(layout: RunLayout, metrics: pd.DataFrame) -> dict[str, str]:
+    """Current fingerprints of every artifact the report's rows were computed from."""
+    names = {layout.embeddings(p) for e in metrics.embeddings for p in e.split("+")}
+    names |= {layout.index(r.split(":", 1)[1]) for r in metrics.reduction if r.startswith("served:")}
+    return {n: Artifact(layout, n).fingerprint for n in sorted(names) if Artifact(layout, n).exists()}
 
 
 def comparison_markdown(metrics: pd.DataFrame, run: Path) -> str:
     shown = [c for c in SHOWN if c in metrics]
-    table = metrics[["embeddings", "backbone", "pca", "dim", "index", "images"] + shown].copy()
+    table = metrics[["embeddings", "reduction", "backbone", "pca", "dim", "index", "images"] + shown].copy()
     for c in shown:
         table[c] = table[c].map(lambda v: "" if pd.isna(v) else f"{v:.3f}")
     return "\n".join(["# Retrieval comparison", "",
-                      f"Run `{run}`: each test image queries all other test images (itself excluded); PCA fitted "
-                      "on the train split only (`dim`: the dimension used — PCA is capped by the number of train vectors). `det` scores each gallery image by its best instance and queries "
-                      "with the image's top-scoring instance.", "", table.to_markdown(index=False), ""])
+                      f"Run `{run}`: each test image queries all other test images (itself excluded). "
+                      "`reduction` refit: PCA fitted here on the train split only (`dim`: the dimension used — PCA is "
+                      "capped by the number of train vectors); served:NAME: the saved index NAME as searched, its own "
+                      "reduction and store. `det` scores each gallery image by its best instance and queries with "
+                      "the image's top-scoring instance.", "", table.to_markdown(index=False), ""])

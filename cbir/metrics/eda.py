@@ -11,14 +11,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .artifacts import atomic_path, record  # noqa: E402
-from .data import cub_root, load_rgb, load_split  # noqa: E402
+from ..artifacts import Artifact, commit, is_fresh, writing  # noqa: E402
+from ..datasets import RunDataset, load_dataset  # noqa: E402
+from ..images import load_rgb  # noqa: E402
 
 
 def _save(fig, path: Path) -> str:
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
     return path.name
 
@@ -64,7 +64,7 @@ def plot_centres(df: pd.DataFrame, path: Path) -> str:
     return _save(fig, path)
 
 
-def plot_samples(df: pd.DataFrame, root: Path, path: Path, n: int = 12, seed: int = 0) -> str:
+def plot_samples(df: pd.DataFrame, data: RunDataset, path: Path, n: int = 12, seed: int = 0) -> str:
     sample = df.sample(min(n, len(df)), random_state=seed)
     cols = 4
     rows = -(-len(sample) // cols)
@@ -72,38 +72,46 @@ def plot_samples(df: pd.DataFrame, root: Path, path: Path, n: int = 12, seed: in
     for ax in np.ravel(axes):
         ax.axis("off")
     for ax, r in zip(np.ravel(axes), sample.itertuples()):
-        ax.imshow(load_rgb(root / "images" / r.path))
+        ax.imshow(load_rgb(data.image_path(r.path)))
         ax.add_patch(plt.Rectangle((r.x, r.y), r.w, r.h, fill=False, color="lime", lw=2))
         ax.set_title(f"{r.class_name.split('.', 1)[-1][:24]}\n#{r.image_id} ({r.split})", fontsize=8)
     return _save(fig, path)
 
 
-def summary(df: pd.DataFrame) -> pd.DataFrame:
+def summary(images: pd.DataFrame, boxes: pd.DataFrame) -> pd.DataFrame:
     rows = []
-    for name, part in [("all", df)] + [(s, df[df.split == s]) for s in ("train", "test")]:
-        rows.append({"split": name, "images": len(part), "classes": part.class_id.nunique(),
-                     "greyscale": int((part["mode"] == "L").sum()) if "mode" in part else 0,
+    for name in ("all", "train", "test"):
+        part = images if name == "all" else images[images.split == name]
+        box = boxes if name == "all" else boxes[boxes.split == name]
+        rows.append({"split": name, "images": len(part), "classes": part.class_id.nunique(), "boxes": len(box),
+                     "greyscale": int((part["mode"] == "L").sum()),
                      "median width": int(part.width.median()), "median height": int(part.height.median()),
                      "min side": int(np.minimum(part.width, part.height).min()),
-                     "median box area %": round(float((part.w * part.h / (part.width * part.height)).median() * 100), 1)})
+                     "median box area %": round(float((box.w * box.h / (box.width * box.height)).median() * 100), 1)})
     return pd.DataFrame(rows)
 
 
-def eda(run: Path) -> Path:
-    """Write RUN/eda/report.md with its plots; returns the report path."""
-    run = Path(run)
-    df, root, out = load_split(run), cub_root(run), run / "eda"
-    out.mkdir(parents=True, exist_ok=True)
-    plots = {"Images per class": plot_class_counts(df, out / "class_counts.png"),
-             "Image sizes": plot_sizes(df, out / "image_sizes.png"),
-             "Boxes: relative area and aspect ratio": plot_boxes(df, out / "boxes.png"),
-             "Where the birds are": plot_centres(df, out / "box_centres.png"),
-             "Samples with their GT boxes": plot_samples(df, root, out / "samples.png")}
-    lines = ["# EDA", "", f"Run `{run}`, CUB root `{root}`.", "", summary(df).to_markdown(index=False), ""]
-    for title, png in plots.items():
-        lines += [f"## {title}", "", f"![{title}]({png})", ""]
-    report = out / "report.md"
-    with atomic_path(report) as tmp:
-        tmp.write_text("\n".join(lines))
-    record(run, "eda/report.md", source="split.csv", plots=list(plots.values()))
-    return report
+def eda(run: Path, force: bool = False) -> Path:
+    """Write the `eda` artifact (report.md with its plots) of a prepared run; returns the report path."""
+    with writing(run) as layout:
+        data = load_dataset(layout)
+        art = Artifact(layout, layout.eda)
+        inputs = {"dataset": data.fingerprint}
+        if is_fresh(art, inputs, force):
+            return art.link / layout.REPORT
+        # one row per GT box, with its image's size, class and split (CUB: one per image)
+        df = data.instances.merge(data.images, on="image_id")
+        with commit(art, inputs, {"dataset": data.fingerprint}) as staged:
+            out = staged.folder
+            plots = {"Images per class": plot_class_counts(data.images, out / "class_counts.png"),
+                     "Image sizes": plot_sizes(data.images, out / "image_sizes.png"),
+                     "Boxes: relative area and aspect ratio": plot_boxes(df, out / "boxes.png"),
+                     "Where the objects are": plot_centres(df, out / "box_centres.png"),
+                     "Samples with their GT boxes": plot_samples(df, data, out / "samples.png")}
+            lines = ["# EDA", "", f"Run `{layout.root}`, images `{data.image_dir}`.", "",
+                     summary(data.images, df).to_markdown(index=False), ""]
+            for title, png in plots.items():
+                lines += [f"## {title}", "", f"![{title}]({png})", ""]
+            staged.file(layout.REPORT).write_text("\n".join(lines))
+            staged.summary.update(plots=list(plots.values()))
+        return art.link / layout.REPORT

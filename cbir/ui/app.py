@@ -14,14 +14,14 @@ import gradio as gr
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
-from . import CbirError
-from .data import load_rgb
-from .search import Querier, results_json
+from .. import CbirError
+from ..images import load_rgb, open_photo
+from ..retrieval.query import Querier, results_json
 
 log = logging.getLogger(__name__)
 
 DETECTED, FALLBACK = (0, 200, 60), (255, 140, 0)
-MAX_UPLOAD_PIXELS = 12_000_000  # larger uploads are downscaled before detection
+MAX_UPLOAD_PIXELS = 200_000_000  # larger uploads are refused; large ones are decoded reduced, boxes stay in original pixels
 BOX_KIND = {"fallback-full": "whole image", "gt": "GT box"}
 
 
@@ -61,13 +61,13 @@ def run_query(querier: Querier, path: str | None, score: float, k: int) -> tuple
     """The page's one action: a JSON-able results document, and the decoded photo to draw the boxes on."""
     if not path:
         raise CbirError("upload a photo first")
-    image = load_rgb(Path(path), max_pixels=MAX_UPLOAD_PIXELS)
+    photo = open_photo(Path(path), max_pixels=MAX_UPLOAD_PIXELS)
     start = time.perf_counter()
-    boxes, merged = querier.query(image, int(k), score=float(score), name=Path(path).name)
+    boxes, merged = querier.query(photo, int(k), score=float(score), name=Path(path).name)
     doc = results_json(Path(path).name, boxes, merged)
     doc["latency_ms"] = round((time.perf_counter() - start) * 1000, 1)
-    doc["size"] = list(image.size)
-    return doc, image
+    doc["size"] = [photo.width, photo.height]
+    return doc, photo.image
 
 
 def build_app(querier: Querier, examples: list[str], default_k: int = 10) -> gr.Blocks:
@@ -107,7 +107,9 @@ def build_app(querier: Querier, examples: list[str], default_k: int = 10) -> gr.
                      for i, b in enumerate(doc["boxes"], 1)]
             table = pd.DataFrame([{"rank": i, "image_id": r["image_id"], "class": r["class_name"],
                                    "similarity": r["similarity"]} for i, r in enumerate(doc["images"], 1)])
-            return (doc, draw_boxes(image, doc["boxes"], labels),
+            scale = image.width / doc["size"][0]  # boxes are in original pixels, the picture may be reduced
+            drawn = [{**b, "box": [v * scale for v in b["box"]]} for b in doc["boxes"]]
+            return (doc, draw_boxes(image, drawn, labels),
                     f"{len(doc['boxes'])} box(es) · query latency **{doc['latency_ms']:.0f} ms** "
                     f"(detect + embed + search, {doc['size'][0]}×{doc['size'][1]} px)",
                     gr.Radio(choices=names, value=names[0]), neighbour_cards(querier, doc["boxes"][0]["neighbours"]),
@@ -131,8 +133,9 @@ def example_photos(querier: Querier, n: int = 4) -> list[str]:
 
 
 def serve(run: Path, index: str, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
-          use_detector: bool = True, device: str = "auto") -> None:
-    querier = Querier(run, index, use_detector, device)
+          use_detector: bool = True, device: str = "auto", weights: str | None = None,
+          detector_weights: str | None = None) -> None:
+    querier = Querier(run, index, use_detector, device, weights=weights, detector_weights=detector_weights)
     app = build_app(querier, example_photos(querier))
-    allowed = [str(querier.si.root)] if querier.si.root else []
+    allowed = [str(querier.si.image_dir)] if querier.si.image_dir else []
     app.launch(server_name=host, server_port=port, share=share, allowed_paths=allowed, show_error=True)

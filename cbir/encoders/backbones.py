@@ -1,136 +1,19 @@
-"""Detector and backbone builders by name, weight resolution (online and offline) and fingerprints.
+"""Embedding trunks by name: the run's detector body, any torchvision classifier, or timm:<name>.
 
-torchvision's weights enums are the source of truth for file names, transforms and categories;
-this module only decides where the state_dict comes from when there is no network.
+A trunk maps an image batch to a feature map; its preprocessing comes from the weights' own metadata
+and is part of its fingerprint, so vectors of different models or preprocessing never mix.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
 
-from . import CbirError
-from .artifacts import file_sha256
-
-log = logging.getLogger(__name__)
-
-WEIGHTS_ENV = "CBIR_WEIGHTS_DIR"
-OFFLINE_ENV = "CBIR_OFFLINE"  # set on machines without internet: fail at once instead of trying to download
-DETECTORS = ("fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", "fasterrcnn_mobilenet_v3_large_fpn")
-
-
-@dataclass(frozen=True)
-class ResolvedWeights:
-    """Where a model's parameters come from: `path` None means random init."""
-
-    spec: str
-    path: Path | None
-    fingerprint: str
-
-    @property
-    def random(self) -> bool:
-        return self.path is None
-
-
-def _hub_file(filename: str) -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / filename
-
-
-def resolve_weights(model_name: str, spec: str, weights_enum=None) -> ResolvedWeights:
-    """`spec` is 'none', a file path, or a torchvision weights name ('DEFAULT', 'IMAGENET1K_V2').
-
-    For a weights name the file is looked for as `$CBIR_WEIGHTS_DIR/<torchvision file name>`, then in
-    the torch hub cache, then downloaded; offline and missing gives one line on how to supply it.
-    """
-    if spec.lower() == "none":
-        log.warning("=" * 70 + "\n%s: RANDOM WEIGHTS (--weights none) — outputs are meaningless, for plumbing tests only\n"
-                    + "=" * 70, model_name)
-        return ResolvedWeights("none", None, "random-init-seed0")
-    path = Path(spec).expanduser()
-    if path.suffix in (".pth", ".pt", ".bin", ".safetensors") or path.exists():
-        if not path.is_file():
-            raise CbirError(f"--weights {spec}: no such file")
-        return ResolvedWeights(str(path), path, file_sha256(path)[:16])
-    if weights_enum is None:
-        raise CbirError(f"{model_name}: no torchvision weights enum; pass --weights PATH to a state_dict file")
-    try:
-        weights = weights_enum[spec] if spec != "DEFAULT" else weights_enum.DEFAULT
-    except KeyError:
-        names = ", ".join(w.name for w in weights_enum)
-        raise CbirError(f"--weights {spec}: not a weights name of {model_name} (known: DEFAULT, {names}) nor a file") from None
-    filename = Path(weights.url).name
-    candidates = ([Path(os.environ[WEIGHTS_ENV]) / filename] if os.environ.get(WEIGHTS_ENV) else []) + [_hub_file(filename)]
-    for candidate in candidates:
-        if candidate.is_file():
-            return ResolvedWeights(weights.name, candidate, file_sha256(candidate)[:16])
-    try:
-        if os.environ.get(OFFLINE_ENV):
-            raise ConnectionError(f"${OFFLINE_ENV} is set")
-        torch.hub.load_state_dict_from_url(weights.url, progress=True, check_hash=True)
-    except Exception as e:  # noqa: BLE001 — any network failure gets the same how-to line
-        raise CbirError(f"{model_name} weights {filename} not found and download failed ({type(e).__name__}); "
-                        f"put the file in ${WEIGHTS_ENV} or {_hub_file(filename).parent}, or pass its path with --weights "
-                        f"(--detector-weights in `cbir run`); --weights none: random init for plumbing tests") from None
-    return ResolvedWeights(weights.name, _hub_file(filename), file_sha256(_hub_file(filename))[:16])
-
-
-def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise CbirError(f"{path}: not a loadable state_dict ({type(e).__name__}: {str(e)[:120]})") from None
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CbirError(f"{path}: expected a dict of tensors (a state_dict)")
-    return sd
-
-
-def load_partial(model: nn.Module, sd: dict, source: Path, head_prefixes: tuple[str, ...] = ()) -> None:
-    """Load a checkpoint that may lack the classifier head; any other missing or unexpected key is an error."""
-    result = model.load_state_dict(sd, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith(head_prefixes)]
-    unexpected = list(result.unexpected_keys)
-    if missing or unexpected:
-        raise CbirError(f"{source}: does not fit {type(model).__name__}: {len(missing)} missing key(s) "
-                        f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}")
-
-
-def weights_enum(name: str):
-    try:
-        return torchvision.models.get_model_weights(name)
-    except (ValueError, KeyError):
-        return None
-
-
-# ---------------------------------------------------------------- detector
-
-@dataclass(frozen=True)
-class DetectorSpec:
-    name: str = "fasterrcnn_resnet50_fpn"
-    weights: str = "DEFAULT"
-
-
-def build_detector(spec: DetectorSpec, **transform_kwargs) -> tuple[nn.Module, ResolvedWeights, list[str]]:
-    """A torchvision detector in eval mode, its weights and its category names (weights.meta)."""
-    if spec.name not in DETECTORS:
-        raise CbirError(f"--detector {spec.name}: unknown; choose from {', '.join(DETECTORS)}")
-    enum = weights_enum(spec.name)
-    resolved = resolve_weights(spec.name, spec.weights, enum)
-    categories = list(enum.DEFAULT.meta["categories"])
-    torch.manual_seed(0)
-    model = torchvision.models.get_model(spec.name, weights=None, weights_backbone=None,
-                                         num_classes=len(categories), **transform_kwargs)
-    if resolved.path is not None:
-        load_partial(model, load_state_dict(resolved.path), resolved.path)
-    return model.eval(), resolved, categories
-
+from .. import CbirError
+from .weights import ResolvedWeights, load_partial, load_state_dict, resolve_weights, weights_enum
 
 # ---------------------------------------------------------------- embedding backbones
 

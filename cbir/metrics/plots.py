@@ -13,16 +13,18 @@ import numpy as np  # noqa: E402
 from sklearn.decomposition import PCA  # noqa: E402
 from sklearn.manifold import TSNE  # noqa: E402
 
-from .artifacts import atomic_path  # noqa: E402
-from .data import cub_root, load_rgb, load_split  # noqa: E402
+from ..datasets import RunDataset  # noqa: E402
+from ..images import load_rgb  # noqa: E402
+from .ranking import Gallery, image_sims  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
+def _save(fig, path: Path, **kwargs) -> Path:
+    """Into the staged artifact folder: the artifact appears with all its pictures or not at all."""
+    if not kwargs:
+        fig.tight_layout()
+    fig.savefig(path, dpi=100, format="png", **kwargs)
     plt.close(fig)
     return path
 
@@ -64,10 +66,7 @@ def embedding_map(name: str, gallery, path: Path, seed: int = 0) -> Path:
         fig.legend(handles=handles, title="class", loc="center right", fontsize=8)
         fig.subplots_adjust(right=0.88)
     fig.suptitle(f"Test embeddings ({len(gallery.query)} images, {len(classes)} classes)")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png", bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, path, bbox_inches="tight")
 
 
 def fixed_queries(labels: np.ndarray, n: int = 4) -> list[int]:
@@ -89,19 +88,16 @@ def _show(ax, image, box, colour: str, title: str, border: str | None = None):
         spine.set_linewidth(4)
 
 
-def qualitative_grid(run: Path, name: str, gallery, path: Path, k: int = 10) -> Path:
+def qualitative_grid(data: RunDataset, name: str, gallery: Gallery, path: Path, k: int = 10) -> Path:
     """Fixed queries with their top-k: green border = same class, red = other; boxes = matched instance."""
-    split = load_split(run).set_index("image_id")
-    root = cub_root(run)
+    split = data.images.set_index("image_id")
     queries = fixed_queries(gallery.labels)
-    from .evaluate import image_sims
-
     sims = image_sims(gallery.query[queries], gallery)
     fig, axes = plt.subplots(len(queries), k + 1, figsize=(1.75 * (k + 1), 1.9 * len(queries)))
     for row, (qi, s) in enumerate(zip(queries, sims)):
         s[qi] = -np.inf
         top = np.argsort(-s, kind="stable")[:k]
-        img_of = lambda i: load_rgb(root / "images" / split.loc[gallery.image_ids[i]].path)  # noqa: E731
+        img_of = lambda i: load_rgb(data.image_path(split.loc[gallery.image_ids[i]].path))  # noqa: E731
         qbox = gallery.boxes[gallery.starts[qi]] if gallery.boxes is not None else None
         _show(axes[row, 0], img_of(qi), qbox, "blue", f"QUERY #{gallery.image_ids[qi]}\n"
               f"{split.loc[gallery.image_ids[qi]].class_name.split('.', 1)[-1][:22]}")
@@ -119,9 +115,9 @@ def qualitative_grid(run: Path, name: str, gallery, path: Path, k: int = 10) -> 
     return _save(fig, path)
 
 
-def write_plots(run: Path, result) -> list[Path]:
-    reports = Path(run) / "reports"
-    out = [pr_curves(result.curves, reports / "pr_curves.png")]
+def write_plots(data: RunDataset, result, folder: Path) -> list[Path]:
+    """PR curves of every computed row, and per embeddings set its 2-D maps and top-10 grid."""
+    out = [pr_curves(result.curves, folder / "pr_curves.png")]
     seen = set()
     for key, gallery in result.galleries.items():
         name = key.split(" (")[0]
@@ -129,6 +125,6 @@ def write_plots(run: Path, result) -> list[Path]:
             continue
         seen.add(name)
         slug = name.replace("+", "_")
-        out.append(embedding_map(key, gallery, reports / f"embedding_map_{slug}.png"))
-        out.append(qualitative_grid(run, key, gallery, reports / f"grid_{slug}.png"))
+        out.append(embedding_map(key, gallery, folder / f"embedding_map_{slug}.png"))
+        out.append(qualitative_grid(data, key, gallery, folder / f"grid_{slug}.png"))
     return out

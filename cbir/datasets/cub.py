@@ -1,0 +1,124 @@
+"""CUB-200-2011 in its official layout: the reader and its splits (Song et al., official, class ranges)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .. import CbirError
+from . import Tables
+
+COCO_BIRD_ID = 16  # COCO's own id for "bird", so detections score against the GT with pycocotools directly
+ANNOTATION_FILES = {"images": "images.txt", "labels": "image_class_labels.txt", "boxes": "bounding_boxes.txt",
+                    "classes": "classes.txt", "official": "train_test_split.txt"}
+
+
+def _read_lines(path: Path, columns: list[str], converters: list) -> pd.DataFrame:
+    """Parse one whitespace-separated CUB file; a malformed line is an error naming file and line."""
+    if not path.exists():
+        raise CbirError(f"{path}: missing CUB annotation file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CbirError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split(maxsplit=len(columns) - 1)
+        try:
+            if len(parts) != len(columns):
+                raise ValueError(f"expected {len(columns)} fields, got {len(parts)}")
+            rows.append([conv(p) for conv, p in zip(converters, parts)])
+        except ValueError as e:
+            raise CbirError(f"{path}:{lineno}: malformed line {line!r} ({e})") from None
+    if not rows:
+        raise CbirError(f"{path}: empty file")
+    return pd.DataFrame(rows, columns=columns)
+
+
+def read_cub(root: Path) -> pd.DataFrame:
+    """One row per listed image with class, official split flag and GT box (original image ids kept)."""
+    root = Path(root)
+    images = _read_lines(root / ANNOTATION_FILES["images"], ["image_id", "path"], [int, str])
+    labels = _read_lines(root / ANNOTATION_FILES["labels"], ["image_id", "class_id"], [int, int])
+    boxes = _read_lines(root / ANNOTATION_FILES["boxes"], ["image_id", "x", "y", "w", "h"], [int] + [float] * 4)
+    official = _read_lines(root / ANNOTATION_FILES["official"], ["image_id", "is_training"], [int, int])
+    classes = _read_lines(root / ANNOTATION_FILES["classes"], ["class_id", "class_name"], [int, str])
+    if images.image_id.duplicated().any():
+        raise CbirError(f"{root / ANNOTATION_FILES['images']}: duplicate image id "
+                        f"{images.image_id[images.image_id.duplicated()].iloc[0]}")
+    df = images
+    for name, other in [("labels", labels), ("boxes", boxes), ("official", official)]:
+        if set(other.image_id) != set(images.image_id):
+            n = len(set(other.image_id) ^ set(images.image_id))
+            raise CbirError(f"{root / ANNOTATION_FILES[name]}: lists a different set of image ids than images.txt "
+                            f"({n} differ)")
+        if other.image_id.duplicated().any():
+            raise CbirError(f"{root / ANNOTATION_FILES[name]}: duplicate image id {other.image_id[other.image_id.duplicated()].iloc[0]}")
+        df = df.merge(other, on="image_id")
+    df = df.merge(classes, on="class_id", how="left")
+    if df.class_name.isna().any():
+        raise CbirError(f"{root / ANNOTATION_FILES['classes']}: class id {df.class_id[df.class_name.isna()].iloc[0]} not listed")
+    return df.sort_values("image_id", ignore_index=True)
+
+
+def _parse_ranges(text: str) -> set[int]:
+    out: set[int] = set()
+    for part in text.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+))?\s*", part)
+        if not m:
+            raise CbirError(f"split: bad class range {part!r}; expected e.g. classes:1-100/101-200")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        out.update(range(lo, hi + 1))
+    return out
+
+
+def assign_split(df: pd.DataFrame, split: str) -> pd.Series:
+    """'song': classes 1-100 train / 101-200 test (Song et al. 2016, sec. 7.1); 'official': CUB's own;
+    'classes:A-B/C-D': explicit class ranges (for subsets). Rows outside both ranges get '' (dropped)."""
+    if split == "song":
+        train, test = set(range(1, 101)), set(range(101, 201))
+    elif split == "official":
+        return pd.Series(np.where(df.is_training == 1, "train", "test"), index=df.index)
+    elif split.startswith("classes:") and split.count("/") == 1:
+        train_txt, test_txt = split[len("classes:"):].split("/")
+        train, test = _parse_ranges(train_txt), _parse_ranges(test_txt)
+        if train & test:
+            raise CbirError(f"split {split!r}: classes {sorted(train & test)[:5]} are in both train and test")
+    else:
+        raise CbirError(f"unknown split {split!r}; use song, official or classes:A-B/C-D")
+    out = pd.Series(np.where(df.class_id.isin(train), "train", np.where(df.class_id.isin(test), "test", "")),
+                    index=df.index)
+    counts = out.value_counts()
+    for part in ("train", "test"):
+        if counts.get(part, 0) == 0:
+            present = f"{df.class_id.min()}-{df.class_id.max()}"
+            raise CbirError(f"split {split!r} leaves {part} empty (the data has classes {present}); "
+                            f"use --split classes:A-B/C-D with ranges inside {present}")
+    return out
+
+
+class CubReader:
+    """CUB: one bird (COCO category 16) per image; the species is the image's class."""
+
+    name = "cub"
+
+    def read(self, root: Path) -> Tables:
+        df = read_cub(root)
+        images = df[["image_id", "path", "class_id", "class_name", "is_training"]]
+        instances = df[["image_id", "x", "y", "w", "h"]].assign(instance=0, category_id=COCO_BIRD_ID,
+                                                                category="bird")
+        return Tables(images, instances, [{"id": COCO_BIRD_ID, "name": "bird", "supercategory": "animal"}])
+
+    def assign_split(self, images: pd.DataFrame, split: str) -> pd.Series:
+        return assign_split(images, split)
+
+    def source_files(self, root: Path) -> list[Path]:
+        return [Path(root) / f for f in ANNOTATION_FILES.values()]
+
+    def image_dir(self, root: Path) -> Path:
+        return Path(root) / "images"

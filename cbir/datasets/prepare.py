@@ -1,0 +1,155 @@
+"""The `prepare` stage: read a dataset, split it, check every image and box → the run's `dataset` artifact."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from .. import CbirError
+from ..artifacts import Artifact, commit, file_sha256, fingerprint, is_fresh, writing
+from ..images import DEFAULT_MAX_PIXELS, open_photo, upright_size
+from ..layout import RunLayout
+from . import IMAGE_COLUMNS, INSTANCE_COLUMNS, RunDataset, load_dataset, reader
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class PrepareConfig:
+    run: Path
+    root: Path  # the dataset folder (for CUB: the one holding images.txt and images/)
+    dataset: str = "cub"
+    split: str = "song"
+    skip_bad: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    workers: int = 2
+    force: bool = False
+
+    def __post_init__(self):
+        if self.max_pixels < 1:
+            raise CbirError(f"--max-pixels {self.max_pixels}: must be at least 1")
+
+
+@dataclass
+class PrepareResult:
+    dataset: RunDataset
+    bad: list[str] = field(default_factory=list)
+    clipped: int = 0
+
+
+def check_image(path: Path, max_pixels: int) -> tuple[int, int, str, str]:
+    """(width, height, mode, error): the upright original size, and any reason the photo is unusable
+    (decoded fully, reduced when huge, so truncation is caught)."""
+    try:
+        width, height, mode = upright_size(path, max_pixels)
+        open_photo(path, max_pixels)
+    except CbirError as e:
+        return 0, 0, "", str(e)
+    return width, height, mode, ""
+
+
+def clip_instances(instances: pd.DataFrame, images: pd.DataFrame) -> tuple[pd.DataFrame, int, pd.Series]:
+    """Clip GT boxes to their image; returns (instances, how many were clipped, mask of empty boxes)."""
+    size = instances[["image_id"]].merge(images[["image_id", "width", "height"]], on="image_id", how="left")
+    x0, y0 = instances.x.clip(lower=0), instances.y.clip(lower=0)
+    x1 = np.minimum(instances.x + instances.w, size.width.to_numpy())
+    y1 = np.minimum(instances.y + instances.h, size.height.to_numpy())
+    clipped = (x0 != instances.x) | (y0 != instances.y) | (x1 != instances.x + instances.w) | \
+        (y1 != instances.y + instances.h)
+    out = instances.assign(x=x0, y=y0, w=x1 - x0, h=y1 - y0)
+    finite = np.isfinite(out[["x", "y", "w", "h"]].to_numpy(float)).all(1)
+    return out, int(clipped.sum()), (~finite) | (out.w < 1) | (out.h < 1)
+
+
+def gt_coco(images: pd.DataFrame, instances: pd.DataFrame, categories: list[dict]) -> dict:
+    """Ground truth as COCO instances (pycocotools reads it as is); the image class is kept as extra fields."""
+    classes = images.set_index("image_id")[["class_id", "class_name"]]
+    return {"info": {"description": "ground truth boxes (cbir prepare)"},
+            "images": [{"id": int(r.image_id), "file_name": r.path, "width": int(r.width), "height": int(r.height)}
+                       for r in images.itertuples()],
+            "annotations": [{"id": i, "image_id": int(r.image_id), "category_id": int(r.category_id),
+                             "bbox": [float(r.x), float(r.y), float(r.w), float(r.h)], "area": float(r.w * r.h),
+                             "iscrowd": 0, "class_id": int(classes.class_id[r.image_id]),
+                             "class_name": classes.class_name[r.image_id]}
+                            for i, r in enumerate(instances.itertuples(), 1)],
+            "categories": categories}
+
+
+def prepare_inputs(cfg: PrepareConfig) -> dict:
+    """What the prepared tables depend on: annotation contents, the image files' sizes, the settings."""
+    kind = reader(cfg.dataset)
+    root = Path(cfg.root).expanduser().absolute()
+    sources = {}
+    for f in kind.source_files(root):
+        if not f.is_file():
+            raise CbirError(f"{f}: missing annotation file")
+        sources[f.name] = file_sha256(f)[:16]
+    image_dir = kind.image_dir(root)
+    return {"dataset": kind.name, "root": str(root), "image_dir": str(image_dir), "split": cfg.split,
+            "skip_bad": cfg.skip_bad, "max_pixels": cfg.max_pixels, "annotations": sources}
+
+
+def prepare(cfg: PrepareConfig) -> PrepareResult:
+    """Read, split, check every image and box; write images/instances tables + gt_coco.json atomically."""
+    with writing(cfg.run) as layout:
+        art = Artifact(layout, layout.dataset)
+        inputs = prepare_inputs(cfg)
+        kind = reader(cfg.dataset)
+        tables = kind.read(Path(inputs["root"]))
+        images = tables.images.assign(split=kind.assign_split(tables.images, cfg.split))
+        images = images[images.split != ""].reset_index(drop=True)
+        image_dir = Path(inputs["image_dir"])
+        files = [image_dir / p for p in images.path]
+        inputs["image_files"] = fingerprint([[p, f.stat().st_size if f.exists() else -1]
+                                             for p, f in zip(images.path, files)])
+        if is_fresh(art, inputs, cfg.force):
+            return PrepareResult(load_dataset(layout), (art.folder() / layout.BAD_IMAGES).read_text().splitlines()
+                                 if (art.folder() / layout.BAD_IMAGES).exists() else [],
+                                 art.meta()["summary"]["clipped_boxes"])
+        images, instances, bad, clipped = _checked(cfg, images, tables.instances, files)
+        counts = images.split.value_counts().to_dict()
+        with commit(art, inputs) as staged:
+            staged.write_table(layout.IMAGES, images[IMAGE_COLUMNS])
+            staged.write_table(layout.INSTANCES, instances[INSTANCE_COLUMNS])
+            staged.write_json(layout.GT_COCO, gt_coco(images, instances, tables.categories))
+            if bad:
+                staged.file(layout.BAD_IMAGES).write_text("\n".join(bad) + "\n")
+            staged.summary.update(images=len(images), instances=len(instances), train=counts.get("train", 0),
+                                  test=counts.get("test", 0), classes=int(images.class_id.nunique()),
+                                  bad_images=len(bad), clipped_boxes=clipped)
+        return PrepareResult(load_dataset(layout), bad, clipped)
+
+
+def _checked(cfg: PrepareConfig, images: pd.DataFrame, instances: pd.DataFrame, files: list[Path]):
+    """Decode every image and clip every box; bad ones stop the stage unless --skip-bad."""
+    with ThreadPoolExecutor(max(1, cfg.workers)) as pool:
+        checks = list(tqdm(pool.map(lambda f: check_image(f, cfg.max_pixels), files), total=len(files),
+                           desc="checking images", unit="img"))
+    images = images.assign(width=[c[0] for c in checks], height=[c[1] for c in checks], mode=[c[2] for c in checks])
+    bad = [c[3] for c in checks if c[3]]
+    if bad and not cfg.skip_bad:
+        raise CbirError(f"{len(bad)} bad image(s), first: {bad[0]} (use --skip-bad to continue without them)")
+    if bad:
+        log.warning("skipped %d bad image(s); listed in %s", len(bad), RunLayout(cfg.run).path("dataset/bad_images.txt"))
+        images = images[images.width > 0].reset_index(drop=True)
+    instances = instances[instances.image_id.isin(images.image_id)].reset_index(drop=True)
+    instances, clipped, empty = clip_instances(instances, images)
+    if clipped:
+        log.warning("%d GT box(es) reached outside their image and were clipped to it", clipped)
+    if empty.any():
+        first = instances[empty].iloc[0]
+        path = images.set_index("image_id").path[first.image_id]
+        msg = f"{int(empty.sum())} GT box(es) are empty after clipping, first: image {first.image_id} ({path})"
+        if not cfg.skip_bad:
+            raise CbirError(msg + " (use --skip-bad to drop them)")
+        log.warning(msg + "; dropped")
+        bad += [f"{Path(cfg.root) / p}: GT box outside the image"
+                for p in images.set_index("image_id").path[instances[empty].image_id]]
+        instances = instances[~empty].reset_index(drop=True)
+    return images, instances, bad, clipped

@@ -1,0 +1,96 @@
+"""Detection quality against the run's ground truth → the `reports/detection` artifact."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from ..artifacts import Artifact, commit, is_fresh, read_json, writing
+from ..datasets import load_dataset
+from ..layout import RunLayout
+
+REPORT = "detection"
+
+
+def box_iou_xywh(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Element-wise IoU of paired [x, y, w, h] boxes."""
+    ax1, ay1, bx1, by1 = a[:, 0] + a[:, 2], a[:, 1] + a[:, 3], b[:, 0] + b[:, 2], b[:, 1] + b[:, 3]
+    iw = np.clip(np.minimum(ax1, bx1) - np.maximum(a[:, 0], b[:, 0]), 0, None)
+    ih = np.clip(np.minimum(ay1, by1) - np.maximum(a[:, 1], b[:, 1]), 0, None)
+    inter = iw * ih
+    return inter / (a[:, 2] * a[:, 3] + b[:, 2] * b[:, 3] - inter)
+
+
+def coco_ap(gt_path: Path, dets: list[dict], image_ids: list[int], category_ids: list[int]) -> dict[str, float]:
+    """pycocotools' bbox AP / AP50 / AP75 over the given images and categories."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(gt_path))
+        if not dets:
+            return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
+        dt = gt.loadRes([{k: d[k] for k in ("image_id", "category_id", "bbox", "score")} for d in dets])
+        ev = COCOeval(gt, dt, "bbox")
+        ev.params.imgIds, ev.params.catIds = image_ids, category_ids
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return {"AP": float(ev.stats[0]), "AP50": float(ev.stats[1]), "AP75": float(ev.stats[2])}
+
+
+def detection_quality(layout: RunLayout) -> dict:
+    """Numbers a user needs to trust the boxes: COCO AP of the detected boxes (fallbacks excluded) and
+    how often the top box finds a GT object (its best IoU with the image's GT boxes)."""
+    data = load_dataset(layout)
+    folder, meta = Artifact(layout, layout.detections).open(f"run `cbir detect --run {layout.root}` first")
+    dets, info = read_json(folder / layout.DETECTIONS), meta["summary"]
+    images = data.images[data.images.split.isin(info["splits"])]
+    detected = [d for d in dets if d.get("source", "detected") == "detected"]
+    categories = [int(c) for c in info["classes"]]
+    ap = coco_ap(Path(Artifact(layout, layout.dataset).folder()) / layout.GT_COCO, detected,
+                 images.image_id.tolist(), categories)
+    top = pd.DataFrame(detected).sort_values("score", ascending=False, kind="stable").drop_duplicates("image_id") \
+        if detected else pd.DataFrame(columns=["image_id", "bbox"])
+    gt = data.instances[data.instances.category_id.isin(categories)]
+    pairs = top[["image_id", "bbox"]].merge(gt, on="image_id")
+    iou = pd.Series(dtype=float)
+    if len(pairs):
+        pairs["iou"] = box_iou_xywh(np.array(pairs.bbox.tolist(), float), pairs[["x", "y", "w", "h"]].to_numpy(float))
+        iou = pairs.groupby("image_id").iou.max()
+    has_box = images.image_id.isin(top.image_id)
+    per_image = iou.reindex(images.image_id).fillna(0.0).to_numpy()
+    return {**ap, "images": len(images), "detector": info["detector"], "score_threshold": info["score_threshold"],
+            "share_with_box": round(float(has_box.mean()), 4),
+            "top_box_iou50_rate": round(float((per_image >= 0.5).mean()), 4),
+            "median_top_box_iou": round(float(np.median(per_image[has_box.to_numpy()])) if has_box.any() else 0.0, 4),
+            "fallback_rate": info["fallback_rate"], "instances": info["instances"],
+            "images_with_several_instances": info["images_with_several_instances"]}
+
+
+def write_detection_report(run: Path | RunLayout, force: bool = False) -> dict:
+    with writing(run) as layout:
+        art = Artifact(layout, layout.report(REPORT))
+        upstream = {"dataset": Artifact(layout, layout.dataset).fingerprint,
+                    "detections": Artifact(layout, layout.detections).fingerprint}
+        if is_fresh(art, upstream, force):
+            return read_json(art.folder() / "detection.json")
+        q = detection_quality(layout)
+        rows = [("COCO AP (IoU .50:.95), detected boxes only", f"{q['AP']:.3f}"), ("AP50", f"{q['AP50']:.3f}"),
+                ("AP75", f"{q['AP75']:.3f}"), ("images with at least one kept box", f"{q['share_with_box']:.1%}"),
+                ("top box IoU >= 0.5 with a GT box (all images)", f"{q['top_box_iou50_rate']:.1%}"),
+                ("median IoU of the top box (images with a box)", f"{q['median_top_box_iou']:.3f}"),
+                ("fallback rate", f"{q['fallback_rate']:.1%}"), ("instances", str(q["instances"])),
+                ("images with several instances", str(q["images_with_several_instances"]))]
+        text = "\n".join([f"# Detection quality — {q['detector']}", "",
+                          f"{q['images']} images, score threshold {q['score_threshold']}. AP counts only boxes the "
+                          "detector kept (above the threshold), so it is a lower bound of the detector's full-curve AP.",
+                          "", "| metric | value |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]) + "\n"
+        with commit(art, upstream, upstream) as staged:
+            staged.write_json("detection.json", q)
+            staged.file("detection.md").write_text(text)
+            staged.summary.update({k: q[k] for k in ("AP", "AP50", "top_box_iou50_rate")})
+        return q

@@ -1,0 +1,177 @@
+"""The `detect` stage: images → the `detections` artifact (COCO results of every kept box, with fallbacks).
+
+Boxes come from a detector (`build_detector`) or from any detector's COCO results file (`--detections`);
+both paths share the same filtering and fallback, so later stages cannot tell them apart except
+through each instance's recorded `source`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .. import CbirError
+from ..artifacts import (Artifact, commit, file_sha256, finish_shards, fingerprint, is_fresh, read_json,
+                         run_in_shards, writing)
+from ..datasets import RunDataset, load_dataset
+from ..device import resolve_device
+from ..images import open_photo
+from . import Detector, build_detector
+from .results import FALLBACKS, apply_fallback, clean_boxes, kept_boxes, read_external
+from .torchvision_detector import coco_categories
+
+log = logging.getLogger(__name__)
+
+SHARD_IMAGES = 64
+
+
+def coco_category_ids(names: tuple[str, ...]) -> dict[int, str]:
+    """COCO ids of category names (torchvision's metadata: index == COCO id)."""
+    categories = coco_categories()
+    out = {}
+    for name in names:
+        if name not in categories or name in ("N/A", "__background__"):
+            raise CbirError(f"--classes {name}: not a COCO category (e.g. bird, cat, dog, person)")
+        out[categories.index(name)] = name
+    return out
+
+
+@dataclass(kw_only=True)
+class DetectConfig:
+    run: Path
+    detector: str = "fasterrcnn_resnet50_fpn"  # or onnx:PATH
+    weights: str = "DEFAULT"
+    labels: str | None = None  # label file of an ONNX detector (names only; ids are COCO's)
+    splits: tuple[str, ...] = ("train", "test")
+    score: float = 0.3
+    max_per_image: int = 10
+    min_size: str = "auto"  # 'auto' = native resolution, or a short-side size in pixels (torchvision: 800)
+    batch_size: int = 4
+    workers: int = 2
+    fallback: str = "gt"
+    classes: tuple[str, ...] = ("bird",)
+    detections: Path | None = None  # import boxes from another detector instead of running one
+    device: str = "auto"
+    force: bool = False
+
+    def __post_init__(self):
+        if self.fallback not in FALLBACKS:
+            raise CbirError(f"--fallback {self.fallback}: choose from {', '.join(FALLBACKS)}")
+        if not 0 <= self.score <= 1:
+            raise CbirError(f"--score {self.score}: must lie in [0, 1]")
+        if self.max_per_image < 1 or self.batch_size < 1 or self.workers < 0:
+            raise CbirError("--max-per-image and --batch-size must be at least 1, --workers at least 0")
+
+
+@dataclass
+class DetectResult:
+    detections: list[dict]
+    meta: dict = field(default_factory=dict)
+
+
+class _Photos(Dataset):
+    """Decodes in worker processes; a bad photo yields its error instead of stopping the run."""
+
+    def __init__(self, data: RunDataset, rows: pd.DataFrame):
+        self.data, self.rows = data, rows.reset_index(drop=True)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        row = self.rows.iloc[i]
+        try:
+            return int(row.image_id), open_photo(self.data.image_path(row.path)), None
+        except CbirError as e:
+            return int(row.image_id), None, str(e)
+
+
+def _as_list(batch):
+    return batch
+
+
+def detect_images(detector: Detector, data: RunDataset, rows: pd.DataFrame, cfg: DetectConfig,
+                  keep_ids: set[int], progress: tqdm | None = None) -> tuple[list[dict], list[dict]]:
+    """Run the detector over `rows`; returns the kept boxes as COCO results and the unreadable images."""
+    loader = DataLoader(_Photos(data, rows), batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=_as_list)
+    results, errors = [], []
+    for batch in loader:
+        good = [(iid, photo) for iid, photo, err in batch if err is None]
+        errors += [{"image_id": iid, "error": err} for iid, _, err in batch if err is not None]
+        if good:
+            for (iid, _), found in zip(good, detector.detect([p for _, p in good])):
+                results += [{"image_id": iid, **d} for d in kept_boxes(found, keep_ids, cfg.score, cfg.max_per_image)]
+        if progress is not None:
+            progress.update(len(batch))
+    return results, errors
+
+
+def detect(cfg: DetectConfig) -> DetectResult:
+    """Run (or import) detection for the chosen splits; skipped when its inputs are unchanged."""
+    with writing(cfg.run) as layout:
+        data = load_dataset(layout)
+        images = data.images[data.images.split.isin(cfg.splits)].reset_index(drop=True)
+        keep_ids = coco_category_ids(cfg.classes)
+        detector = None
+        if cfg.detections is not None:
+            source = {"detector": "external", "file": str(Path(cfg.detections).absolute()),
+                      "file_sha256": file_sha256(cfg.detections)[:16] if Path(cfg.detections).is_file() else "missing"}
+        else:
+            detector = build_detector(cfg.detector, cfg.weights, device=resolve_device(cfg.device),
+                                      min_size=cfg.min_size, score_floor=min(cfg.score, 0.05), labels=cfg.labels)
+            source = {k: v for k, v in detector.spec.items() if k not in ("weights", "labels")}
+        inputs = {"source": {k: v for k, v in source.items() if k != "file"}, "score": cfg.score,
+                  "max_per_image": cfg.max_per_image, "fallback": cfg.fallback, "classes": sorted(keep_ids),
+                  "splits": list(cfg.splits), "dataset": data.fingerprint}
+        art = Artifact(layout, layout.detections)
+        if is_fresh(art, inputs, cfg.force):
+            folder, meta = art.open()
+            return DetectResult(read_json(folder / layout.DETECTIONS), meta["summary"])
+        if detector is None:
+            raw, errors = read_external(Path(cfg.detections)), []
+        else:
+            raw, errors = _run_detector(detector, data, images, cfg, set(keep_ids), layout.partial(art.name),
+                                        fingerprint(inputs))
+        if errors:
+            log.warning("%d unreadable image(s) skipped, first: %s", len(errors), errors[0]["error"])
+        dets, counts = clean_boxes(raw, images, set(keep_ids), cfg.score, cfg.max_per_image)
+        dropped = {k: v for k, v in counts.items() if k not in ("input", "clipped") and v}
+        if dropped or counts["clipped"]:
+            log.info("boxes: %d in, dropped %s, %d clipped to the image", counts["input"], dropped or "none",
+                     counts["clipped"])
+        gt = data.instances[data.instances.category_id.isin(keep_ids)]
+        dets = apply_fallback(dets, images, gt, cfg.fallback, {e["image_id"] for e in errors})
+        summary = _summary(dets, images, counts, errors, cfg, keep_ids, detector.spec if detector else source)
+        with commit(art, inputs, {"dataset": data.fingerprint}) as staged:
+            staged.file(layout.DETECTIONS).write_text(json.dumps(dets))
+            staged.summary.update(summary)
+        finish_shards(layout.partial(art.name))
+        return DetectResult(dets, summary)
+
+
+def _run_detector(detector: Detector, data: RunDataset, images: pd.DataFrame, cfg: DetectConfig,
+                  keep_ids: set[int], partial: Path, stamp: str) -> tuple[list[dict], list[dict]]:
+    bar = tqdm(total=len(images), desc=f"detect ({detector.spec['detector']})", unit="img")
+    shards = run_in_shards(images, SHARD_IMAGES, partial, stamp,
+                           lambda rows: detect_images(detector, data, rows, cfg, keep_ids, bar),
+                           lambda p, res: p.write_text(json.dumps(res)), lambda p: json.loads(p.read_text()), bar)
+    bar.close()
+    return [d for dets, _ in shards for d in dets], [e for _, errs in shards for e in errs]
+
+
+def _summary(dets: list[dict], images: pd.DataFrame, counts: dict, errors: list[dict], cfg: DetectConfig,
+             keep_ids: dict[int, str], detector_spec: dict) -> dict:
+    sources = pd.Series([d["source"] for d in dets]).value_counts().to_dict() if dets else {}
+    per_image = pd.Series([d["image_id"] for d in dets]).value_counts() if dets else pd.Series(dtype=int)
+    return {**detector_spec, "splits": list(cfg.splits), "score_threshold": cfg.score,
+            "max_per_image": cfg.max_per_image, "classes": {str(k): v for k, v in keep_ids.items()},
+            "fallback": cfg.fallback, "images": len(images), "instances": len(dets), "sources": sources,
+            "box_counts": counts, "unreadable": errors,
+            "images_with_several_instances": int((per_image > 1).sum()),
+            "fallback_rate": round(sum(v for k, v in sources.items() if k != "detected") / max(1, len(images)), 4)}

@@ -1,0 +1,163 @@
+"""Queries: a photo (or a run image) → boxes → vectors → nearest instances and images.
+
+`Querier` loads the index, its encoder and (optionally) the run's detector once, and answers photos
+the way the run was built; the CLI's `search`, the page and `index --add` all use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .. import CbirError
+from ..artifacts import Artifact
+from ..datasets import load_dataset
+from ..detection import build_detector
+from ..detection.results import kept_boxes
+from ..device import resolve_device
+from ..encoders import encoder_from_spec
+from ..encoders.stage import load_embeddings
+from ..encoders.weights import relocate
+from ..images import Photo
+from ..layout import RunLayout
+from .saved import SearchIndex, load_index
+
+
+def neighbours(si: SearchIndex, sims: np.ndarray, ids: np.ndarray, exclude_image: int | None = None) -> pd.DataFrame:
+    """Instance-level result rows of one query, best first."""
+    keep = ids >= 0
+    rows = si.table.loc[ids[keep]].reset_index().assign(similarity=sims[keep])
+    if exclude_image is not None:
+        rows = rows[rows.image_id != exclude_image]
+    return rows.reset_index(drop=True)
+
+
+def image_level(rows: pd.DataFrame) -> pd.DataFrame:
+    """Each gallery image once, ranked by its best-matching instance (rows must be best first)."""
+    best = rows.sort_values("similarity", ascending=False, kind="stable").drop_duplicates("image_id")
+    return best.reset_index(drop=True)
+
+
+def result_record(row) -> dict:
+    return {"image_id": int(row.image_id), "instance": int(row.instance), "class_id": int(row.class_id),
+            "class_name": row.class_name if isinstance(row.class_name, str) else "",
+            "path": row.path if isinstance(row.path, str) else "",
+            "box": [round(float(v), 1) for v in (row.x, row.y, row.w, row.h)], "source": row.source,
+            "similarity": round(float(row.similarity), 5)}
+
+
+@dataclass
+class QueryBox:
+    box: list[float]
+    score: float
+    source: str
+    neighbours: pd.DataFrame = field(default_factory=pd.DataFrame)
+    images: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+
+def query_vectors(si: SearchIndex, vectors: np.ndarray, boxes: list[dict], k: int,
+                  exclude_image: int | None = None) -> tuple[list[QueryBox], pd.DataFrame]:
+    """Search every query box; over-fetch so the image-level lists still hold k distinct images."""
+    if k > len(si.table):
+        raise CbirError(f"--k {k} exceeds the gallery ({len(si.table)} vectors in index {si.name})")
+    sims, ids = si.search(vectors, min(len(si.table), 4 * k + 8))
+    out = []
+    for i, b in enumerate(boxes):
+        rows = neighbours(si, sims[i], ids[i], exclude_image)
+        out.append(QueryBox(b["bbox"], b["score"], b["source"], rows.head(k), image_level(rows).head(k)))
+    merged = image_level(pd.concat([q.neighbours for q in out], ignore_index=True)).head(k) if out else pd.DataFrame()
+    return out, merged
+
+
+def results_json(query: str, boxes: list[QueryBox], merged: pd.DataFrame) -> dict:
+    return {"query": query, "boxes": [
+        {"box": [round(float(v), 1) for v in q.box], "score": round(float(q.score), 4), "source": q.source,
+         "neighbours": [result_record(r) for r in q.neighbours.itertuples()],
+         "images": [result_record(r) for r in q.images.itertuples()]} for q in boxes],
+        "images": [result_record(r) for r in merged.itertuples()]}
+
+
+def run_detector(layout: RunLayout, device, weights: str | None = None):
+    """The run's own detector rebuilt from its recorded spec (weights checked against their fingerprint);
+    (None, summary) when its boxes were imported."""
+    art = Artifact(layout, layout.detections)
+    meta = art.meta()
+    if meta is None:
+        return None, {}
+    info = meta["summary"]
+    if info["detector"] == "external":
+        return None, info
+    path = relocate(info["weights"], info["weights_fingerprint"], weights)
+    name = f"onnx:{path}" if info["detector"].startswith("onnx:") else info["detector"]
+    detector = build_detector(name, path, device=device, min_size=info.get("min_size", "auto"),
+                              score_floor=min(info["score_threshold"], 0.05), labels=info.get("labels"))
+    if detector.spec["weights_fingerprint"] != info["weights_fingerprint"]:
+        raise CbirError(f"detector weights {detector.spec['weights']} differ from the run's "
+                        f"({info['weights_fingerprint']}); supply the same file with --detector-weights")
+    return detector, info
+
+
+class Querier:
+    """Index, encoder and (optionally) detector loaded once; answers photos the way the run was built."""
+
+    def __init__(self, run: Path | RunLayout, index_name: str, use_detector: bool = True, device: str = "auto",
+                 gpu: str = "auto", weights: str | None = None, detector_weights: str | None = None):
+        self.layout = run if isinstance(run, RunLayout) else RunLayout(run)
+        self.si = load_index(self.layout, index_name, gpu)
+        self.spec = self.si.manifest["embedding_spec"]
+        self.device = resolve_device(device)
+        self.encoder = encoder_from_spec(self.spec, self.device, weights)
+        self.detector, self.detect_meta = None, {}
+        if use_detector and self.si.manifest["mode"] != "full":
+            self.detector, self.detect_meta = run_detector(self.layout, self.device, detector_weights)
+        data = load_dataset(self.layout)
+        gt = data.instances.merge(data.images[["image_id", "path", "width", "height"]], on="image_id")
+        self.gt_by_name = {Path(r.path).name: (r.width, r.height, [r.x, r.y, r.w, r.h])
+                           for r in gt.drop_duplicates("image_id").itertuples()}
+
+    @property
+    def detector_note(self) -> str:
+        if self.si.manifest["mode"] == "full":
+            return "index of whole images: the whole photo is the query"
+        if self.detector is None:
+            return ("no detector for new photos (imported boxes or --detector none): the whole photo is the query, "
+                    "plus its GT box when the photo is one of the run's")
+        return f"boxes from {self.detect_meta['detector']} ({Path(self.detect_meta['weights']).name})"
+
+    def boxes(self, photo: Photo, score: float | None = None, name: str | None = None) -> list[dict]:
+        """Detected boxes of the run's categories (original pixels), or else the whole photo as a fallback
+        instance plus, for a photo of the run itself (matched by file name and size), its GT box."""
+        found = []
+        if self.detector is not None:
+            m = self.detect_meta
+            found = kept_boxes(self.detector.detect([photo])[0], {int(c) for c in m["classes"]},
+                               m["score_threshold"] if score is None else score, m["max_per_image"])
+            for d in found:
+                d["source"] = "detected"
+        if found:
+            return found
+        whole = [{"bbox": [0.0, 0.0, float(photo.width), float(photo.height)], "score": 0.0, "source": "fallback-full"}]
+        width, height, gt = self.gt_by_name.get(name, (None, None, None))
+        if self.si.manifest["mode"] != "full" and (width, height) == (photo.width, photo.height):
+            whole.append({"bbox": [float(v) for v in gt], "score": 1.0, "source": "gt"})
+        return whole
+
+    def vectors(self, photo: Photo, boxes: list[dict]) -> np.ndarray:
+        return self.encoder.encode(photo, np.array([b["bbox"] for b in boxes], float))
+
+    def query(self, photo: Photo, k: int, score: float | None = None, exclude_image: int | None = None,
+              name: str | None = None):
+        boxes = self.boxes(photo, score, name)
+        return query_vectors(self.si, self.vectors(photo, boxes), boxes, k, exclude_image)
+
+    def query_id(self, image_id: int, k: int):
+        """Query with an image already in the run: its stored vectors, itself excluded from the results."""
+        vectors, table, _ = load_embeddings(self.layout, self.si.manifest["embeddings"])
+        rows = table.index[table.image_id == image_id].to_numpy()
+        if len(rows) == 0:
+            raise CbirError(f"--query-id {image_id}: not in embeddings {self.si.manifest['embeddings']}")
+        boxes = [{"bbox": [r.x, r.y, r.w, r.h], "score": r.score, "source": r.source} for r in table.loc[rows].itertuples()]
+        return query_vectors(self.si, np.asarray(vectors[rows]), boxes, k, exclude_image=image_id)
