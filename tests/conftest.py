@@ -7,6 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from cbir.datasets.prepare import PrepareConfig, prepare
+from cbir.detection.stage import DetectConfig, detect
+from cbir.encoders.stage import EmbedConfig, embed
+from cbir.metrics.eda import eda
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 SAMPLE = SHARED / "data" / "cub_sample"
@@ -26,15 +31,11 @@ def pytest_sessionstart(session):
 @pytest.fixture(scope="session")
 def mini_run(tmp_path_factory) -> Path:
     """cub_mini prepared, external detections imported, full/gt/det embedded with real MobileNetV2."""
-    from cbir.data import PrepareConfig, prepare
-    from cbir.detect import DetectConfig, detect
-    from cbir.embed import EmbedConfig, embed
-
     run = tmp_path_factory.mktemp("mini") / "run"
-    prepare(PrepareConfig(MINI, run, MINI_SPLIT, workers=1))
-    detect(DetectConfig(run, detections=MINI / "external_detections.json"))
+    prepare(PrepareConfig(run=run, root=MINI, split=MINI_SPLIT, workers=1))
+    detect(DetectConfig(run=run, detections=MINI / "external_detections.json"))
     for mode in ("full", "gt", "det"):
-        embed(EmbedConfig(run, mode, "mobilenet_v2", str(MOBILENET), workers=0))
+        embed(EmbedConfig(run=run, mode=mode, backbone="mobilenet_v2", weights=str(MOBILENET), workers=0))
     return run
 
 
@@ -42,19 +43,20 @@ def mini_run(tmp_path_factory) -> Path:
 def sample_run(tmp_path_factory) -> Path:
     """The shared 1,115-image sample (classes 1-10 train / 11-20 test), external detections, real
     MobileNetV2 full and det embeddings: meaningful features for quality floors and cross-checks."""
-    from cbir.data import PrepareConfig, prepare
-    from cbir.detect import DetectConfig, detect
-    from cbir.embed import EmbedConfig, embed
-
-    from cbir.eda import eda
-
     run = tmp_path_factory.mktemp("sample") / "run"
-    prepare(PrepareConfig(SAMPLE, run, "classes:1-10/11-20", workers=2))
+    prepare(PrepareConfig(run=run, root=SAMPLE, split="classes:1-10/11-20", workers=2))
     eda(run)
-    detect(DetectConfig(run, detections=EXTERNAL))
+    detect(DetectConfig(run=run, detections=EXTERNAL))
     for mode in ("full", "det"):
-        embed(EmbedConfig(run, mode, "mobilenet_v2", str(MOBILENET), workers=2, batch_size=64))
+        embed(EmbedConfig(run=run, mode=mode, backbone="mobilenet_v2", weights=str(MOBILENET), workers=2,
+                          batch_size=64))
     return run
+
+
+def copy_run(src: Path, dest: Path) -> Path:
+    """A copy of a run as a user makes one (cp -a / rsync -a keep the artifact links)."""
+    shutil.copytree(src, dest, symlinks=True)
+    return dest
 
 
 @pytest.fixture

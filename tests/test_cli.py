@@ -10,7 +10,7 @@ import pytest
 from cbir.cli import build_parser, main
 from conftest import MINI, MINI_SPLIT, MOBILENET, REPO
 
-COMMANDS = ["prepare", "eda", "detect", "embed", "index", "search", "evaluate", "ui", "run", "download-cub"]
+COMMANDS = ["prepare", "eda", "detect", "embed", "index", "search", "evaluate", "ui", "run", "download-cub", "status"]
 
 
 def test_every_command_has_useful_help(capsys):
@@ -58,14 +58,16 @@ def test_run_end_to_end_on_the_mini_sample_then_resumes_as_noop(tmp_path):
             str(MINI / "external_detections.json"), "--backbone", "mobilenet_v2", "--weights", str(MOBILENET),
             "--workers", "0", "--pca", "8"]
     assert main(args) == 0
-    metrics = pd.read_csv(run / "reports" / "metrics.csv")
+    metrics = pd.read_csv(run / "reports" / "retrieval" / "metrics.csv")
     assert set(metrics.embeddings) == {"full", "gt", "det", "full+det"}
-    for path in ("split.csv", "gt_coco.json", "eda/report.md", "detections.json", "reports/detection.md",
-                 "embeddings/det.npy", "index/det.faiss", "reports/comparison.md", "reports/pr_curves.png"):
+    assert set(metrics.reduction) == {"refit", "served:det"}
+    for path in ("dataset/images.parquet", "dataset/gt_coco.json", "eda/report.md", "detections/detections.json",
+                 "reports/detection/detection.md", "embeddings/det/vectors.npy", "index/det/index.faiss",
+                 "reports/retrieval/comparison.md", "reports/retrieval/pr_curves.png", "manifest.json"):
         assert (run / path).exists(), path
-    stamp = (run / "embeddings" / "det.npy").stat().st_mtime_ns
+    version = (run / "embeddings" / "det").resolve()
     assert main(args) == 0
-    assert (run / "embeddings" / "det.npy").stat().st_mtime_ns == stamp
+    assert (run / "embeddings" / "det").resolve() == version  # fresh: not redone
 
 
 def test_run_without_weights_offline_stops_with_the_how_to(tmp_path):
@@ -76,4 +78,4 @@ def test_run_without_weights_offline_stops_with_the_how_to(tmp_path):
     assert out.returncode == 2
     last = out.stderr.strip().splitlines()[-1]
     assert "fasterrcnn_resnet50_fpn_coco" in last and "CBIR_WEIGHTS_DIR" in last and "Traceback" not in out.stderr
-    assert (tmp_path / "r" / "split.csv").exists()  # the work done before the stop is kept
+    assert (tmp_path / "r" / "dataset" / "images.parquet").exists()  # the work done before the stop is kept

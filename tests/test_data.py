@@ -7,7 +7,11 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from cbir import CbirError
-from cbir.data import PrepareConfig, assign_split, load_rgb, prepare, read_cub
+from cbir.datasets import load_dataset
+from cbir.datasets.cub import assign_split, read_cub
+from cbir.datasets.prepare import PrepareConfig, prepare
+from cbir.images import load_rgb, open_photo
+from cbir.layout import RunLayout
 from conftest import FULL_ANNOTATIONS, MINI_SPLIT, SAMPLE
 
 
@@ -43,13 +47,14 @@ def test_overlapping_class_ranges_rejected():
         assign_split(read_cub(SAMPLE), "classes:1-10/10-20")
 
 
-def test_prepare_sample_writes_split_coco_and_eda(sample_run):
-    split = pd.read_csv(sample_run / "split.csv")
-    assert len(split) == 1115
-    assert list(split.columns[:11]) == ["image_id", "path", "class_id", "class_name", "split", "width", "height",
-                                        "x", "y", "w", "h"]
+def test_prepare_sample_writes_images_instances_coco_and_eda(sample_run):
+    data = load_dataset(RunLayout(sample_run))
+    assert len(data.images) == 1115 and len(data.instances) == 1115
+    assert list(data.images.columns) == ["image_id", "path", "class_id", "class_name", "split", "width", "height",
+                                         "mode"]
+    split = data.instances.merge(data.images, on="image_id")
     assert ((split.x >= 0) & (split.x + split.w <= split.width + 1e-6)).all()
-    coco = COCO(str(sample_run / "gt_coco.json"))
+    coco = COCO(str(sample_run / "dataset" / "gt_coco.json"))
     assert len(coco.getAnnIds()) == 1115 and coco.getCatIds() == [16]
     ann = coco.loadAnns(coco.getAnnIds(imgIds=[int(split.image_id[0])]))[0]
     assert ann["bbox"] == pytest.approx(split.loc[0, ["x", "y", "w", "h"]].tolist())
@@ -57,11 +62,12 @@ def test_prepare_sample_writes_split_coco_and_eda(sample_run):
     for png in ("class_counts.png", "image_sizes.png", "boxes.png", "box_centres.png", "samples.png"):
         assert png in report and Image.open(sample_run / "eda" / png).size[0] > 300
     manifest = json.loads((sample_run / "manifest.json").read_text())
-    assert manifest["artifacts"]["split.csv"]["split"] == "classes:1-10/11-20"
+    assert manifest["artifacts"]["dataset"]["summary"]["train"] == len(data.images.query("split == 'train'"))
+    assert json.loads((sample_run / "dataset" / "meta.json").read_text())["inputs"]["split"] == "classes:1-10/11-20"
 
 
 def test_greyscale_photo_is_counted_and_decoded_rgb(mini_run):
-    split = pd.read_csv(mini_run / "split.csv")
+    split = load_dataset(RunLayout(mini_run)).images
     grey = split[split["mode"] == "L"]
     assert grey.image_id.tolist() == [448]
 
@@ -92,17 +98,17 @@ def test_truncated_jpeg_stops_prepare_naming_the_file(mini_copy, tmp_path):
     victim = sorted((mini_copy / "images").rglob("*.jpg"))[3]
     victim.write_bytes(victim.read_bytes()[:2000])
     with pytest.raises(CbirError, match=victim.name):
-        prepare(PrepareConfig(mini_copy, tmp_path / "run", MINI_SPLIT, workers=1))
-    result = prepare(PrepareConfig(mini_copy, tmp_path / "run", MINI_SPLIT, skip_bad=True, workers=1))
-    assert len(result.split) == 31
-    assert victim.name in (tmp_path / "run" / "bad_images.txt").read_text()
+        prepare(PrepareConfig(run=tmp_path / "run", root=mini_copy, split=MINI_SPLIT, workers=1))
+    result = prepare(PrepareConfig(run=tmp_path / "run", root=mini_copy, split=MINI_SPLIT, skip_bad=True, workers=1))
+    assert len(result.dataset.images) == 31
+    assert victim.name in (tmp_path / "run" / "dataset" / "bad_images.txt").read_text()
 
 
 def test_missing_image_file_is_a_bad_image(mini_copy, tmp_path):
     victim = sorted((mini_copy / "images").rglob("*.jpg"))[0]
     victim.unlink()
     with pytest.raises(CbirError, match="1 bad image"):
-        prepare(PrepareConfig(mini_copy, tmp_path / "run", MINI_SPLIT, workers=1))
+        prepare(PrepareConfig(run=tmp_path / "run", root=mini_copy, split=MINI_SPLIT, workers=1))
 
 
 def test_box_outside_image_is_clipped_and_counted(mini_copy, tmp_path):
@@ -110,8 +116,8 @@ def test_box_outside_image_is_clipped_and_counted(mini_copy, tmp_path):
     first_id = lines[0].split()[0]
     lines[0] = f"{first_id} -20.0 -5.0 5000.0 4000.0"
     (mini_copy / "bounding_boxes.txt").write_text("\n".join(lines) + "\n")
-    result = prepare(PrepareConfig(mini_copy, tmp_path / "run", MINI_SPLIT, workers=1))
-    row = result.split.set_index("image_id").loc[int(first_id)]
+    result = prepare(PrepareConfig(run=tmp_path / "run", root=mini_copy, split=MINI_SPLIT, workers=1))
+    row = result.dataset.instances.merge(result.dataset.images, on="image_id").set_index("image_id").loc[int(first_id)]
     assert result.clipped == 1
     assert (row.x, row.y, row.w, row.h) == (0, 0, row.width, row.height)
 
@@ -121,7 +127,7 @@ def test_box_entirely_outside_is_rejected(mini_copy, tmp_path):
     lines[1] = f"{lines[1].split()[0]} 9000.0 9000.0 10.0 10.0"
     (mini_copy / "bounding_boxes.txt").write_text("\n".join(lines) + "\n")
     with pytest.raises(CbirError, match="empty after clipping"):
-        prepare(PrepareConfig(mini_copy, tmp_path / "run", MINI_SPLIT, workers=1))
+        prepare(PrepareConfig(run=tmp_path / "run", root=mini_copy, split=MINI_SPLIT, workers=1))
 
 
 def test_malformed_line_names_file_and_line(mini_copy, tmp_path):
@@ -130,17 +136,17 @@ def test_malformed_line_names_file_and_line(mini_copy, tmp_path):
     lines[4] = lines[4].split()[0] + " 1.0 abc 3.0 4.0"
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(CbirError, match=r"bounding_boxes.txt:5: malformed"):
-        prepare(PrepareConfig(mini_copy, tmp_path / "run", MINI_SPLIT, workers=1))
+        prepare(PrepareConfig(run=tmp_path / "run", root=mini_copy, split=MINI_SPLIT, workers=1))
 
 
 def test_missing_annotation_file(mini_copy, tmp_path):
     (mini_copy / "train_test_split.txt").unlink()
     with pytest.raises(CbirError, match="train_test_split.txt: missing"):
-        prepare(PrepareConfig(mini_copy, tmp_path / "run", MINI_SPLIT, workers=1))
+        prepare(PrepareConfig(run=tmp_path / "run", root=mini_copy, split=MINI_SPLIT, workers=1))
 
 
 def test_mismatched_annotation_files(mini_copy, tmp_path):
     path = mini_copy / "image_class_labels.txt"
     path.write_text("\n".join(path.read_text().splitlines()[:-1]) + "\n")
     with pytest.raises(CbirError, match="different set of image ids"):
-        prepare(PrepareConfig(mini_copy, tmp_path / "run", MINI_SPLIT, workers=1))
+        prepare(PrepareConfig(run=tmp_path / "run", root=mini_copy, split=MINI_SPLIT, workers=1))

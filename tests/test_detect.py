@@ -11,9 +11,11 @@ from pycocotools.cocoeval import COCOeval
 from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
 
 from cbir import CbirError
-from cbir.artifacts import run_in_shards
-from cbir.data import PrepareConfig, prepare
-from cbir.detect import DetectConfig, box_iou_xywh, detect, detection_quality, write_detection_report
+from cbir.artifacts import Interrupted, run_in_shards
+from cbir.datasets.prepare import PrepareConfig, prepare
+from cbir.detection.report import box_iou_xywh, detection_quality, write_detection_report
+from cbir.detection.stage import DetectConfig, detect
+from cbir.layout import RunLayout
 from conftest import EXTERNAL, MINI
 
 
@@ -21,7 +23,7 @@ from conftest import EXTERNAL, MINI
 def tiny_run(tmp_path):
     """cub_mini restricted to classes 1 (train) and 14 (test): 16 images."""
     run = tmp_path / "run"
-    prepare(PrepareConfig(MINI, run, "classes:1-1/14-14", workers=1))
+    prepare(PrepareConfig(run=run, root=MINI, split="classes:1-1/14-14", workers=1))
     return run
 
 
@@ -31,10 +33,10 @@ ALL_COCO = tuple(c for c in FasterRCNN_ResNet50_FPN_Weights.DEFAULT.meta["catego
 
 def test_torchvision_detector_random_weights_writes_valid_coco_results(tiny_run, caplog):
     # random weights rarely say "bird": keep every category so real boxes flow through the plumbing
-    result = detect(DetectConfig(tiny_run, weights="none", splits=("train",), score=0.0, max_per_image=3,
+    result = detect(DetectConfig(run=tiny_run, weights="none", splits=("train",), score=0.0, max_per_image=3,
                                  workers=0, batch_size=4, classes=ALL_COCO))
     assert "RANDOM WEIGHTS" in caplog.text
-    dets = json.loads((tiny_run / "detections.json").read_text())
+    dets = json.loads((tiny_run / "detections" / "detections.json").read_text())
     detected = [d for d in dets if d["source"] == "detected"]
     assert len(detected) == 8 * 3
     per_image = np.bincount([d["image_id"] for d in detected])
@@ -44,26 +46,26 @@ def test_torchvision_detector_random_weights_writes_valid_coco_results(tiny_run,
         x, y, w, h = d["bbox"]
         assert x >= 0 and y >= 0 and w > 0 and h > 0 and x + w <= 500.5
     with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO(str(tiny_run / "gt_coco.json"))
+        gt = COCO(str(tiny_run / "dataset" / "gt_coco.json"))
         res = gt.loadRes([{k: d[k] for k in ("image_id", "category_id", "bbox", "score")} for d in dets])
     assert len(res.getAnnIds()) == len(dets)
-    meta = json.loads((tiny_run / "detections.meta.json").read_text())
+    meta = result.meta
     assert meta["weights_fingerprint"] == "random-init-seed0" and meta["min_size"] == "auto"
 
 
 def test_finished_detection_is_a_noop_unless_forced(tiny_run):
-    cfg = DetectConfig(tiny_run, detections=MINI / "external_detections.json")
+    cfg = DetectConfig(run=tiny_run, detections=MINI / "external_detections.json")
     detect(cfg)
-    stamp = (tiny_run / "detections.json").stat().st_mtime_ns
+    stamp = (tiny_run / "detections" / "detections.json").stat().st_mtime_ns
     detect(cfg)
-    assert (tiny_run / "detections.json").stat().st_mtime_ns == stamp
-    detect(DetectConfig(tiny_run, detections=MINI / "external_detections.json", force=True, fallback="full"))
-    assert json.loads((tiny_run / "detections.meta.json").read_text())["fallback"] == "full"
+    assert (tiny_run / "detections" / "detections.json").stat().st_mtime_ns == stamp
+    detect(DetectConfig(run=tiny_run, detections=MINI / "external_detections.json", force=True, fallback="full"))
+    assert json.loads((tiny_run / "detections" / "meta.json").read_text())["summary"]["fallback"] == "full"
 
 
 def _independent_ap50(run, dets):
     with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO(str(run / "gt_coco.json"))
+        gt = COCO(str(run / "dataset" / "gt_coco.json"))
         ev = COCOeval(gt, gt.loadRes(dets), "bbox")
         ev.params.catIds = [16]
         ev.evaluate()
@@ -73,12 +75,12 @@ def _independent_ap50(run, dets):
 
 
 def test_import_and_quality_report_match_independent_numbers(sample_run):
-    q = write_detection_report(sample_run)
+    q = write_detection_report(sample_run, force=True)
     raw = [d for d in json.loads(EXTERNAL.read_text()) if d["score"] >= 0.3]
     assert q["AP50"] == pytest.approx(_independent_ap50(sample_run, raw), abs=1e-9)
     assert 0.5 < q["AP50"] < 0.95  # a real COCO detector on CUB birds
     # top-box IoU by hand on a few images
-    gt = {a["image_id"]: a["bbox"] for a in json.loads((sample_run / "gt_coco.json").read_text())["annotations"]}
+    gt = {a["image_id"]: a["bbox"] for a in json.loads((sample_run / "dataset" / "gt_coco.json").read_text())["annotations"]}
     tops = {}
     for d in sorted(raw, key=lambda d: -d["score"]):
         tops.setdefault(d["image_id"], d["bbox"])
@@ -86,17 +88,17 @@ def test_import_and_quality_report_match_independent_numbers(sample_run):
     assert q["median_top_box_iou"] == pytest.approx(np.median(ious), abs=2e-3)
     assert q["share_with_box"] == pytest.approx(len(tops) / len(gt), abs=1e-4)
     assert q["top_box_iou50_rate"] == pytest.approx(sum(v >= 0.5 for v in ious) / len(gt), abs=1e-4)
-    assert "AP50" in (sample_run / "reports" / "detection.md").read_text()
+    assert "AP50" in (sample_run / "reports" / "detection" / "detection.md").read_text()
 
 
 def test_multi_instance_images_and_fallback_sources(sample_run):
-    dets = json.loads((sample_run / "detections.json").read_text())
-    meta = json.loads((sample_run / "detections.meta.json").read_text())
+    dets = json.loads((sample_run / "detections" / "detections.json").read_text())
+    meta = json.loads((sample_run / "detections" / "meta.json").read_text())["summary"]
     assert meta["images_with_several_instances"] > 0
     ids = [d["image_id"] for d in dets]
     assert len(set(ids)) == meta["images"]  # fallback gt: every image has an instance
     fallback = [d for d in dets if d["source"] == "fallback-gt"]
-    gt = {a["image_id"]: a["bbox"] for a in json.loads((sample_run / "gt_coco.json").read_text())["annotations"]}
+    gt = {a["image_id"]: a["bbox"] for a in json.loads((sample_run / "dataset" / "gt_coco.json").read_text())["annotations"]}
     assert fallback and all(d["bbox"] == pytest.approx(gt[d["image_id"]]) for d in fallback)
     assert meta["fallback_rate"] == pytest.approx(len(fallback) / meta["images"], abs=1e-4)
 
@@ -116,14 +118,14 @@ def _write(tmp_path, obj):
 def test_bad_detection_files(tiny_run, tmp_path):
     good = {"image_id": 1, "category_id": 16, "bbox": [10, 10, 50, 50], "score": 0.9}
     with pytest.raises(CbirError, match="expected a JSON list"):
-        detect(DetectConfig(tiny_run, detections=_write(tmp_path, {"annotations": []})))
+        detect(DetectConfig(run=tiny_run, detections=_write(tmp_path, {"annotations": []})))
     with pytest.raises(CbirError, match="entry 0 is not"):
-        detect(DetectConfig(tiny_run, detections=_write(tmp_path, [{"image_id": 1, "bbox": [1, 2]}])))
+        detect(DetectConfig(run=tiny_run, detections=_write(tmp_path, [{"image_id": 1, "bbox": [1, 2]}])))
     with pytest.raises(CbirError, match="another dataset"):
-        detect(DetectConfig(tiny_run, detections=_write(tmp_path, [{**good, "image_id": 999999}])))
+        detect(DetectConfig(run=tiny_run, detections=_write(tmp_path, [{**good, "image_id": 999999}])))
     (tmp_path / "broken.json").write_text("[{")
     with pytest.raises(CbirError, match="not valid JSON"):
-        detect(DetectConfig(tiny_run, detections=tmp_path / "broken.json"))
+        detect(DetectConfig(run=tiny_run, detections=tmp_path / "broken.json"))
 
 
 def test_unknown_nan_negative_and_degenerate_boxes_are_counted(tiny_run, tmp_path):
@@ -133,7 +135,7 @@ def test_unknown_nan_negative_and_degenerate_boxes_are_counted(tiny_run, tmp_pat
             {**good, "category_id": 1}]
     path = tmp_path / "d.json"
     path.write_text(json.dumps(dets).replace("NaN", "NaN"))
-    result = detect(DetectConfig(tiny_run, detections=path, fallback="none"))
+    result = detect(DetectConfig(run=tiny_run, detections=path, fallback="none"))
     counts = result.meta["box_counts"]
     assert (counts["unknown_image"], counts["non_finite"], counts["degenerate"], counts["other_category"],
             counts["clipped"]) == (1, 1, 1, 1, 1)
@@ -145,10 +147,10 @@ def test_unreadable_image_is_listed_and_skipped(tmp_path):
     cub = tmp_path / "cub"
     shutil.copytree(MINI, cub)
     run = tmp_path / "run"
-    prepare(PrepareConfig(cub, run, "classes:1-1/14-14", workers=1))
+    prepare(PrepareConfig(run=run, root=cub, split="classes:1-1/14-14", workers=1))
     victim = sorted((cub / "images" / "001.Black_footed_Albatross").glob("*.jpg"))[0]
     victim.write_bytes(b"not a jpeg")
-    result = detect(DetectConfig(run, weights="none", splits=("train",), workers=0))
+    result = detect(DetectConfig(run=run, weights="none", splits=("train",), workers=0))
     assert len(result.meta["unreadable"]) == 1 and victim.name in result.meta["unreadable"][0]["error"]
     bad_id = result.meta["unreadable"][0]["image_id"]
     assert bad_id not in {d["image_id"] for d in result.detections}
@@ -168,16 +170,16 @@ def test_sharded_work_resumes_after_interruption(tmp_path):
     save = lambda p, r: p.write_text(json.dumps(r))  # noqa: E731
     load = lambda p: json.loads(p.read_text())  # noqa: E731
     items = list(range(10))
-    with pytest.raises(KeyboardInterrupt):
-        run_in_shards(items, 4, tmp_path / "partial", {"v": 1}, compute, save, load)
-    out = run_in_shards(items, 4, tmp_path / "partial", {"v": 1}, compute, save, load)
+    with pytest.raises(Interrupted, match="1 of 3 shards are kept"):
+        run_in_shards(items, 4, tmp_path / "partial", "v1", compute, save, load)
+    out = run_in_shards(items, 4, tmp_path / "partial", "v1", compute, save, load)
     assert [x for shard in out for x in shard] == [x * 2 for x in items]
     assert calls == [[0, 1, 2, 3], [4, 5, 6, 7], [4, 5, 6, 7], [8, 9]]  # shard 0 was not redone
     calls.clear()
-    run_in_shards(items, 4, tmp_path / "partial", {"v": 2}, compute, save, load)
+    run_in_shards(items, 4, tmp_path / "partial", "v2", compute, save, load)
     assert len(calls) == 3  # another config discards the old shards
 
 
 def test_quality_report_requires_detections(tiny_run):
-    with pytest.raises(CbirError, match="detections.json: not found"):
-        detection_quality(tiny_run)
+    with pytest.raises(CbirError, match="detections: not found"):
+        detection_quality(RunLayout(tiny_run))

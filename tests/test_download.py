@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from cbir import CbirError
-from cbir.download import download_cub, fetch
+from cbir.datasets.download import download_cub, fetch
 
 
 class RangeHandler(http.server.BaseHTTPRequestHandler):

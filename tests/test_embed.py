@@ -8,10 +8,14 @@ import torch
 from torchvision.transforms.functional import pil_to_tensor
 
 from cbir import CbirError
-from cbir.data import cub_root, load_rgb
-from cbir.embed import CropPolicy, EmbedConfig, Embedder, InputRecipe, crop_to_input, embed, grow_box, load_embeddings
-from cbir.models import build_backbone, load_partial
-from conftest import EFFICIENTNET, MOBILENET
+from cbir.datasets import load_dataset
+from cbir.encoders.backbones import build_backbone
+from cbir.encoders.cnn import CnnEncoder, CropPolicy, InputRecipe, crop_to_input, grow_box
+from cbir.encoders.stage import EmbedConfig, embed, load_embeddings
+from cbir.encoders.weights import load_partial
+from cbir.images import Photo, open_photo
+from cbir.layout import RunLayout
+from conftest import EFFICIENTNET, MOBILENET, copy_run
 
 
 @pytest.fixture(scope="module")
@@ -99,21 +103,20 @@ def test_grow_box_clips_and_never_degenerates():
 
 
 def test_greyscale_and_tiny_box_crops(mobilenet, mini_run):
-    root = cub_root(mini_run)
-    split = pd.read_csv(mini_run / "split.csv")
-    grey = split[split.image_id == 448].iloc[0]
-    image = pil_to_tensor(load_rgb(root / "images" / grey.path))
-    assert image.shape[0] == 3
+    data = load_dataset(RunLayout(mini_run))
+    grey = data.instances.merge(data.images, on="image_id").query("image_id == 448").iloc[0]
+    photo = open_photo(data.image_path(grey.path))
+    assert pil_to_tensor(photo.image).shape[0] == 3
     recipe = InputRecipe(CropPolicy(), 224, 232, (124, 116, 104), False)
-    crops, _ = recipe.inputs(image, np.array([[grey.x, grey.y, grey.w, grey.h], [5.0, 5.0, 0.4, 0.6]]))
+    crops, _ = recipe.inputs(photo, np.array([[grey.x, grey.y, grey.w, grey.h], [5.0, 5.0, 0.4, 0.6]]))
     assert crops.shape == (2, 3, 224, 224)
-    vectors = Embedder(mobilenet, torch.device("cpu"), "avg", False)(crops)
+    vectors = CnnEncoder(mobilenet, torch.device("cpu"), pool="avg").forward(crops)
     assert vectors.shape == (2, 1280) and np.isfinite(vectors).all()
 
 
 def test_rows_align_with_vectors_and_multi_instance(mini_run, mobilenet):
     vectors, table, spec = load_embeddings(mini_run, "det")
-    dets = json.loads((mini_run / "detections.json").read_text())
+    dets = json.loads((mini_run / "detections" / "detections.json").read_text())
     assert len(table) == len(dets) == len(vectors)
     several = table.image_id.value_counts()
     multi = several[several > 1].index
@@ -121,41 +124,40 @@ def test_rows_align_with_vectors_and_multi_instance(mini_run, mobilenet):
     rows = table[table.image_id == multi[0]]
     assert rows.instance.tolist() == list(range(len(rows)))
     # any row's vector equals embedding that row's crop directly
-    embedder = Embedder(mobilenet, torch.device("cpu"), spec["pool"], False)
-    split = pd.read_csv(mini_run / "split.csv").set_index("image_id")
-    image = pil_to_tensor(load_rgb(cub_root(mini_run) / "images" / split.loc[multi[0]].path))
-    crops, _ = InputRecipe.from_spec(spec, mobilenet).inputs(image, rows[["x", "y", "w", "h"]].to_numpy(float))
-    direct = embedder(crops)
+    encoder = CnnEncoder(mobilenet, torch.device("cpu"), pool=spec["spec"]["pool"])
+    data = load_dataset(RunLayout(mini_run))
+    photo = open_photo(data.image_path(data.images.set_index("image_id").path[multi[0]]))
+    direct = encoder.encode(photo, rows[["x", "y", "w", "h"]].to_numpy(float))
     assert np.allclose(direct, vectors[rows.index], atol=1e-4)
     assert not np.allclose(direct[0], direct[1], atol=1e-2)
 
 
 def test_full_gt_det_sets_exist_with_their_sources(mini_run):
     for mode, sources in (("full", {"full"}), ("gt", {"gt"}), ("det", {"detected", "fallback-gt"})):
-        vectors, table, spec = load_embeddings(mini_run, mode)
-        assert set(table.source) == sources and spec["mode"] == mode and vectors.dtype == np.float32
+        vectors, table, info = load_embeddings(mini_run, mode)
+        assert set(table.source) == sources and info["mode"] == mode and vectors.dtype == np.float32
         assert vectors.shape[1] == 1280 and len(table) >= 32
 
 
-def test_embedding_is_deterministic_and_refuses_to_mix(mini_run, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(mini_run, run)
+def test_embedding_is_deterministic_and_redone_when_its_spec_changes(mini_run, tmp_path, caplog):
+    run = copy_run(mini_run, tmp_path / "run")
     first = np.array(load_embeddings(run, "gt")[0])
-    embed(EmbedConfig(run, "gt", "mobilenet_v2", str(MOBILENET), workers=0, force=True))
+    embed(EmbedConfig(run=run, mode="gt", backbone="mobilenet_v2", weights=str(MOBILENET), workers=0, force=True))
     assert np.array_equal(np.array(load_embeddings(run, "gt")[0]), first)
-    with pytest.raises(CbirError, match="refusing to mix"):
-        embed(EmbedConfig(run, "gt", "timm:tf_efficientnet_lite0", str(EFFICIENTNET), workers=0))
-    with pytest.raises(CbirError, match="refusing to mix"):
-        embed(EmbedConfig(run, "gt", "mobilenet_v2", str(MOBILENET), crop_resize="center", workers=0))
+    caplog.set_level("INFO")
+    embed(EmbedConfig(run=run, mode="gt", backbone="mobilenet_v2", weights=str(MOBILENET), crop_resize="center",
+                      workers=0))
+    assert "inputs changed (encoder.crop_resize pad → center" in caplog.text
+    _, _, info = load_embeddings(run, "gt")
+    assert info["spec"]["crop_resize"] == "center"  # never a mix: the whole set was redone
 
 
 def test_embedding_resumes_after_interruption(mini_run, tmp_path, monkeypatch):
-    import cbir.embed as embed_module
+    import cbir.encoders.stage as embed_module
 
-    run = tmp_path / "run"
-    shutil.copytree(mini_run, run)
+    run = copy_run(mini_run, tmp_path / "run")
     reference = np.array(load_embeddings(run, "full")[0])
-    shutil.rmtree(run / "embeddings")
+    (run / "embeddings" / "full").unlink()
     monkeypatch.setattr(embed_module, "SHARD_IMAGES", 8)
     real = embed_module.embed_rows
     calls = []
@@ -167,30 +169,35 @@ def test_embedding_resumes_after_interruption(mini_run, tmp_path, monkeypatch):
         return real(rows, *args, **kwargs)
 
     monkeypatch.setattr(embed_module, "embed_rows", flaky)
-    cfg = EmbedConfig(run, "full", "mobilenet_v2", str(MOBILENET), workers=0)
-    with pytest.raises(KeyboardInterrupt):
+    cfg = EmbedConfig(run=run, mode="full", backbone="mobilenet_v2", weights=str(MOBILENET), workers=0)
+    with pytest.raises(CbirError, match="2 of 4 shards are kept"):
         embed(cfg)
-    assert not (run / "embeddings" / "full.npy").exists()
+    assert not (run / "embeddings" / "full").exists()
     embed(cfg)
     assert calls == [8, 8, 8, 8, 8]  # the 2 finished shards are kept; only the other 2 run again
     assert np.allclose(np.array(load_embeddings(run, "full")[0]), reference, atol=1e-5)
 
 
 def test_roi_mode_one_pass_per_image(mini_run, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(mini_run, run)
-    vectors, table, spec = embed(EmbedConfig(run, "det", "mobilenet_v2", str(MOBILENET), roi=True, name="det_roi",
-                                             workers=0))
+    run = copy_run(mini_run, tmp_path / "run")
+    vectors, table, info = embed(EmbedConfig(run=run, mode="det", backbone="mobilenet_v2", weights=str(MOBILENET),
+                                             roi=True, name="det_roi", workers=0))
     base, base_table, _ = load_embeddings(run, "det")
-    assert vectors.shape == base.shape and table.equals(base_table) and spec["roi"]
+    assert vectors.shape == base.shape and table.equals(base_table) and info["spec"]["roi"]
     cos = (np.asarray(vectors) * base).sum(1) / np.linalg.norm(vectors, axis=1) / np.linalg.norm(base, axis=1)
     assert np.median(cos) > 0.5  # the same boxes, seen through a shared feature map
 
 
-def test_misaligned_files_are_refused(mini_run, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(mini_run, run)
-    table = pd.read_parquet(run / "embeddings" / "gt.parquet")
-    table.iloc[:-1].to_parquet(run / "embeddings" / "gt.parquet")
+def test_damaged_or_misaligned_files_are_refused(mini_run, tmp_path):
+    run = copy_run(mini_run, tmp_path / "run")
+    rows = run / "embeddings" / "gt" / "rows.parquet"
+    table = pd.read_parquet(rows)
+    table.iloc[:-1].to_parquet(rows)  # a user's edit or a foreign write: sizes no longer match the record
+    with pytest.raises(CbirError, match="damaged .*rows.parquet has"):
+        load_embeddings(run, "gt")
+    meta_path = run / "embeddings" / "gt" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["files"]["rows.parquet"] = rows.stat().st_size
+    meta_path.write_text(json.dumps(meta))
     with pytest.raises(CbirError, match="do not match its table"):
         load_embeddings(run, "gt")

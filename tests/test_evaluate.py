@@ -1,4 +1,4 @@
-import shutil
+import json
 
 import numpy as np
 import pandas as pd
@@ -6,8 +6,11 @@ import pytest
 from sklearn.metrics import average_precision_score
 
 from cbir import CbirError
-from cbir.evaluate import (EvalConfig, Gallery, RankStats, evaluate, exact_metrics, first_occurrences, image_sims,
-                           load_gallery, rank_metrics, summarise)
+from cbir.evaluate import EvalConfig, evaluate, load_gallery
+from cbir.layout import RunLayout
+from cbir.metrics.ranking import (Gallery, RankStats, exact_metrics, first_occurrences, image_sims, rank_metrics,
+                                  summarise)
+from conftest import copy_run
 
 
 def _one(sims, q_labels, g_labels, self_index=None):
@@ -55,7 +58,7 @@ def test_classes_of_size_one_are_excluded_and_counted():
 
 
 def test_map_equals_sklearn_per_query_average(sample_run):
-    g, _, _ = load_gallery(sample_run, "full", 64, False)
+    g, _, _ = load_gallery(RunLayout(sample_run), "full", 64, False)
     metrics, _ = exact_metrics(g)
     sims = g.query @ g.query.T
     aps = []
@@ -69,7 +72,7 @@ def test_cross_check_with_pytorch_metric_learning(sample_run):
     import torch
     from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
-    g, _, _ = load_gallery(sample_run, "full", 64, False)
+    g, _, _ = load_gallery(RunLayout(sample_run), "full", 64, False)
     metrics, _ = exact_metrics(g)
     calc = AccuracyCalculator(include=("precision_at_1", "r_precision", "mean_average_precision_at_r"),
                               device=torch.device("cpu"), knn_func=None)
@@ -98,35 +101,64 @@ def test_first_occurrences():
 
 
 def test_evaluation_refuses_leaked_train_rows(mini_run, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(mini_run, run)
-    table = pd.read_parquet(run / "embeddings" / "full.parquet")
+    run = copy_run(mini_run, tmp_path / "run")
+    rows = run / "embeddings" / "full" / "rows.parquet"
+    table = pd.read_parquet(rows)
     table.loc[table.split == "train", "split"] = "test"  # made with another split: train rows as queries
     table.loc[table.index[0], "split"] = "train"
-    table.to_parquet(run / "embeddings" / "full.parquet")
+    table.to_parquet(rows)
+    meta_path = run / "embeddings" / "full" / "meta.json"  # as if written so: the size record matches
+    meta = json.loads(meta_path.read_text())
+    meta["files"]["rows.parquet"] = rows.stat().st_size
+    meta_path.write_text(json.dumps(meta))
     with pytest.raises(CbirError, match="leak"):
-        evaluate(EvalConfig(run, ("full",), plots=False))
+        evaluate(EvalConfig(run=run, embeddings=("full",), plots=False))
 
 
 def test_evaluate_writes_reports_and_scores_an_approximate_index(mini_run, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(mini_run, run)
-    result = evaluate(EvalConfig(run, ("full", "det", "full+det", "nope"), (8, None), index="HNSW32"))
+    run = copy_run(mini_run, tmp_path / "run")
+    result = evaluate(EvalConfig(run=run, embeddings=("full", "det", "full+det", "nope"), pca=(8, None),
+                                 index="HNSW32"))
     m = result.metrics
     assert set(m.embeddings) == {"full", "det", "full+det"} and len(m) == 12
-    exact = m[m.index == "exact"]
-    assert exact["R@1"].between(0, 1).all() and (exact["R@8"] >= exact["R@1"]).all()
-    assert (m[m.index == "HNSW32"]["recall@10 vs exact"] > 0.9).all()
-    reports = run / "reports"
+    exact = m[m["index"] == "exact"]
+    assert len(exact) == 6 and exact["R@1"].between(0, 1).all() and (exact["R@8"] >= exact["R@1"]).all()
+    assert len(m[m["index"] == "HNSW32"]) == 6 and (m[m["index"] == "HNSW32"]["recall@10 vs exact"] > 0.9).all()
+    reports = run / "reports" / "retrieval"
     for name in ("metrics.csv", "comparison.md", "pr_curves.png", "embedding_map_det.png", "grid_det.png",
                  "grid_full_det.png"):
         assert (reports / name).stat().st_size > 0
     assert "| full+det" in (reports / "comparison.md").read_text()
 
 
+def test_a_narrower_evaluate_keeps_the_other_rows(mini_run, tmp_path):
+    run = copy_run(mini_run, tmp_path / "run")
+    wide = evaluate(EvalConfig(run=run, embeddings=("full", "det"), pca=(8, None), plots=False)).metrics
+    narrow = evaluate(EvalConfig(run=run, embeddings=("det",), pca=(8,), plots=False))
+    assert len(narrow.computed) == 1 and len(narrow.metrics) == len(wide) == 4
+    on_disk = pd.read_csv(run / "reports" / "retrieval" / "metrics.csv")
+    assert len(on_disk) == 4 and set(on_disk.embeddings) == {"full", "det"}
+    text = (run / "reports" / "retrieval" / "comparison.md").read_text()
+    assert text.count("| full ") == 2 and text.count("| det ") == 2
+
+
+def test_served_index_is_scored_with_its_own_reduction(mini_run, tmp_path):
+    from cbir.retrieval.index import IndexConfig, build_index
+
+    run = copy_run(mini_run, tmp_path / "run")
+    build_index(IndexConfig(run=run, embeddings="det", pca=8, factory="HNSW32"))
+    result = evaluate(EvalConfig(run=run, embeddings=("det",), pca=(8,), served=("det",), plots=False))
+    m = result.computed.set_index(["reduction", "index"])
+    served_exact, refit = m.loc[("served:det", "exact")], m.loc[("refit", "exact")]
+    # the same data, the same PCA fitted on the same train rows: the served index's reduction agrees
+    assert served_exact["MAP@R"] == pytest.approx(refit["MAP@R"], abs=1e-6)
+    assert m.loc[("served:det", "HNSW32"), "recall@10 vs exact"] > 0.9
+    assert served_exact["pca"] == "8"
+
+
 def test_sample_quality_floor(sample_run):
     """Real ImageNet features on 10 unseen classes: a retrieval bug shows up as a drop below these floors."""
-    result = evaluate(EvalConfig(sample_run, ("full", "det"), (None,), plots=False))
-    m = result.metrics.set_index("embeddings")
+    result = evaluate(EvalConfig(run=sample_run, embeddings=("full", "det"), pca=(None,), plots=False))
+    m = result.computed.set_index("embeddings")
     assert m.loc["full", "R@1"] > 0.8 and m.loc["det", "R@1"] > 0.8
     assert m.loc["full", "MAP@R"] > 0.35 and m.loc["full", "NMI"] > 0.6

@@ -9,17 +9,19 @@ import pandas as pd
 import pytest
 
 from cbir import CbirError
-from cbir.embed import load_embeddings
-from cbir.search import (IndexConfig, Querier, build_index, image_level, load_index, query_vectors, reduce,
-                         remove_images)
-from conftest import MINI, MOBILENET
+from cbir.encoders.stage import load_embeddings
+from cbir.images import open_photo
+from cbir.retrieval.index import IndexConfig, auto_factory, build_index
+from cbir.retrieval.ingest import remove_images
+from cbir.retrieval.query import Querier, image_level, query_vectors
+from cbir.retrieval.reduce import reduce
+from cbir.retrieval.saved import load_index
+from conftest import MINI, MOBILENET, copy_run
 
 
 @pytest.fixture
 def run(mini_run, tmp_path):
-    dest = tmp_path / "run"
-    shutil.copytree(mini_run, dest)
-    return dest
+    return copy_run(mini_run, tmp_path / "run")
 
 
 def test_pca_is_fitted_on_train_rows_only(run):
@@ -32,16 +34,16 @@ def test_pca_is_fitted_on_train_rows_only(run):
     a = reduce(np.asarray(vectors), train, 8, False)
     b = reduce(shuffled_test, train, 8, False)
     assert np.allclose(a[~test_rows], b[~test_rows], atol=1e-5)  # test rows did not move the PCA
-    si = build_index(IndexConfig(run, "det", pca=8, factory="Flat"))
+    si = build_index(IndexConfig(run=run, embeddings="det", pca=8, factory="Flat"))
     assert si.manifest["train_rows"] == int((~test_rows).sum())
-    pca = faiss.downcast_VectorTransform(si.index.chain.at(1))
+    pca = faiss.downcast_VectorTransform(si.store.index.chain.at(1))
     expected = faiss.PCAMatrix(vectors.shape[1], 8)
-    expected.train(faiss.downcast_VectorTransform(si.index.chain.at(0)).apply(train))
+    expected.train(faiss.downcast_VectorTransform(si.store.index.chain.at(0)).apply(train))
     assert np.allclose(faiss.vector_to_array(pca.A), faiss.vector_to_array(expected.A), atol=1e-4)
 
 
 def test_exact_index_equals_bruteforce_numpy(run):
-    si = build_index(IndexConfig(run, "full", pca=None, factory="Flat"))
+    si = build_index(IndexConfig(run=run, embeddings="full", pca=None, factory="Flat"))
     vectors, _, _ = load_embeddings(run, "full")
     x = np.asarray(vectors) / np.linalg.norm(vectors, axis=1, keepdims=True)
     sims, ids = si.search(np.asarray(vectors[:5]), 10)
@@ -56,8 +58,8 @@ def test_exact_index_equals_bruteforce_numpy(run):
                                             ("IVF16,PQ32", 0.6)])
 def test_approximate_recall_at_10_on_real_embeddings(sample_run, tmp_path, factory, floor):
     vectors, table, _ = load_embeddings(sample_run, "det")
-    exact = build_index(IndexConfig(sample_run, "det", name="exact", pca=128, factory="Flat"))
-    approx = build_index(IndexConfig(sample_run, "det", name="approx", pca=128, factory=factory))
+    exact = build_index(IndexConfig(run=sample_run, embeddings="det", name="exact", pca=128, factory="Flat"))
+    approx = build_index(IndexConfig(run=sample_run, embeddings="det", name="approx", pca=128, factory=factory))
     queries = np.asarray(vectors[(table.split == "test").to_numpy()][:200])
     _, e = exact.search(queries, 10)
     _, a = approx.search(queries, 10)
@@ -74,7 +76,7 @@ def test_image_level_keeps_each_image_once_by_best_instance():
 
 
 def test_query_returns_instances_and_distinct_images(run):
-    si = build_index(IndexConfig(run, "det", pca=16, factory="Flat"))
+    si = build_index(IndexConfig(run=run, embeddings="det", pca=16, factory="Flat"))
     vectors, table, _ = load_embeddings(run, "det")
     boxes = [{"bbox": [0, 0, 1, 1], "score": 1.0, "source": "detected"}] * 2
     per_box, merged = query_vectors(si, np.asarray(vectors[:2]), boxes, 5)
@@ -90,7 +92,7 @@ def _search_json(run, *args):
 
 
 def test_saved_index_reloads_and_extends_identically(run, tmp_path):
-    build_index(IndexConfig(run, "det", pca=16, factory="Flat"))
+    build_index(IndexConfig(run=run, embeddings="det", pca=16, factory="Flat"))
     photo = sorted((MINI / "images" / "017.Cardinal").glob("*.jpg"))[0]
     before = _search_json(run, "--index", "det", "--image", str(photo), "--k", "10")
     assert before["boxes"][0]["source"] == "fallback-full"  # imported boxes: the whole photo is the query
@@ -113,7 +115,7 @@ def test_saved_index_reloads_and_extends_identically(run, tmp_path):
 
 
 def test_remove_images_keeps_other_ids(run):
-    si = build_index(IndexConfig(run, "det", pca=16, factory="Flat"))
+    si = build_index(IndexConfig(run=run, embeddings="det", pca=16, factory="Flat"))
     victim = int(si.table.image_id.iloc[0])
     kept_ids = si.table.index[si.table.image_id != victim]
     assert remove_images(run, "det", [victim]) >= 1
@@ -121,19 +123,19 @@ def test_remove_images_keeps_other_ids(run):
     assert victim not in set(again.table.image_id) and list(again.table.index) == list(kept_ids)
     with pytest.raises(CbirError, match="not in index"):
         remove_images(run, "det", [victim])
-    build_index(IndexConfig(run, "det", name="hnsw", pca=16, factory="HNSW32"))
+    build_index(IndexConfig(run=run, embeddings="det", name="hnsw", pca=16, factory="HNSW32"))
     with pytest.raises(CbirError, match="does not support removal"):
         remove_images(run, "hnsw", [int(again.table.image_id.iloc[0])])
 
 
 def test_bad_queries_get_clear_errors(run, tmp_path):
-    si = build_index(IndexConfig(run, "det", pca=16, factory="Flat"))
+    si = build_index(IndexConfig(run=run, embeddings="det", pca=16, factory="Flat"))
     with pytest.raises(CbirError, match="dim 7"):
         si.search(np.zeros((1, 7), np.float32), 3)
     with pytest.raises(CbirError, match="exceeds the gallery"):
         query_vectors(si, np.zeros((1, 1280), np.float32), [{"bbox": [0] * 4, "score": 0, "source": "x"}], 10_000)
-    empty = build_index(IndexConfig(run, "det", name="empty", pca=16, factory="Flat"))
-    empty.index.reset()
+    empty = build_index(IndexConfig(run=run, embeddings="det", name="empty", pca=16, factory="Flat"))
+    empty.store.index.reset()
     with pytest.raises(CbirError, match="empty"):
         empty.search(np.zeros((1, 1280), np.float32), 3)
     bad = tmp_path / "x.jpg"
@@ -142,39 +144,35 @@ def test_bad_queries_get_clear_errors(run, tmp_path):
                           "--image", str(bad)], capture_output=True, text=True)
     assert out.returncode == 2 and "cannot decode image" in out.stderr and "Traceback" not in out.stderr
     with pytest.raises(CbirError, match="FAISS cannot build"):
-        build_index(IndexConfig(run, "det", name="bad", factory="NoSuchIndex"))
+        build_index(IndexConfig(run=run, embeddings="det", name="bad", factory="NoSuchIndex"))
 
 
 def test_index_from_another_backbone_is_refused(run, tmp_path):
-    build_index(IndexConfig(run, "det", pca=16, factory="Flat"))
-    manifest_path = run / "index" / "det.json"
-    manifest = json.loads(manifest_path.read_text())
-    manifest["embedding_spec"]["weights_fingerprint"] = "0000000000000000"
-    manifest_path.write_text(json.dumps(manifest))
-    with pytest.raises(CbirError, match="differ from the index"):
+    build_index(IndexConfig(run=run, embeddings="det", pca=16, factory="Flat"))
+    meta_path = run / "index" / "det" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["summary"]["embedding_spec"]["weights_fingerprint"] = "0000000000000000"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CbirError, match="not the recorded 0000000000000000"):
         Querier(run, "det")
 
 
 def test_querier_matches_stored_vectors_for_a_run_photo(run):
     """A photo of the run, queried by file, gets the same vector the embed stage stored for its GT box."""
-    build_index(IndexConfig(run, "gt", pca=16, factory="Flat"))
+    build_index(IndexConfig(run=run, embeddings="gt", pca=16, factory="Flat"))
     q = Querier(run, "gt", use_detector=False)
-    split = pd.read_csv(run / "split.csv")
+    split = pd.read_parquet(run / "dataset" / "images.parquet")
     row = split.iloc[20]
-    from cbir.data import load_rgb
-
-    image = load_rgb(MINI / "images" / row.path)
-    boxes = q.boxes(image, name=row.path.rsplit("/", 1)[1])
+    photo = open_photo(MINI / "images" / row.path)
+    boxes = q.boxes(photo, name=row.path.rsplit("/", 1)[1])
     assert [b["source"] for b in boxes] == ["fallback-full", "gt"]
-    per_box, _ = q.query(image, 3, name=row.path.rsplit("/", 1)[1])
+    per_box, _ = q.query(photo, 3, name=row.path.rsplit("/", 1)[1])
     assert per_box[1].neighbours.image_id.iloc[0] == row.image_id
     assert per_box[1].neighbours.similarity.iloc[0] == pytest.approx(1.0, abs=1e-4)
-    assert str(MOBILENET) == q.spec["weights"]
+    assert str(MOBILENET.absolute()) == q.spec["weights"]
 
 
 def test_auto_factory_follows_the_scale_benchmark():
-    from cbir.search import auto_factory
-
     assert auto_factory(50_000, 256, 25_000) == "Flat"
     assert auto_factory(1_000_000, 256, 500_000) == "IVF4000,SQ8"
     assert auto_factory(1_000_000, 256, 3_900) == "IVF100,SQ8"  # never more lists than train vectors support

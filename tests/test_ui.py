@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from cbir.search import IndexConfig, build_index
+from cbir.retrieval.index import IndexConfig, build_index
 from conftest import MINI
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -30,8 +30,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(mini_run, tmp_path_factory):
     run = tmp_path_factory.mktemp("ui") / "run"
-    shutil.copytree(mini_run, run)
-    build_index(IndexConfig(run, "det", pca=16, factory="Flat"))
+    shutil.copytree(mini_run, run, symlinks=True)
+    build_index(IndexConfig(run=run, embeddings="det", pca=16, factory="Flat"))
     port = _free_port()
     log = open(run / "ui.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "cbir.cli", "ui", "--run", str(run), "--index", "det", "--port",

@@ -91,14 +91,16 @@ def relocate(spec: str, expected: str, override: str | None = None) -> str:
     candidates = [Path(override).expanduser()] if override else [Path(spec)]
     if not override and os.environ.get(WEIGHTS_ENV):
         candidates.append(Path(os.environ[WEIGHTS_ENV]) / Path(spec).name)
+    changed = None
     for candidate in candidates:
         if candidate.is_file():
             got = file_sha256(candidate)[:16]
             if got == expected:
                 return str(candidate.absolute())
-            if override:
-                raise CbirError(f"--weights {override}: fingerprint {got} is not the recorded {expected}; these are "
-                                f"other weights than the run's")
+            changed = changed or (candidate, got)
+    if changed:
+        raise CbirError(f"weights file {changed[0]} has fingerprint {changed[1]}, not the recorded {expected}: these "
+                        f"are other weights than the run's; pass the original file with --weights PATH")
     raise CbirError(f"weights file {spec} (fingerprint {expected}) is not there any more; pass its new place with "
                     f"--weights PATH (or put it in ${WEIGHTS_ENV})")
 

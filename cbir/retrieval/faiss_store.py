@@ -110,7 +110,10 @@ class FaissStore:
         below = faiss.downcast_index(self.index)
         if isinstance(below, faiss.IndexPreTransform):
             queries, below = self.transform(queries), faiss.downcast_index(below.index)
-        return below.search(queries, k, params=params)
+        # faiss.contrib.torch_utils (imported by pytorch-metric-learning) replaces `search` with a version
+        # without `params`; the numpy original stays reachable as search_numpy
+        search = getattr(below, "search_numpy", below.search)
+        return search(queries, k, params=params)
 
     def save(self, folder: Path) -> None:
         faiss.write_index(self.index, str(Path(folder) / FILE))

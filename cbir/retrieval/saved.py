@@ -45,7 +45,8 @@ class SearchIndex:
         return p if p.is_absolute() or self.image_dir is None else self.image_dir / p
 
 
-def load_index(layout: RunLayout, name: str, gpu: str = "auto") -> SearchIndex:
+def load_index(run: Path | RunLayout, name: str, gpu: str = "auto") -> SearchIndex:
+    layout = run if isinstance(run, RunLayout) else RunLayout(run)
     art = Artifact(layout, layout.index(name))
     folder, meta = art.open(f"build it with `cbir index --run {layout.root} --embeddings NAME --name {name}`")
     manifest = meta["summary"]
