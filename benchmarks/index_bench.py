@@ -19,7 +19,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from cbir.search import set_search_params
+from cbir.retrieval.faiss_store import set_search_params
 
 OUT = Path(__file__).parent / "results"
 
