@@ -21,7 +21,8 @@ from ..retrieval.query import Querier, results_json
 log = logging.getLogger(__name__)
 
 DETECTED, FALLBACK = (0, 200, 60), (255, 140, 0)
-MAX_UPLOAD_PIXELS = 200_000_000  # larger uploads are refused; large ones are decoded reduced, boxes stay in original pixels
+MAX_UPLOAD_PIXELS = 200_000_000  # larger uploads are refused
+PAGE_DECODE_PIXELS = 12_000_000  # uploads are decoded reduced to this for speed; boxes stay in original pixels
 BOX_KIND = {"fallback-full": "whole image", "gt": "GT box"}
 
 
@@ -61,7 +62,7 @@ def run_query(querier: Querier, path: str | None, score: float, k: int) -> tuple
     """The page's one action: a JSON-able results document, and the decoded photo to draw the boxes on."""
     if not path:
         raise CbirError("upload a photo first")
-    photo = open_photo(Path(path), max_pixels=MAX_UPLOAD_PIXELS)
+    photo = open_photo(Path(path), max_pixels=MAX_UPLOAD_PIXELS, decode_pixels=PAGE_DECODE_PIXELS)
     start = time.perf_counter()
     boxes, merged = querier.query(photo, int(k), score=float(score), name=Path(path).name)
     doc = results_json(Path(path).name, boxes, merged)
