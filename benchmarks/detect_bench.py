@@ -18,9 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cbir.data import cub_root, load_split
-from cbir.detect import box_iou_xywh, coco_category_ids, detect_images, resolve_device, set_resolution
-from cbir.models import DetectorSpec, build_detector
+from cbir.datasets import load_dataset
+from cbir.detection import build_detector
+from cbir.detection.report import box_iou_xywh
+from cbir.detection.stage import DetectConfig, coco_category_ids, detect_images
+from cbir.device import resolve_device
+from cbir.layout import RunLayout
 
 OUT = Path(__file__).parent / "results"
 
@@ -37,30 +40,29 @@ def main():
     p.add_argument("--tag", default=platform.node())
     a = p.parse_args()
     device = resolve_device(a.device)
-    rows = load_split(a.run).query("split == 'test'").head(a.images)
-    root = cub_root(Path(a.run))
-    keep = coco_category_ids(("bird",))
+    data = load_dataset(RunLayout(a.run))
+    rows = data.images.query("split == 'test'").head(a.images)
+    keep = set(coco_category_ids(("bird",)))
+    cfg = DetectConfig(run=Path(a.run), score=0.0, max_per_image=1, batch_size=a.batch_size, workers=a.workers)
     results = {"machine": f"{a.tag}: {torch.get_num_threads()} threads, {device}", "detector": a.detector,
                "images": len(rows), "median_short_side": int(np.median(np.minimum(rows.width, rows.height)))}
     for min_size in ("800", "auto"):
-        model, resolved, _ = build_detector(DetectorSpec(a.detector, a.weights), box_score_thresh=0.05)
-        set_resolution(model, min_size)
-        model.to(device)
-        detect_images(model, rows.head(a.batch_size), root, keep, device, a.batch_size, 0, 1, 0.0)  # warm-up
+        detector = build_detector(a.detector, a.weights, device=device, min_size=min_size)
+        detect_images(detector, data, rows.head(a.batch_size), cfg, keep)  # warm-up
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        dets, _ = detect_images(model, rows, root, keep, device, a.batch_size, a.workers, 1, 0.0)
+        dets, _ = detect_images(detector, data, rows, cfg, keep)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t
         top = {d["image_id"]: d["bbox"] for d in dets}
-        gt = rows.set_index("image_id")[["x", "y", "w", "h"]]
+        gt = data.instances.drop_duplicates("image_id").set_index("image_id").loc[rows.image_id, ["x", "y", "w", "h"]]
         have = [i for i in gt.index if i in top]
         iou = box_iou_xywh(np.array([top[i] for i in have]), gt.loc[have].to_numpy(float)) if have else np.array([])
         results[f"min_size_{min_size}"] = {"img_s": round(len(rows) / seconds, 2),
                                            "top_box_iou50_rate": round(float((iou >= 0.5).sum() / len(rows)), 3)}
-        results["weights"] = f"{resolved.spec} [{resolved.fingerprint}]"
+        results["weights"] = f"{detector.spec['weights']} [{detector.spec['weights_fingerprint']}]"
         print(min_size, results[f"min_size_{min_size}"])
     results["speedup"] = round(results["min_size_auto"]["img_s"] / results["min_size_800"]["img_s"], 2)
     OUT.mkdir(exist_ok=True)

@@ -3,7 +3,7 @@ crop policies, RoI pooling and bf16 on a prepared run.
 
     python benchmarks/embed_bench.py --run RUN --weights W.pth [--backbone mobilenet_v2] [--images 256]
 
-RUN must hold split.csv and detections.json (e.g. `cbir prepare` + `cbir detect --detections`). Quality is
+RUN must be prepared and hold detections (e.g. `cbir prepare` + `cbir detect --detections`). Quality is
 leave-one-out over the run's test split, no PCA (nothing fitted), so each row is a pure function of the
 crop recipe. Results → benchmarks/results/embed_bench_<device>[_speed].{md,json} (_speed: --skip-quality).
 """
@@ -20,11 +20,16 @@ import numpy as np
 import torch
 import torchvision
 
-from cbir.data import cub_root, load_rgb, load_split
-from cbir.detect import resolve_device
-from cbir.embed import Embedder, EmbedConfig, InputRecipe, default_batch, embed_rows, embedding_spec, instances
-from cbir.evaluate import exact_metrics, gallery_from
-from cbir.models import build_backbone, weights_enum
+from cbir.datasets import load_dataset
+from cbir.device import resolve_device
+from cbir.encoders.backbones import build_backbone
+from cbir.encoders.cnn import CnnEncoder
+from cbir.encoders.stage import embed_rows, instances
+from cbir.encoders.weights import weights_enum
+from cbir.evaluate import gallery_from
+from cbir.images import load_rgb
+from cbir.layout import RunLayout
+from cbir.metrics.ranking import exact_metrics
 
 OUT = Path(__file__).parent / "results"
 
@@ -46,7 +51,7 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def naive_rate(backbone_name, weights, rows, root, device) -> float:
+def naive_rate(backbone_name, weights, rows, data, device) -> float:
     """What one writes first: PIL + the weights' transforms + the full classifier, one image at a time."""
     model = torchvision.models.get_model(backbone_name, weights=None)
     model.load_state_dict(torch.load(weights, weights_only=True), strict=False)
@@ -55,17 +60,17 @@ def naive_rate(backbone_name, weights, rows, root, device) -> float:
     t = time.perf_counter()
     with torch.no_grad():
         for path in rows.path:
-            model(transform(load_rgb(root / "images" / path))[None].to(device))
+            model(transform(load_rgb(data.image_path(path)))[None].to(device))
     _sync(device)
     return len(rows) / (time.perf_counter() - t)
 
 
-def stage_rate(embedder, recipe, rows, root, batch, workers) -> float:
-    embed_rows(rows.head(batch), root, embedder, recipe, batch, 0)  # warm-up
-    _sync(embedder.device)
+def stage_rate(encoder, rows, data, batch, workers) -> float:
+    embed_rows(rows.head(batch), data, encoder, batch, 0)  # warm-up
+    _sync(encoder.device)
     t = time.perf_counter()
-    embed_rows(rows, root, embedder, recipe, batch, workers)
-    _sync(embedder.device)
+    embed_rows(rows, data, encoder, batch, workers)
+    _sync(encoder.device)
     return len(rows) / (time.perf_counter() - t)
 
 
@@ -87,35 +92,33 @@ def main():
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--tag", default=platform.node())
     a = p.parse_args()
-    run, device = Path(a.run), resolve_device(a.device)
-    a.batch_size = a.batch_size or default_batch(device)
-    root = cub_root(run)
+    layout, device = RunLayout(a.run), resolve_device(a.device)
+    data = load_dataset(layout)
     backbone = build_backbone(a.backbone, a.weights)
     results = {"machine": f"{a.tag}: {torch.get_num_threads()} threads, {device}", "backbone": backbone.name,
                "weights": backbone.weights.fingerprint, "torch": torch.__version__}
 
     # ---- speed: full-image embedding
-    full = instances(run, "full").head(a.images).reset_index(drop=True)
-    spec = embedding_spec(EmbedConfig(run, "full", a.backbone, a.weights), backbone)
-    recipe = InputRecipe.from_spec(spec, backbone)
-    embedder = Embedder(backbone, device, "avg", False)
+    full = instances(layout, data, "full")[0].head(a.images).reset_index(drop=True)
+    encoder = CnnEncoder(backbone, device, pool="avg")
+    a.batch_size = a.batch_size or encoder.default_batch
     gmacs = weights_enum(a.backbone).DEFAULT.meta["_ops"] if weights_enum(a.backbone) else float("nan")
     flops = measured_flops(device)
     bound = flops / (2 * gmacs * 1e9)
-    stage = stage_rate(embedder, recipe, full, root, a.batch_size, a.workers)
-    results["speed"] = {"images": len(full), "naive_img_s": round(naive_rate(a.backbone, a.weights, full.head(64), root, device), 1),
+    stage = stage_rate(encoder, full, data, a.batch_size, a.workers)
+    results["speed"] = {"images": len(full), "naive_img_s": round(naive_rate(a.backbone, a.weights, full.head(64), data, device), 1),
                         "stage_img_s": round(stage, 1), "model_gmacs": gmacs, "matmul_gflop_s": round(flops / 1e9, 1),
                         "compute_bound_img_s": round(bound, 1), "stage_share_of_bound": round(stage / bound, 3)}
     results["speed"]["stage_bf16_img_s"] = round(
-        stage_rate(Embedder(backbone, device, "avg", True), recipe, full, root, a.batch_size, a.workers), 1)
+        stage_rate(CnnEncoder(backbone, device, pool="avg", bf16=True), full, data, a.batch_size, a.workers), 1)
     print(json.dumps(results["speed"], indent=1))
 
     # ---- quality: crop policies, RoI, bf16, GeM (test split, no PCA)
     if not a.skip_quality:
-        test = load_split(run).query("split == 'test'").image_id
+        test = data.images.query("split == 'test'").image_id
         table = []
         for mode in ("full", "gt", "det"):
-            rows = instances(run, mode)
+            rows = instances(layout, data, mode)[0]
             rows = rows[rows.image_id.isin(test)].reset_index(drop=True)
             variants = [("squash", 0.0, False, "avg", False)] if mode == "full" else [
                 (r, m, False, "avg", False) for r in ("squash", "pad", "center") for m in (0.0, 0.1, 0.2)]
@@ -123,11 +126,9 @@ def main():
             if mode == "det":
                 variants += [("squash", 0.0, True, "avg", False), ("squash", 0.0, False, "avg", True)]
             for resize, margin, roi, pool, bf16 in variants:
-                cfg = EmbedConfig(run, mode, a.backbone, a.weights, pool, margin, resize, roi=roi, bf16=bf16)
-                rec = InputRecipe.from_spec(embedding_spec(cfg, backbone), backbone)
-                emb = Embedder(backbone, device, pool, bf16)
+                emb = CnnEncoder(backbone, device, pool=pool, crop_margin=margin, crop_resize=resize, roi=roi, bf16=bf16)
                 t = time.perf_counter()
-                vectors = embed_rows(rows, root, emb, rec, a.batch_size, a.workers)
+                vectors = embed_rows(rows, data, emb, a.batch_size, a.workers)
                 seconds = time.perf_counter() - t
                 row = {"mode": mode, "crop_resize": resize, "margin": margin, "roi": roi, "pool": pool, "bf16": bf16,
                        "boxes": len(rows), "boxes_s": round(len(rows) / seconds, 1), **quality(vectors, rows)}

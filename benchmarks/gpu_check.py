@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cbir.data import PrepareConfig, prepare
-from cbir.detect import DetectConfig, box_iou_xywh, detect
-from cbir.embed import EmbedConfig, embed
+from cbir.datasets.prepare import PrepareConfig, prepare
+from cbir.detection.report import box_iou_xywh
+from cbir.detection.stage import DetectConfig, detect
+from cbir.encoders.stage import EmbedConfig, embed
 from cbir.evaluate import EvalConfig, evaluate
 
 OUT = Path(__file__).parent / "results"
@@ -46,32 +47,33 @@ def main():
     for device in ("cpu", "cuda"):
         run = out / device
         shutil.rmtree(run, ignore_errors=True)
-        prepare(PrepareConfig(Path(a.cub), run, a.split))
+        prepare(PrepareConfig(run=run, root=Path(a.cub), split=a.split))
         runs[device] = run
     # detector: random weights, 16 images — device placement and CPU/GPU agreement of the boxes
     for device, run in runs.items():
-        detect(DetectConfig(run, weights="none", splits=("train",), score=0.0, max_per_image=1, device=device,
+        detect(DetectConfig(run=run, weights="none", splits=("train",), score=0.0, max_per_image=1, device=device,
                             classes=("sports ball", "remote", "bird", "person")))
-    tops = [{d["image_id"]: d["bbox"] for d in json.loads((r / "detections.json").read_text())} for r in runs.values()]
+    tops = [{d["image_id"]: d["bbox"] for d in json.loads((r / "detections" / "detections.json").read_text())} for r in runs.values()]
     common = sorted(set(tops[0]) & set(tops[1]))
     iou = box_iou_xywh(np.array([tops[0][i] for i in common]), np.array([tops[1][i] for i in common]))
     report["detector_top_box_iou_cpu_vs_cuda_median"] = round(float(np.median(iou)), 4)
     # embeddings: real backbone, CPU fp32 vs CUDA fp32 vs CUDA bf16
     metrics = {}
     for device, run in runs.items():
-        detect(DetectConfig(run, detections=Path(a.detections), force=True))
+        detect(DetectConfig(run=run, detections=Path(a.detections)))
         for bf16 in ((False,) if device == "cpu" else (False, True)):
             tag = f"{device}{'_bf16' if bf16 else ''}"
             for mode in ("full", "gt", "det"):
-                embed(EmbedConfig(run, mode, a.backbone, a.weights, device=device, bf16=bf16,
-                                  name=f"{mode}_{tag}", workers=4))
-            result = evaluate(EvalConfig(run, tuple(f"{m}_{tag}" for m in ("full", "gt", "det")), (None,), plots=False))
-            metrics[tag] = result.metrics.set_index("embeddings")[["R@1", "MAP@R", "mAP"]].round(4).to_dict("index")
+                embed(EmbedConfig(run=run, mode=mode, backbone=a.backbone, weights=a.weights, device=device,
+                                  bf16=bf16, name=f"{mode}_{tag}", workers=4))
+            result = evaluate(EvalConfig(run=run, embeddings=tuple(f"{m}_{tag}" for m in ("full", "gt", "det")),
+                                         pca=(None,), plots=False))
+            metrics[tag] = result.computed.set_index("embeddings")[["R@1", "MAP@R", "mAP"]].round(4).to_dict("index")
     report["metrics"] = metrics
     for mode in ("full", "gt", "det"):
-        cpu = np.load(runs["cpu"] / "embeddings" / f"{mode}_cpu.npy")
-        gpu = np.load(runs["cuda"] / "embeddings" / f"{mode}_cuda.npy")
-        bf = np.load(runs["cuda"] / "embeddings" / f"{mode}_cuda_bf16.npy")
+        cpu = np.load(runs["cpu"] / "embeddings" / f"{mode}_cpu" / "vectors.npy")
+        gpu = np.load(runs["cuda"] / "embeddings" / f"{mode}_cuda" / "vectors.npy")
+        bf = np.load(runs["cuda"] / "embeddings" / f"{mode}_cuda_bf16" / "vectors.npy")
         report[f"{mode}_cosine_cpu_vs_cuda_min"] = round(float(cosine(cpu, gpu).min()), 5)
         report[f"{mode}_cosine_fp32_vs_bf16_min"] = round(float(cosine(gpu, bf).min()), 5)
         for metric in ("R@1", "MAP@R"):

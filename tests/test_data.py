@@ -1,7 +1,6 @@
 import json
 
 import numpy as np
-import pandas as pd
 import pytest
 from PIL import Image
 from pycocotools.coco import COCO
@@ -10,7 +9,7 @@ from cbir import CbirError
 from cbir.datasets import load_dataset
 from cbir.datasets.cub import assign_split, read_cub
 from cbir.datasets.prepare import PrepareConfig, prepare
-from cbir.images import load_rgb, open_photo
+from cbir.images import load_rgb
 from cbir.layout import RunLayout
 from conftest import FULL_ANNOTATIONS, MINI_SPLIT, SAMPLE
 

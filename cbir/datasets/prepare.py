@@ -109,9 +109,10 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
         inputs["image_files"] = fingerprint([[p, f.stat().st_size if f.exists() else -1]
                                              for p, f in zip(images.path, files)])
         if is_fresh(art, inputs, cfg.force):
-            return PrepareResult(load_dataset(layout), (art.folder() / layout.BAD_IMAGES).read_text().splitlines()
-                                 if (art.folder() / layout.BAD_IMAGES).exists() else [],
-                                 art.meta()["summary"]["clipped_boxes"])
+            data = load_dataset(layout)
+            bad_file = art.folder() / layout.BAD_IMAGES
+            return PrepareResult(data, bad_file.read_text().splitlines() if bad_file.exists() else [],
+                                 data.meta["summary"]["clipped_boxes"])
         images, instances, bad, clipped = _checked(cfg, images, tables.instances, files)
         counts = images.split.value_counts().to_dict()
         with commit(art, inputs) as staged:

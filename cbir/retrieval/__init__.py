@@ -35,8 +35,9 @@ class VectorStore(Protocol):
     def save(self, folder: Path) -> None: ...
 
 
-def open_store(kind: str, folder: Path, gpu: str = "auto") -> VectorStore:
+def open_store(description: dict, folder: Path, gpu: str = "auto") -> VectorStore:
+    """The saved store an index's recorded description names."""
     from .faiss_store import FaissStore
 
     stores = {"faiss": FaissStore}
-    return stores[kind].load(folder, gpu)
+    return stores[description["store"]].load(folder, gpu, description)

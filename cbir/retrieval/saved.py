@@ -50,8 +50,7 @@ def load_index(run: Path | RunLayout, name: str, gpu: str = "auto") -> SearchInd
     art = Artifact(layout, layout.index(name))
     folder, meta = art.open(f"build it with `cbir index --run {layout.root} --embeddings NAME --name {name}`")
     manifest = meta["summary"]
-    store = open_store(manifest["store"], folder, gpu) if manifest["store"] != "faiss" else \
-        _faiss(folder, gpu, manifest)
+    store = open_store(manifest, folder, gpu)
     table = read_table(folder / layout.ROWS).set_index("id")
     if len(table) != store.count:
         raise CbirError(f"{art.link}: holds {store.count} vectors but its table {len(table)} rows; rebuild it "
@@ -60,12 +59,6 @@ def load_index(run: Path | RunLayout, name: str, gpu: str = "auto") -> SearchInd
     added = np.load(added_path) if added_path.exists() else np.zeros((0, manifest["dim_in"]), np.float32)
     image_dir = Path(manifest["image_dir"]) if manifest.get("image_dir") else None
     return SearchIndex(store, table, manifest, added, image_dir, meta["inputs"])
-
-
-def _faiss(folder: Path, gpu: str, manifest: dict):
-    from .faiss_store import FaissStore
-
-    return FaissStore.load(folder, gpu, manifest)
 
 
 def commit_index(layout: RunLayout, si: SearchIndex, upstream: dict) -> None:
