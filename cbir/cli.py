@@ -16,6 +16,7 @@ from pathlib import Path
 from . import CbirError, __version__
 from .artifacts import Interrupted
 from .images import DEFAULT_MAX_PIXELS
+from .retrieval import check_store
 from .retrieval.reduce import parse_pca
 
 log = logging.getLogger("cbir")
@@ -119,13 +120,22 @@ def _index_args(p):
     p.add_argument("--factory", default="auto", help="FAISS index_factory body: Flat, HNSW32, IVF1024,PQ32 ... or "
                    "auto (exact up to 100k vectors, IVF-SQ8 up to 50M, IVF-PQ beyond; benchmarks/results/index_bench_cpu.md)")
     p.add_argument("--gpu", default="auto", help="auto (GPU when faiss-gpu sees one), off, or a GPU number")
+    p.add_argument("--store", default="faiss", type=_checked(check_store),
+                   help="where the vectors live: faiss (default, files in the run), milvus-lite:PATH.db (Milvus Lite, "
+                        "one local file; relative paths are inside the run) or milvus://HOST:PORT (a Milvus server)")
 
 
-def parse_pca_arg(text: str):
-    try:
-        return parse_pca(text)
-    except CbirError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+def _checked(check):
+    """An argparse type from a checker that raises CbirError, so its one-line message is argparse's."""
+    def parse(text):
+        try:
+            return check(text)
+        except CbirError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse
+
+
+parse_pca_arg = _checked(parse_pca)
 
 
 # ---------------------------------------------------------------- configs from flags (shared with `run`)
@@ -161,7 +171,8 @@ def index_config(a, run: Path, embeddings: str, name: str | None = None):
     from .retrieval.index import IndexConfig
 
     return IndexConfig(run=run, embeddings=embeddings, name=name, pca=a.pca, whiten=a.whiten, factory=a.factory,
-                       gpu=a.gpu, gallery=_csv(getattr(a, "gallery", "train,test")), force=getattr(a, "force", False))
+                       gpu=a.gpu, gallery=_csv(getattr(a, "gallery", "train,test")), store=a.store,
+                       force=getattr(a, "force", False))
 
 
 # ---------------------------------------------------------------- commands
@@ -270,7 +281,8 @@ def cmd_index(a):
         if not a.embeddings:
             raise CbirError("--embeddings NAME is required to build an index (e.g. --embeddings det)")
         m = build_index(index_config(a, a.run, a.embeddings, a.name)).manifest
-        print(f"{a.run}/index/{m['name']}: {m['count']} vectors, {m['factory']} (PCA fitted on "
+        where = f"Milvus {m['milvus_index']} in {m['uri']} / {m['collection']}" if m["store"] == "milvus" else "FAISS"
+        print(f"{a.run}/index/{m['name']}: {m['count']} vectors, {m['factory']} ({where}; PCA fitted on "
               f"{m['train_rows']} train rows; {len(m['edits'])} --add/--remove edit(s) kept)")
 
 
@@ -301,14 +313,14 @@ def cmd_search(a):
 
     q = Querier(a.run, a.index, not a.no_detector, weights=a.weights, detector_weights=a.detector_weights)
     if a.image:
-        boxes, merged = q.query(open_photo(Path(a.image)), a.k, name=Path(a.image).name)
+        boxes, merged = q.query(open_photo(Path(a.image)), a.k, name=Path(a.image).name, filter=a.filter)
     else:
-        boxes, merged = q.query_id(a.query_id, a.k)
+        boxes, merged = q.query_id(a.query_id, a.k, a.filter)
     doc = results_json(a.image or f"image_id {a.query_id}", boxes, merged)
     if a.json:
         print(json.dumps(doc, indent=1))
         return
-    print(f"# {doc['query']} — {q.detector_note}")
+    print(f"# {doc['query']} — {q.detector_note}" + (f"; filter: {a.filter}" if a.filter else ""))
     for i, b in enumerate(doc["boxes"], 1):
         print(f"\nbox {i} {b['box']} score {b['score']} ({b['source']})")
         print(_table(b["neighbours"]))
@@ -337,6 +349,9 @@ def _search_parser(sub):
     group.add_argument("--query-id", type=int, help="an image id already in the run (excluded from its own results)")
     p.add_argument("--k", type=_bounded(int, 1, 10000), default=10, help="neighbours per box (default 10)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    p.add_argument("--filter", metavar="EXPR", help="search only rows matching a Milvus-style expression over id, "
+                   "image_id, instance, class_id, category_id, split, source, score, path — e.g. \"split == 'test' "
+                   "and class_id in [1, 2]\" (==, !=, <, <=, >, >=, in, not in, and, or, not; any store)")
     p.add_argument("--no-detector", action="store_true", help="query with the whole photo, no detection")
     _moved_weights(p)
     p.set_defaults(func=cmd_search)
@@ -510,6 +525,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss").setLevel(logging.WARNING)
+    for noisy in ("milvus_lite", "pymilvus", "grpc"):  # their failures reach cbir as exceptions: one line each
+        logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.CRITICAL)
     try:
         args.func(args)
     except Interrupted as e:

@@ -168,7 +168,7 @@ def _served_rows(layout: RunLayout, name: str, result: Evaluation) -> list[dict]
     def approximate(top):
         queries = np.asarray(vectors[gallery.rows[gallery.starts]])
         _, ids = si.search(queries, min(DEPTH, len(test_ids)), subset=test_ids)
-        return {"index": _body(si.manifest["factory"]),
+        return {"index": _served_label(si.manifest),
                 **ranked_metrics(gallery, np.where(ids >= 0, position[np.maximum(ids, 0)], -1), top)}
 
     base = {"embeddings": emb_name, "reduction": f"served:{name}", "backbone": si.manifest["backbone"],
@@ -176,6 +176,12 @@ def _served_rows(layout: RunLayout, name: str, result: Evaluation) -> list[dict]
             "instances": len(gallery.instances),
             "fingerprint": fingerprint([Artifact(layout, layout.index(name)).meta()["files"], emb["fingerprint"]])}
     return _score(result, f"{emb_name} (served {name})", gallery, base, approximate)
+
+
+def _served_label(manifest: dict) -> str:
+    """What the served index is: its FAISS body, or the Milvus index type it was mapped to."""
+    body = _body(manifest["factory"])
+    return f"milvus:{manifest['milvus_index']}" if manifest.get("store") == "milvus" else body
 
 
 def _body(factory: str) -> str:

@@ -54,6 +54,7 @@ def run_all(cfg: RunConfig) -> list[tuple[str, float, str]]:
                 **write_detection_report(cfg.detect.run)))
         for mode in cfg.modes:
             step(f"embed {mode}", lambda mode=mode: f"{len(embed(replace(cfg.embed, mode=mode))[1])} vectors")
-        step(f"index {cfg.index.index_name}", lambda: build_index(cfg.index).manifest["factory"])
+        step(f"index {cfg.index.index_name}", lambda: "{factory} in {store}".format(
+            factory=build_index(cfg.index).manifest["factory"], store=cfg.index.store))
         step("evaluate", lambda: f"{len(evaluate(cfg.evaluate).computed)} rows")
     return steps

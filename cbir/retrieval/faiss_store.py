@@ -54,18 +54,20 @@ def _inner(index):
 
 class FaissStore:
     kind = "faiss"
+    filters = False  # `--filter` is evaluated on the index's table and searched as an id subset
 
-    def __init__(self, index: faiss.Index, factory: str, params: dict | None = None):
-        self.index, self.factory = index, factory
+    def __init__(self, index: faiss.Index, factory: str, params: dict | None = None, add_gpu: str = "off"):
+        self.index, self.factory, self.add_gpu = index, factory, add_gpu
         self.params = set_search_params(index, params if params is not None else SEARCH_PARAMS)
 
     @classmethod
-    def build(cls, dim: int, factory: str) -> FaissStore:
+    def build(cls, dim: int, factory: str, gpu: str = "off") -> FaissStore:
+        """An untrained index; `gpu` also adds the build's vectors on the GPU when one is there."""
         try:
             index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as e:
             raise CbirError(f"--factory: FAISS cannot build {factory!r} ({str(e).splitlines()[-1][:120]})") from None
-        return cls(index, factory)
+        return cls(index, factory, add_gpu=gpu)
 
     @property
     def description(self) -> dict:
@@ -75,11 +77,16 @@ class FaissStore:
     def count(self) -> int:
         return int(self.index.ntotal)
 
+    def matches(self, rows: int, next_id: int) -> bool:
+        """Whether the index holds the record's vectors (it is saved with its table, so a count suffices)."""
+        return self.count == rows
+
     def train(self, vectors: np.ndarray) -> None:
         self.index.train(np.ascontiguousarray(vectors, dtype=np.float32))
 
-    def add(self, vectors: np.ndarray, ids: np.ndarray, gpu: str = "off") -> None:
-        work = to_gpu(self.index, gpu)
+    def add(self, vectors: np.ndarray, ids: np.ndarray, meta=None) -> None:
+        """`meta` (scalar fields) is unused: FAISS holds vectors only, the index's table holds the rest."""
+        work = to_gpu(self.index, self.add_gpu)
         work.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids, np.int64))
         if work is not self.index:
             self.index = faiss.index_gpu_to_cpu(work)
@@ -119,7 +126,7 @@ class FaissStore:
         faiss.write_index(self.index, str(Path(folder) / FILE))
 
     @classmethod
-    def load(cls, folder: Path, gpu: str = "off", description: dict | None = None) -> FaissStore:
+    def load(cls, folder: Path, gpu: str = "off", description: dict | None = None, root: Path | None = None) -> FaissStore:
         path = Path(folder) / FILE
         try:
             index = faiss.read_index(str(path))
@@ -129,3 +136,7 @@ class FaissStore:
         if gpu != "off":
             store.index = to_gpu(index, gpu)
         return store
+
+    @classmethod
+    def release(cls, description: dict, root: Path) -> None:
+        """Nothing to drop: a FAISS index lives inside its artifact folder, which the run's versioning removes."""

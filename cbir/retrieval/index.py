@@ -4,6 +4,7 @@ store), rebuilt only when its inputs change, with earlier `--add` / `--remove` e
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,8 +16,10 @@ from ..artifacts import Artifact, is_fresh, writing
 from ..datasets import load_dataset
 from ..encoders.stage import load_embeddings
 from ..layout import RunLayout, check_name
+from . import check_store, release_store
 from .faiss_store import FaissStore
 from .ingest import replay_edits
+from .milvus_store import MilvusStore, check_factory
 from .reduce import fit_pca_dim, transform_prefix
 from .saved import SearchIndex, commit_index, load_index
 
@@ -50,10 +53,14 @@ class IndexConfig:
     factory: str = "auto"
     gpu: str = "auto"
     gallery: tuple[str, ...] = ("train", "test")
+    store: str = "faiss"  # faiss | milvus-lite:PATH.db | milvus://HOST:PORT
     force: bool = False
 
     def __post_init__(self):
         check_name(self.index_name)
+        check_store(self.store)
+        if self.store != "faiss" and self.factory != "auto":
+            check_factory(self.factory, self.store)
         if self.pca is not None and self.pca < 1:
             raise CbirError(f"--pca {self.pca}: a positive dimension or none")
 
@@ -68,16 +75,33 @@ def build_index(cfg: IndexConfig) -> SearchIndex:
     with writing(cfg.run) as layout:
         vectors, table, emb = load_embeddings(layout, cfg.embeddings)
         inputs = {"embeddings": emb["fingerprint"], "pca": cfg.pca, "whiten": cfg.whiten, "factory": cfg.factory,
-                  "gallery": list(cfg.gallery)}
+                  "gallery": list(cfg.gallery), "store": cfg.store}
         art = Artifact(layout, layout.index(cfg.index_name))
         if is_fresh(art, inputs, cfg.force):
             return load_index(layout, cfg.index_name, cfg.gpu)
-        old = load_index(layout, cfg.index_name, "off") if art.exists() and not art.check_files() else None
+        # the previous version's record (not its store: that may be what failed) carries its edits
+        old = load_index(layout, cfg.index_name, "off", open_store=False) \
+            if art.exists() and not art.check_files() else None
         si = _build(layout, cfg, vectors, table, emb, inputs)
-        if old is not None:
-            replay_edits(layout, si, old)
-        commit_index(layout, si, si.manifest["upstream"])
+        with _dropped_on_failure(si.store, layout):
+            if old is not None:
+                replay_edits(layout, si, old)
+                si.manifest["previous_store"] = {k: old.manifest[k] for k in ("store", "uri", "collection")
+                                                 if k in old.manifest}
+            commit_index(layout, si, si.manifest["upstream"])
+        # the artifact keeps one previous version (old); what the version before it held outside the run goes
+        release_store(old.manifest.get("previous_store") if old else None, layout.root)
         return si
+
+
+@contextmanager
+def _dropped_on_failure(store, layout: RunLayout):
+    """A failed build leaves nothing behind outside the run either (a half-filled Milvus collection)."""
+    try:
+        yield
+    except BaseException:
+        release_store(store.description, layout.root)
+        raise
 
 
 def _build(layout: RunLayout, cfg: IndexConfig, vectors: np.ndarray, table: pd.DataFrame, emb: dict,
@@ -91,13 +115,17 @@ def _build(layout: RunLayout, cfg: IndexConfig, vectors: np.ndarray, table: pd.D
     dim = emb["dim"]
     pca = fit_pca_dim(cfg.pca, dim, int(is_train.sum()))
     body = auto_factory(int(gallery.sum()), pca or dim, int(is_train.sum())) if cfg.factory == "auto" else cfg.factory
-    store = FaissStore.build(dim, transform_prefix(pca, cfg.whiten) + ("" if body.startswith("IDMap") else "IDMap2,")
-                             + body)
-    store.train(vectors[is_train])
+    reduction = transform_prefix(pca, cfg.whiten)
+    if cfg.store == "faiss":
+        store = FaissStore.build(dim, reduction + ("" if body.startswith("IDMap") else "IDMap2,") + body, cfg.gpu)
+    else:
+        store = MilvusStore.build(cfg.store, layout.root, cfg.index_name, dim, reduction, body)
     ids = np.flatnonzero(gallery).astype(np.int64)
-    store.add(vectors[gallery], ids, cfg.gpu)
     data = load_dataset(layout)
     meta = table[gallery].merge(data.images[["image_id", "path", "class_name"]], on="image_id", how="left")
+    with _dropped_on_failure(store, layout):
+        store.train(vectors[is_train])
+        store.add(vectors[gallery], ids, meta)
     manifest = {"name": cfg.index_name, "embeddings": cfg.embeddings, "mode": emb["mode"],
                 "backbone": emb["spec"]["backbone"], "embedding_spec": emb["spec"], "pca": pca, "whiten": cfg.whiten,
                 "gallery": list(cfg.gallery), "trained_on": "train split", "train_rows": int(is_train.sum()),

@@ -69,8 +69,8 @@ def _embed_photos(q: Querier, files: list[Path], progress: tqdm) -> tuple[np.nda
 def add_rows(si: SearchIndex, vectors: np.ndarray, rows: pd.DataFrame) -> np.ndarray:
     """Add vectors of added photos with the next store ids; returns the ids given."""
     ids = np.arange(si.manifest["next_id"], si.manifest["next_id"] + len(rows), dtype=np.int64)
-    si.store.add(vectors, ids)
     new = rows.assign(id=ids, split="added", class_id=-1, class_name="").set_index("id")
+    si.store.add(vectors, ids, new)
     si.table = pd.concat([si.table, new[si.table.columns]]) if len(si.table) else new[ADDED_COLUMNS]
     si.added = np.concatenate([si.added, vectors.astype(np.float32)])
     si.manifest["next_id"] = int(ids[-1] + 1) if len(ids) else si.manifest["next_id"]
@@ -82,7 +82,8 @@ def add_photos(run: Path | RunLayout, name: str, paths: list[Path], use_detector
     """Detect → embed → add new photos to a saved index, in resumable shards; image ids continue after the
     run's, a photo already in the index (same absolute path) is skipped. Returns (instances, errors)."""
     with writing(run) as layout:
-        q = Querier(layout, name, use_detector, gpu="off", weights=weights, detector_weights=detector_weights)
+        q = Querier(layout, name, use_detector, gpu="off", weights=weights, detector_weights=detector_weights,
+                    repair=True)
         si = q.si
         known = set(si.table.path[si.table.split == "added"])
         files = [p for p in photo_files(paths) if str(p) not in known]
@@ -116,7 +117,7 @@ def add_photos(run: Path | RunLayout, name: str, paths: list[Path], use_detector
 def remove_images(run: Path | RunLayout, name: str, image_ids: list[int]) -> int:
     """Drop every instance of the given images from a saved index, without a rebuild; ids of the rest stay."""
     with writing(run) as layout:
-        si = load_index(layout, name, gpu="off")
+        si = load_index(layout, name, gpu="off", repair=True)
         unknown = sorted(set(image_ids) - set(si.table.image_id))
         if unknown:
             raise CbirError(f"--remove: image id(s) {unknown[:5]} are not in index {name}")

@@ -59,11 +59,12 @@ class QueryBox:
 
 
 def query_vectors(si: SearchIndex, vectors: np.ndarray, boxes: list[dict], k: int,
-                  exclude_image: int | None = None) -> tuple[list[QueryBox], pd.DataFrame]:
-    """Search every query box; over-fetch so the image-level lists still hold k distinct images."""
+                  exclude_image: int | None = None, filter: str | None = None) -> tuple[list[QueryBox], pd.DataFrame]:
+    """Search every query box (among the rows matching `filter`); over-fetch so the image-level lists still
+    hold k distinct images."""
     if k > len(si.table):
         raise CbirError(f"--k {k} exceeds the gallery ({len(si.table)} vectors in index {si.name})")
-    sims, ids = si.search(vectors, min(len(si.table), 4 * k + 8))
+    sims, ids = si.search(vectors, min(len(si.table), 4 * k + 8), filter=filter)
     out = []
     for i, b in enumerate(boxes):
         rows = neighbours(si, sims[i], ids[i], exclude_image)
@@ -104,9 +105,10 @@ class Querier:
     """Index, encoder and (optionally) detector loaded once; answers photos the way the run was built."""
 
     def __init__(self, run: Path | RunLayout, index_name: str, use_detector: bool = True, device: str = "auto",
-                 gpu: str = "auto", weights: str | None = None, detector_weights: str | None = None):
+                 gpu: str = "auto", weights: str | None = None, detector_weights: str | None = None,
+                 repair: bool = False):
         self.layout = run if isinstance(run, RunLayout) else RunLayout(run)
-        self.si = load_index(self.layout, index_name, gpu)
+        self.si = load_index(self.layout, index_name, gpu, repair)
         self.spec = self.si.manifest["embedding_spec"]
         self.device = resolve_device(device)
         self.encoder = encoder_from_spec(self.spec, self.device, weights)
@@ -149,15 +151,15 @@ class Querier:
         return self.encoder.encode(photo, np.array([b["bbox"] for b in boxes], float))
 
     def query(self, photo: Photo, k: int, score: float | None = None, exclude_image: int | None = None,
-              name: str | None = None):
+              name: str | None = None, filter: str | None = None):
         boxes = self.boxes(photo, score, name)
-        return query_vectors(self.si, self.vectors(photo, boxes), boxes, k, exclude_image)
+        return query_vectors(self.si, self.vectors(photo, boxes), boxes, k, exclude_image, filter)
 
-    def query_id(self, image_id: int, k: int):
+    def query_id(self, image_id: int, k: int, filter: str | None = None):
         """Query with an image already in the run: its stored vectors, itself excluded from the results."""
         vectors, table, _ = load_embeddings(self.layout, self.si.manifest["embeddings"])
         rows = table.index[table.image_id == image_id].to_numpy()
         if len(rows) == 0:
             raise CbirError(f"--query-id {image_id}: not in embeddings {self.si.manifest['embeddings']}")
         boxes = [{"bbox": [r.x, r.y, r.w, r.h], "score": r.score, "source": r.source} for r in table.loc[rows].itertuples()]
-        return query_vectors(self.si, np.asarray(vectors[rows]), boxes, k, exclude_image=image_id)
+        return query_vectors(self.si, np.asarray(vectors[rows]), boxes, k, exclude_image=image_id, filter=filter)

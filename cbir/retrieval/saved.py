@@ -3,6 +3,7 @@ manifest (settings, embedding spec, and the replayable `--add` / `--remove` edit
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +13,10 @@ import pandas as pd
 from .. import CbirError
 from ..artifacts import Artifact, commit, read_table
 from ..layout import RunLayout
-from . import open_store
+from . import open_store as _open_store
+from .expression import matching_ids, to_pandas
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -28,8 +32,10 @@ class SearchIndex:
     def name(self) -> str:
         return self.manifest["name"]
 
-    def search(self, queries: np.ndarray, k: int, subset: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (similarity, id) per raw query vector; -1 ids pad short results."""
+    def search(self, queries: np.ndarray, k: int, subset: np.ndarray | None = None,
+               filter: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (similarity, id) per raw query vector, among `subset` ids and rows matching `filter` (a
+        Milvus-style expression: evaluated by a store that filters, else on the table); -1 ids pad."""
         if self.store.count == 0:
             raise CbirError(f"index {self.name} is empty; add vectors with `cbir index --add`")
         queries = np.atleast_2d(queries)
@@ -38,27 +44,55 @@ class SearchIndex:
                             f"{self.manifest['dim_in']} ({self.manifest['backbone']})")
         if k < 1:
             raise CbirError(f"--k {k}: must be at least 1")
-        return self.store.search(queries, min(k, self.store.count), subset)
+        k = min(k, self.store.count)
+        if filter and getattr(self.store, "filters", False):
+            to_pandas(filter)  # the same checked subset as for any other store
+            return self.store.search(queries, k, subset, expression=filter)
+        if filter:
+            matching = matching_ids(self.table, filter)
+            subset = matching if subset is None else np.intersect1d(matching, subset)
+        return self.store.search(queries, k, subset)
+
+    def raw_vectors(self, layout: RunLayout, ids: np.ndarray) -> np.ndarray:
+        """Encoder vectors of stored ids: base rows from the embeddings (id = row), added ones from the index."""
+        from ..encoders.stage import load_embeddings
+
+        base, _, _ = load_embeddings(layout, self.manifest["embeddings"])
+        added_ids = self.table.index[self.table.split == "added"].sort_values().to_numpy()
+        is_added = np.isin(ids, added_ids)
+        out = np.zeros((len(ids), self.manifest["dim_in"]), np.float32)
+        out[~is_added] = base[ids[~is_added]]
+        out[is_added] = self.added[np.searchsorted(added_ids, ids[is_added])]
+        return out
 
     def image_path(self, path: str) -> Path:
         p = Path(path)
         return p if p.is_absolute() or self.image_dir is None else self.image_dir / p
 
 
-def load_index(run: Path | RunLayout, name: str, gpu: str = "auto") -> SearchIndex:
+def load_index(run: Path | RunLayout, name: str, gpu: str = "auto", repair: bool = False,
+               open_store: bool = True) -> SearchIndex:
+    """A saved index. A store living outside the run (Milvus) that disagrees with the run's record after an
+    interrupted `--add` / `--remove` is re-synced when `repair` (writers, under the run lock), else refused.
+    Without `open_store`, only the record (table, manifest, added vectors; store None)."""
     layout = run if isinstance(run, RunLayout) else RunLayout(run)
     art = Artifact(layout, layout.index(name))
     folder, meta = art.open(f"build it with `cbir index --run {layout.root} --embeddings NAME --name {name}`")
     manifest = meta["summary"]
-    store = open_store(manifest, folder, gpu)
+    store = _open_store(manifest, folder, layout.root, gpu) if open_store else None
     table = read_table(folder / layout.ROWS).set_index("id")
-    if len(table) != store.count:
-        raise CbirError(f"{art.link}: holds {store.count} vectors but its table {len(table)} rows; rebuild it "
-                        f"with `cbir index --force`")
     added_path = folder / layout.ADDED_VECTORS
     added = np.load(added_path) if added_path.exists() else np.zeros((0, manifest["dim_in"]), np.float32)
     image_dir = Path(manifest["image_dir"]) if manifest.get("image_dir") else None
-    return SearchIndex(store, table, manifest, added, image_dir, meta["inputs"])
+    si = SearchIndex(store, table, manifest, added, image_dir, meta["inputs"])
+    if store is not None and not store.matches(len(table), manifest["next_id"]):
+        if not (repair and hasattr(store, "repair")):
+            raise CbirError(f"{art.link}: its store does not match its record ({store.count} vectors, {len(table)} rows; an "
+                            f"interrupted --add/--remove? rerun it) — or rebuild with `cbir index --force`")
+        deleted, inserted = store.repair(table.index.to_numpy(np.int64), lambda ids: si.raw_vectors(layout, ids), table)
+        log.warning("index %s: store re-synced to the run's record (%d stray vector(s) deleted, %d re-inserted)",
+                    name, deleted, inserted)
+    return si
 
 
 def commit_index(layout: RunLayout, si: SearchIndex, upstream: dict) -> None:
