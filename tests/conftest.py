@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -65,3 +71,41 @@ def mini_copy(tmp_path) -> Path:
     dest = tmp_path / "cub"
     shutil.copytree(MINI, dest)
     return dest
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serve_page(run: Path, index: str):
+    """`cbir ui` started for real on a free loopback port (no detector); yields its URL, stops it after."""
+    port = _free_port()
+    log = open(run / "ui.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "cbir.cli", "ui", "--run", str(run), "--index", index, "--port",
+                             str(port), "--detector", "none"], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError(f"ui did not start: {(run / 'ui.log').read_text()[-2000:]}")
+            time.sleep(1)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def predict(url: str, path: Path, k: int = 5, score: float = 0.3):
+    """One query through the page's API, as gradio_client sends it."""
+    from gradio_client import Client, handle_file
+
+    return Client(url, verbose=False).predict(handle_file(str(path)), score, k, api_name="/search")

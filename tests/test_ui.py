@@ -2,18 +2,13 @@
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from cbir.retrieval.index import IndexConfig, build_index
-from conftest import MINI
+from conftest import MINI, predict as _predict, serve_page
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -21,41 +16,13 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 CARDINAL = sorted((MINI / "images" / "017.Cardinal").glob("*.jpg"))[0]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(mini_run, tmp_path_factory):
     run = tmp_path_factory.mktemp("ui") / "run"
     shutil.copytree(mini_run, run, symlinks=True)
     build_index(IndexConfig(run=run, embeddings="det", pca=16, factory="Flat"))
-    port = _free_port()
-    log = open(run / "ui.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "cbir.cli", "ui", "--run", str(run), "--index", "det", "--port",
-                             str(port), "--detector", "none"], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise RuntimeError(f"ui did not start: {(run / 'ui.log').read_text()[-2000:]}")
-            time.sleep(1)
-    yield url, run
-    proc.terminate()
-    proc.wait(10)
-
-
-def _predict(url, path, k=5, score=0.3):
-    from gradio_client import Client, handle_file
-
-    return Client(url, verbose=False).predict(handle_file(str(path)), score, k, api_name="/search")
+    with serve_page(run, "det") as url:
+        yield url, run
 
 
 def test_binds_to_loopback_only(server):

@@ -1,0 +1,194 @@
+"""The Milvus store (on Milvus Lite, a local file): the same answers as FAISS, stable ids through edits,
+filtered search, reopening in a new process, repair after a half-done edit, one-line errors, and the
+whole pipeline and the page on a Milvus index."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cbir import CbirError
+from cbir.encoders.stage import load_embeddings
+from cbir.retrieval.expression import matching_ids
+from cbir.retrieval.index import IndexConfig, build_index
+from cbir.retrieval.ingest import add_photos, remove_images
+from cbir.retrieval.saved import load_index
+from conftest import MINI, MINI_SPLIT, MOBILENET, copy_run, predict, serve_page
+
+pytest.importorskip("milvus_lite")
+
+LITE = "milvus-lite:milvus.db"  # inside the run
+
+
+def _cli(*args, check=True):
+    return subprocess.run([sys.executable, "-m", "cbir.cli", *map(str, args)], capture_output=True, text=True,
+                          check=check)
+
+
+def _collections(run):
+    from pymilvus import MilvusClient
+
+    client = MilvusClient(str(run / "milvus.db"))
+    try:
+        return client.list_collections()
+    finally:
+        client.close()
+
+
+def _same_up_to_ties(sims_a, ids_a, sims_b, ids_b, tol=1e-5):
+    """Top-k lists agree: same similarities, and where the ids differ the similarities tie."""
+    assert np.allclose(sims_a, sims_b, atol=tol)
+    differ = ids_a != ids_b
+    return bool(np.all(np.abs(sims_a[differ] - sims_b[differ]) <= tol)), int(differ.sum())
+
+
+def test_milvus_flat_equals_faiss_exact_for_every_sample_query(sample_run, tmp_path):
+    run = copy_run(sample_run, tmp_path / "run")
+    faiss_index = build_index(IndexConfig(run=run, embeddings="det", name="fx", pca=128, factory="Flat"))
+    milvus = build_index(IndexConfig(run=run, embeddings="det", name="mx", pca=128, factory="Flat", store=LITE))
+    assert milvus.manifest["milvus_index"] == "FLAT" and milvus.manifest["collection"].startswith("cbir_mx_")
+    vectors, table, _ = load_embeddings(run, "det")
+    queries = np.asarray(vectors[(table.split == "test").to_numpy()])
+    assert len(queries) > 400
+    # one reduction, two stores: the vectors they hold are the same
+    assert np.allclose(faiss_index.store.transform(queries), milvus.store.transform(queries), atol=1e-6)
+    sims_f, ids_f = faiss_index.search(queries, 10)
+    sims_m, ids_m = milvus.search(queries, 10)
+    tied, differing = _same_up_to_ties(sims_f, ids_f, sims_m, ids_m)
+    assert tied, f"{differing} ids differ without a tie"
+    # HNSW in Milvus against exact FAISS: approximate, but close on this gallery
+    hnsw = build_index(IndexConfig(run=run, embeddings="det", name="mh", pca=128, factory="HNSW32", store=LITE))
+    _, ids_h = hnsw.search(queries, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids_h, ids_f)])
+    assert recall >= 0.95
+    for si in (milvus, hnsw):
+        si.store.close()
+
+
+@pytest.fixture
+def milvus_run(mini_run, tmp_path):
+    run = copy_run(mini_run, tmp_path / "run")
+    build_index(IndexConfig(run=run, embeddings="det", name="mv", pca=16, factory="Flat", store=LITE)).store.close()
+    return run
+
+
+def test_edits_keep_ids_filter_selects_and_a_new_process_answers_the_same(milvus_run, tmp_path):
+    run = milvus_run
+    photo = sorted((MINI / "images" / "014.Indigo_Bunting").glob("*.jpg"))[0]
+    added, errors = add_photos(run, "mv", [photo], use_detector=False)
+    assert added == 1 and errors == []
+    si = load_index(run, "mv")
+    victim = int(si.table[si.table.split == "train"].image_id.iloc[0])
+    kept = si.table.index[si.table.image_id != victim]
+    si.store.close()
+    assert remove_images(run, "mv", [victim]) >= 1
+    si = load_index(run, "mv")
+    assert list(si.table.index) == list(kept) and si.store.count == len(kept)
+    new_id = int(si.table.index[si.table.split == "added"][0])
+    assert new_id == len(load_embeddings(run, "det")[1])  # added ids continue after the embeddings' rows
+
+    # filtered search returns only matching rows, exactly the brute-force answer among them
+    expression = "split == 'test' and class_id in [14, 17]"
+    query = si.raw_vectors(run, np.array([new_id]))
+    sims, ids = si.search(query, 5, filter=expression)
+    allowed = matching_ids(si.table, expression)
+    assert set(ids[ids >= 0]) <= set(allowed) and len(allowed) > 5
+    reduced = si.store.transform(si.raw_vectors(run, allowed))
+    expected = allowed[np.argsort(-(reduced @ si.store.transform(query)[0]), kind="stable")[:5]]
+    assert list(ids[0]) == list(expected)
+    assert np.allclose(sims[0], np.sort(reduced @ si.store.transform(query)[0])[::-1][:5], atol=1e-5)
+    mine = si.search(query, 8)
+    si.store.close()
+
+    # reopening in a new process answers identically, filter included
+    out = json.loads(_cli("search", "--run", run, "--index", "mv", "--image", photo, "--k", "8", "--json",
+                          "--no-detector").stdout)
+    assert [n["image_id"] for n in out["boxes"][0]["neighbours"]] == list(si.table.loc[mine[1][0]].image_id)
+    out = json.loads(_cli("search", "--run", run, "--index", "mv", "--image", photo, "--k", "3", "--json",
+                          "--no-detector", "--filter", expression).stdout)
+    assert {n["class_id"] for n in out["images"]} <= {14, 17}
+
+    # the run moved elsewhere: a run-relative Milvus Lite file travels with it
+    moved = tmp_path / "moved"
+    shutil.move(str(run), moved)
+    again = load_index(moved, "mv")
+    assert np.array_equal(again.search(query, 8)[1], mine[1])
+    again.store.close()
+
+
+def test_rebuild_replays_edits_and_drops_collections_two_builds_old(milvus_run):
+    run = milvus_run
+    victim = int(load_index(run, "mv", open_store=False).table.image_id.iloc[0])
+    remove_images(run, "mv", [victim])
+    first = load_index(run, "mv", open_store=False).manifest["collection"]
+    for pca in (8, 4):
+        si = build_index(IndexConfig(run=run, embeddings="det", name="mv", pca=pca, factory="Flat", store=LITE))
+        assert victim not in set(si.table.image_id) and si.store.count == len(si.table)
+        si.store.close()
+    names = _collections(run)
+    assert first not in names and len([n for n in names if n.startswith("cbir_mv_")]) == 2
+
+
+def test_half_done_edit_is_refused_to_readers_and_repaired_by_writers(milvus_run):
+    run = milvus_run
+    si = load_index(run, "mv")
+    reference = si.search(si.raw_vectors(run, si.table.index[:3].to_numpy()), 5)
+    # an --add that died after its upsert, and a --remove that died after its delete
+    stray = si.table.iloc[:2].copy()
+    stray.index = [9000, 9001]
+    si.store.add(si.raw_vectors(run, si.table.index[:2].to_numpy()), np.array([9000, 9001]), stray.reset_index())
+    gone = si.table.index[5:7].to_numpy()
+    si.store.client.delete(si.store.collection, ids=gone.tolist())
+    si.store.close()
+    with pytest.raises(CbirError, match="interrupted --add/--remove"):
+        load_index(run, "mv")
+    fixed = load_index(run, "mv", repair=True)
+    assert sorted(fixed.store.ids()) == sorted(fixed.table.index)
+    again = fixed.search(fixed.raw_vectors(run, fixed.table.index[:3].to_numpy()), 5)
+    assert np.array_equal(again[1], reference[1]) and np.allclose(again[0], reference[0], atol=1e-6)
+    fixed.store.close()
+
+
+def test_bad_stores_get_one_line(milvus_run):
+    run = milvus_run
+    cases = [
+        (["--store", "milvus://127.0.0.1:1"], "cannot open http://127.0.0.1:1"),
+        (["--store", "elastic"], "use faiss, milvus-lite:PATH.db"),
+        (["--store", "milvus://host:99999"], "use faiss, milvus-lite:PATH.db"),
+        (["--store", LITE, "--factory", "IVF8,PQ4"], "Milvus Lite has no IVF_PQ"),
+        (["--store", LITE, "--factory", "LSH"], "no Milvus equivalent"),
+    ]
+    for flags, message in cases:
+        result = _cli("index", "--run", run, "--embeddings", "det", "--name", "bad", *flags, check=False)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert message in result.stderr.strip().splitlines()[-1]
+    assert not (run / "index" / "bad").exists()
+    result = _cli("search", "--run", run, "--index", "mv", "--query-id", "1", "--filter", "colour == 'red'",
+                  check=False)
+    assert result.returncode == 2 and "unknown field 'colour'" in result.stderr and "Traceback" not in result.stderr
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pymilvus import MilvusClient; "
+                               f"MilvusClient({str(run / 'milvus.db')!r}); print('open', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        result = _cli("search", "--run", run, "--index", "mv", "--query-id", "1", check=False)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert "open in another process" in result.stderr.strip().splitlines()[-1]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_whole_pipeline_and_page_on_milvus_lite(tmp_path):
+    run = tmp_path / "run"
+    out = _cli("run", "--cub", MINI, "--out", run, "--split", MINI_SPLIT, "--detections",
+               MINI / "external_detections.json", "--backbone", "mobilenet_v2", "--weights", MOBILENET,
+               "--pca", "16", "--store", LITE, "--workers", "0")
+    assert "served:det" in out.stdout and "milvus:FLAT" in (run / "reports" / "retrieval" / "metrics.csv").read_text()
+    assert load_index(run, "det", open_store=False).manifest["store"] == "milvus"
+    with serve_page(run, "det") as url:
+        _, _, choice, gallery, merged = predict(url, sorted((MINI / "images" / "017.Cardinal").glob("*.jpg"))[0])
+    assert len(gallery) == 5 and "Cardinal" in gallery[0]["caption"] and len(merged["data"]) == 5
