@@ -18,6 +18,7 @@ from .artifacts import Interrupted
 from .images import DEFAULT_MAX_PIXELS
 from .retrieval import check_store
 from .retrieval.reduce import parse_pca
+from .retrieval.rerank import METHODS, SERVED_DEFAULT, SHORTLIST, Rerank, parse_methods
 
 log = logging.getLogger("cbir")
 
@@ -313,9 +314,10 @@ def cmd_search(a):
 
     q = Querier(a.run, a.index, not a.no_detector, weights=a.weights, detector_weights=a.detector_weights)
     if a.image:
-        boxes, merged = q.query(open_photo(Path(a.image)), a.k, name=Path(a.image).name, filter=a.filter)
+        boxes, merged = q.query(open_photo(Path(a.image)), a.k, name=Path(a.image).name, filter=a.filter,
+                                rerank=Rerank(method=a.rerank))
     else:
-        boxes, merged = q.query_id(a.query_id, a.k, a.filter)
+        boxes, merged = q.query_id(a.query_id, a.k, a.filter, Rerank(method=a.rerank))
     doc = results_json(a.image or f"image_id {a.query_id}", boxes, merged)
     if a.json:
         print(json.dumps(doc, indent=1))
@@ -353,8 +355,15 @@ def _search_parser(sub):
                    "image_id, instance, class_id, category_id, split, source, score, path — e.g. \"split == 'test' "
                    "and class_id in [1, 2]\" (==, !=, <, <=, >, >=, in, not in, and, or, not; any store)")
     p.add_argument("--no-detector", action="store_true", help="query with the whole photo, no detection")
+    _rerank_arg(p)
     _moved_weights(p)
     p.set_defaults(func=cmd_search)
+
+
+def _rerank_arg(p):
+    p.add_argument("--rerank", default=SERVED_DEFAULT, choices=METHODS,
+                   help=f"re-rank each box's top {SHORTLIST} among themselves: none, aqe, dba or kreciprocal "
+                        f"(default {SERVED_DEFAULT}: +16 MAP@R points on the CUB sample, R@1 not lower; README)")
 
 
 def cmd_evaluate(a):
@@ -362,7 +371,8 @@ def cmd_evaluate(a):
 
     result = evaluate(evaluate_config(a, a.run, _csv(a.embeddings)))
     m = result.computed
-    print(m[["embeddings", "reduction", "pca", "index"] + [c for c in SHOWN if c in m]].round(4).to_string(index=False))
+    print(m[["embeddings", "reduction", "pca", "index", "rerank"] + [c for c in SHOWN if c in m]].round(4)
+          .to_string(index=False))
     print(f"\nreport: {a.run}/reports/retrieval/ (metrics.csv, comparison.md — earlier rows kept —, plots)")
 
 
@@ -370,7 +380,8 @@ def evaluate_config(a, run: Path, embeddings: tuple[str, ...]):
     from .evaluate import EvalConfig
 
     return EvalConfig(run=run, embeddings=embeddings, pca=a.eval_pca, whiten=a.whiten, index=a.index,
-                      served=_csv(a.served), plots=not a.no_plots, force=getattr(a, "force", False))
+                      served=_csv(a.served), rerank=getattr(a, "rerank_list", (Rerank(),)), plots=not a.no_plots,
+                      force=getattr(a, "force", False))
 
 
 def _pca_list(text: str):
@@ -392,6 +403,9 @@ def _evaluate_parser(sub):
     p.add_argument("--index", default="exact", help="exact, or a FAISS factory body (e.g. HNSW32, IVF64,PQ16) "
                    "scored beside exact search with its recall@10 against exact")
     p.add_argument("--served", default="", help="comma-separated saved index names to score as served")
+    p.add_argument("--rerank", dest="rerank_list", default=(Rerank(),), type=_checked(parse_methods),
+                   help="comma-separated re-ranking methods scored side by side on the refit rows: none, aqe "
+                        "(α-query expansion), dba (database-side augmentation), kreciprocal (default none)")
     p.add_argument("--no-plots", action="store_true", help="metrics only, no pictures")
     p.set_defaults(func=cmd_evaluate)
 
@@ -453,7 +467,8 @@ def cmd_ui(a):
 
     if a.share:
         log.warning("--share: the page will be reachable from the internet through a gradio.live link")
-    serve(a.run, a.index, a.host, a.port, a.share, a.detector != "none", a.device, a.weights, a.detector_weights)
+    serve(a.run, a.index, a.host, a.port, a.share, a.detector != "none", a.device, a.weights, a.detector_weights,
+          a.rerank)
 
 
 def _ui_parser(sub):
@@ -467,6 +482,7 @@ def _ui_parser(sub):
     p.add_argument("--share", action="store_true", help="also publish a public gradio.live link (off by default)")
     p.add_argument("--detector", default="run", choices=("run", "none"),
                    help="run (the run's detector) or none (whole photo is the query)")
+    _rerank_arg(p)
     _device(p)
     _moved_weights(p)
     p.set_defaults(func=cmd_ui)

@@ -27,12 +27,13 @@ from .layout import RunLayout
 from .metrics.ranking import Gallery, exact_metrics, nmi, ranked_metrics
 from .retrieval.faiss_store import set_search_params
 from .retrieval.reduce import reduce
+from .retrieval.rerank import Rerank, rerank_matrix
 from .retrieval.saved import load_index
 
 log = logging.getLogger(__name__)
 
 REPORT = "retrieval"
-KEY = ["embeddings", "reduction", "pca", "index"]
+KEY = ["embeddings", "reduction", "pca", "index", "rerank"]
 SHOWN = ["R@1", "R@2", "R@4", "R@8", "P@5", "P@10", "mAP", "MAP@R", "R-precision", "NMI", "recall@10 vs exact"]
 DEPTH = 100  # ranking depth of approximate searches
 
@@ -117,6 +118,7 @@ class EvalConfig:
     whiten: bool = False
     index: str = "exact"  # or a FAISS factory body (e.g. HNSW32) scored beside exact search
     served: tuple[str, ...] = ()  # saved indexes to score as served
+    rerank: tuple[Rerank, ...] = (Rerank(),)  # re-ranking methods, side by side (served: on each shortlist)
     plots: bool = True
     force: bool = False
 
@@ -129,12 +131,23 @@ class Evaluation:
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
 
-def _score(result: Evaluation, key: str, gallery: Gallery, base: dict, approximate) -> list[dict]:
-    metrics, stats = exact_metrics(gallery)
-    rows = [{**base, "index": "exact", **metrics, "NMI": nmi(gallery), "excluded queries": stats.excluded}]
-    if approximate is not None:
-        rows.append({**base, **approximate(np.concatenate(stats.top))})
-    result.galleries[key] = gallery
+def _score(result: Evaluation, key: str, gallery: Gallery, base: dict, approximate,
+           rerank: Rerank = Rerank()) -> list[dict]:
+    """Exact rows (and the approximate one) of a gallery; a re-ranked row scores the re-ranked similarities
+    (NMI and the pictures belong to the embedding itself, so only the plain row has them)."""
+    reranked = None if rerank.method == "none" else \
+        rerank_matrix(rerank, gallery.query, gallery.instances, query_rows=gallery.starts)
+    metrics, stats = exact_metrics(gallery, reranked)
+    row = {**base, "index": "exact", "rerank": rerank.label, **metrics, "excluded queries": stats.excluded}
+    if reranked is not None:
+        row["fingerprint"] = fingerprint([base["fingerprint"], rerank.label])
+    rows = [row | ({"NMI": nmi(gallery)} if reranked is None else {})]
+    if approximate is not None and reranked is None:
+        rows.append({**base, "rerank": rerank.label, **approximate(np.concatenate(stats.top))})
+    if reranked is None:
+        result.galleries[key] = gallery
+    else:
+        key = f"{key} + {rerank.method}"
     ranks = np.arange(1, len(stats.pr_hits) + 1)
     n_queries = len(gallery.query) - stats.excluded
     result.curves[key] = (stats.pr_hits / stats.relevant_total, stats.pr_hits / (ranks * n_queries))
@@ -148,10 +161,11 @@ def _refit_rows(layout: RunLayout, cfg: EvalConfig, name: str, pca: int | None, 
             "fingerprint": fingerprint([info["fingerprints"], pca, cfg.whiten, cfg.index])}
     approximate = None if cfg.index == "exact" else \
         (lambda top: {"index": cfg.index, **refit_approximate(gallery, train.instances, cfg.index, top)})
-    return _score(result, f"{name} (PCA {pca or 'none'})", gallery, base, approximate)
+    return [r for rerank in cfg.rerank
+            for r in _score(result, f"{name} (PCA {pca or 'none'})", gallery, base, approximate, rerank)]
 
 
-def _served_rows(layout: RunLayout, name: str, result: Evaluation) -> list[dict]:
+def _served_rows(layout: RunLayout, name: str, result: Evaluation, rerank: tuple[Rerank, ...]) -> list[dict]:
     """Score a saved index as served: its reduction and its store, searched among the test rows."""
     si = load_index(layout, name, gpu="auto")
     emb_name = si.manifest["embeddings"]
@@ -165,17 +179,21 @@ def _served_rows(layout: RunLayout, name: str, result: Evaluation) -> list[dict]
     position = np.full(len(table), -1, np.int64)
     position[gallery.rows] = np.arange(len(gallery.rows))
 
-    def approximate(top):
+    def approximate(top, rerank: Rerank = Rerank()):
         queries = np.asarray(vectors[gallery.rows[gallery.starts]])
-        _, ids = si.search(queries, min(DEPTH, len(test_ids)), subset=test_ids)
+        _, ids = si.search(queries, min(DEPTH, len(test_ids)), subset=test_ids, rerank=rerank)
         return {"index": _served_label(si.manifest),
                 **ranked_metrics(gallery, np.where(ids >= 0, position[np.maximum(ids, 0)], -1), top)}
 
-    base = {"embeddings": emb_name, "reduction": f"served:{name}", "backbone": si.manifest["backbone"],
+    base = {"embeddings": emb_name, "reduction": f"served:{name}", "rerank": "none",
+            "backbone": si.manifest["backbone"],
             "pca": str(si.manifest["pca"] or "none"), "dim": gallery.query.shape[1], "images": len(gallery.query),
             "instances": len(gallery.instances),
             "fingerprint": fingerprint([Artifact(layout, layout.index(name)).meta()["files"], emb["fingerprint"]])}
-    return _score(result, f"{emb_name} (served {name})", gallery, base, approximate)
+    rows = _score(result, f"{emb_name} (served {name})", gallery, base, approximate)
+    # re-ranking as served: each query's shortlist from the store, re-ranked among itself
+    return rows + [{**base, "rerank": r.label, "fingerprint": fingerprint([base["fingerprint"], r.label]),
+                    **approximate(None, r)} for r in rerank if r.method != "none"]
 
 
 def _served_label(manifest: dict) -> str:
@@ -202,11 +220,12 @@ def evaluate(cfg: EvalConfig) -> Evaluation:
             raise CbirError(f"{layout.root}/embeddings: none of {', '.join(cfg.embeddings)} exist; run `cbir embed` first")
         result = Evaluation(pd.DataFrame())
         rows = [r for name in present for pca in cfg.pca for r in _refit_rows(layout, cfg, name, pca, result)]
-        rows += [r for name in cfg.served for r in _served_rows(layout, name, result)]
+        rows += [r for name in cfg.served for r in _served_rows(layout, name, result, cfg.rerank)]
         result.computed = pd.DataFrame(rows)
         art = Artifact(layout, layout.report(REPORT))
         previous = read_table(art.folder() / layout.METRICS) if art.exists() else pd.DataFrame(columns=KEY)
-        previous = previous.astype({k: str for k in KEY})
+        previous = previous.reindex(columns=list(dict.fromkeys([*previous.columns, "rerank"]))).fillna(
+            {"rerank": "none"}).astype({k: str for k in KEY})  # rows from before re-ranking existed
         computed = result.computed.astype({k: str for k in KEY})
         kept = previous[~previous.set_index(KEY).index.isin(computed.set_index(KEY).index)]
         result.metrics = pd.concat([kept, computed], ignore_index=True).sort_values(KEY, kind="stable",
@@ -236,7 +255,7 @@ def _upstream(layout: RunLayout, metrics: pd.DataFrame) -> dict[str, str]:
 
 def comparison_markdown(metrics: pd.DataFrame, run: Path) -> str:
     shown = [c for c in SHOWN if c in metrics]
-    table = metrics[["embeddings", "reduction", "backbone", "pca", "dim", "index", "images"] + shown].copy()
+    table = metrics[["embeddings", "reduction", "backbone", "pca", "dim", "index", "rerank", "images"] + shown].copy()
     for c in shown:
         table[c] = table[c].map(lambda v: "" if pd.isna(v) else f"{v:.3f}")
     return "\n".join(["# Retrieval comparison", "",

@@ -92,11 +92,11 @@ def test_edits_keep_ids_filter_selects_and_a_new_process_answers_the_same(milvus
 
     # filtered search returns only matching rows, exactly the brute-force answer among them
     expression = "split == 'test' and class_id in [14, 17]"
-    query = si.raw_vectors(run, np.array([new_id]))
+    query = si.raw_vectors(np.array([new_id]))
     sims, ids = si.search(query, 5, filter=expression)
     allowed = matching_ids(si.table, expression)
     assert set(ids[ids >= 0]) <= set(allowed) and len(allowed) > 5
-    reduced = si.store.transform(si.raw_vectors(run, allowed))
+    reduced = si.store.transform(si.raw_vectors(allowed))
     expected = allowed[np.argsort(-(reduced @ si.store.transform(query)[0]), kind="stable")[:5]]
     assert list(ids[0]) == list(expected)
     assert np.allclose(sims[0], np.sort(reduced @ si.store.transform(query)[0])[::-1][:5], atol=1e-5)
@@ -105,7 +105,7 @@ def test_edits_keep_ids_filter_selects_and_a_new_process_answers_the_same(milvus
 
     # reopening in a new process answers identically, filter included
     out = json.loads(_cli("search", "--run", run, "--index", "mv", "--image", photo, "--k", "8", "--json",
-                          "--no-detector").stdout)
+                          "--no-detector", "--rerank", "none").stdout)
     assert [n["image_id"] for n in out["boxes"][0]["neighbours"]] == list(si.table.loc[mine[1][0]].image_id)
     out = json.loads(_cli("search", "--run", run, "--index", "mv", "--image", photo, "--k", "3", "--json",
                           "--no-detector", "--filter", expression).stdout)
@@ -135,11 +135,11 @@ def test_rebuild_replays_edits_and_drops_collections_two_builds_old(milvus_run):
 def test_half_done_edit_is_refused_to_readers_and_repaired_by_writers(milvus_run):
     run = milvus_run
     si = load_index(run, "mv")
-    reference = si.search(si.raw_vectors(run, si.table.index[:3].to_numpy()), 5)
+    reference = si.search(si.raw_vectors(si.table.index[:3].to_numpy()), 5)
     # an --add that died after its upsert, and a --remove that died after its delete
     stray = si.table.iloc[:2].copy()
     stray.index = [9000, 9001]
-    si.store.add(si.raw_vectors(run, si.table.index[:2].to_numpy()), np.array([9000, 9001]), stray.reset_index())
+    si.store.add(si.raw_vectors(si.table.index[:2].to_numpy()), np.array([9000, 9001]), stray.reset_index())
     gone = si.table.index[5:7].to_numpy()
     si.store.client.delete(si.store.collection, ids=gone.tolist())
     si.store.close()
@@ -147,7 +147,7 @@ def test_half_done_edit_is_refused_to_readers_and_repaired_by_writers(milvus_run
         load_index(run, "mv")
     fixed = load_index(run, "mv", repair=True)
     assert sorted(fixed.store.ids()) == sorted(fixed.table.index)
-    again = fixed.search(fixed.raw_vectors(run, fixed.table.index[:3].to_numpy()), 5)
+    again = fixed.search(fixed.raw_vectors(fixed.table.index[:3].to_numpy()), 5)
     assert np.array_equal(again[1], reference[1]) and np.allclose(again[0], reference[0], atol=1e-6)
     fixed.store.close()
 

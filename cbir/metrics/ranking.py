@@ -32,9 +32,10 @@ class Gallery:
     rows: np.ndarray | None = None  # [n_instances] the instances' rows in their embeddings set
 
 
-def image_sims(q: np.ndarray, g: Gallery) -> np.ndarray:
-    """[len(q), n_images]: each gallery image scored by its best-matching instance."""
-    sims = q @ g.instances.T
+def image_sims(q: np.ndarray, g: Gallery, instance_sims: np.ndarray | None = None) -> np.ndarray:
+    """[len(q), n_images]: each gallery image scored by its best-matching instance (`instance_sims`: the
+    query x instance similarities when they are not plain inner products, e.g. after re-ranking)."""
+    sims = q @ g.instances.T if instance_sims is None else instance_sims
     if len(g.starts) == len(g.instances):
         return sims
     return np.maximum.reduceat(sims, g.starts, axis=1)
@@ -107,12 +108,14 @@ def summarise(stats: RankStats) -> dict[str, float]:
     return out
 
 
-def exact_metrics(g: Gallery) -> tuple[dict[str, float], RankStats]:
-    """Every test image queries all others (itself excluded)."""
+def exact_metrics(g: Gallery, instance_sims: np.ndarray | None = None) -> tuple[dict[str, float], RankStats]:
+    """Every test image queries all others (itself excluded); `instance_sims` [n_images, n_instances]
+    replaces the inner products (re-ranked similarities)."""
     stats = RankStats()
     for start in range(0, len(g.query), CHUNK):
         sl = slice(start, start + CHUNK)
-        rank_metrics(image_sims(g.query[sl], g), g.labels[sl], g.labels, np.arange(len(g.query))[sl], stats)
+        given = None if instance_sims is None else instance_sims[sl]
+        rank_metrics(image_sims(g.query[sl], g, given), g.labels[sl], g.labels, np.arange(len(g.query))[sl], stats)
     return summarise(stats), stats
 
 
@@ -134,9 +137,9 @@ def first_occurrences(rows: np.ndarray) -> np.ndarray:
     return ~dup
 
 
-def ranked_metrics(g: Gallery, ids: np.ndarray, exact_top: np.ndarray) -> dict[str, float]:
-    """R@K / P@K of rankings given as instance rows of `g` per query (-1 pads), and their recall@10
-    against exact search's top 10: the price of approximation."""
+def ranked_metrics(g: Gallery, ids: np.ndarray, exact_top: np.ndarray | None) -> dict[str, float]:
+    """R@K / P@K (and MAP@R when every list reaches R) of rankings given as instance rows of `g` per query
+    (-1 pads), and their recall@10 against exact search's top 10 (the price of approximation) when given."""
     instance_image = np.repeat(np.arange(len(g.starts)), np.diff(np.append(g.starts, len(g.instances))))
     images = np.where(ids >= 0, instance_image[np.maximum(ids, 0)], -1)
     q = np.arange(len(images))[:, None]
@@ -147,6 +150,13 @@ def ranked_metrics(g: Gallery, ids: np.ndarray, exact_top: np.ndarray) -> dict[s
     answerable = counts[inverse] > 1
     out = {f"R@{k}": float((rel & (rank < k)).any(1)[answerable].mean()) for k in RECALL_KS}
     out.update({f"P@{k}": float(((rel & (rank < k)).sum(1) / k)[answerable].mean()) for k in PRECISION_KS})
-    in_exact = (images[:, :, None] == exact_top[:, None, :]).any(2)
-    out["recall@10 vs exact"] = float(((valid & (rank < 10) & in_exact).sum(1) / exact_top.shape[1]).mean())
+    relevant = counts[inverse] - 1  # R: the other images of the query's class
+    if np.all(valid.sum(1)[answerable] >= relevant[answerable]):  # the lists reach R: MAP@R is exact
+        cum = np.cumsum(rel, 1)
+        hits = rel & (rank < relevant[:, None])
+        precision = np.where(hits, cum / np.maximum(rank + 1, 1), 0)
+        out["MAP@R"] = float((precision.sum(1) / np.maximum(relevant, 1))[answerable].mean())
+    if exact_top is not None:
+        in_exact = (images[:, :, None] == exact_top[:, None, :]).any(2)
+        out["recall@10 vs exact"] = float(((valid & (rank < 10) & in_exact).sum(1) / exact_top.shape[1]).mean())
     return out

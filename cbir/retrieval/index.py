@@ -132,4 +132,4 @@ def _build(layout: RunLayout, cfg: IndexConfig, vectors: np.ndarray, table: pd.D
                 "next_id": int(len(table)), "next_image_id": int(data.images.image_id.max()) + 1, "edits": [],
                 "image_dir": str(data.image_dir), "upstream": {layout.embeddings(cfg.embeddings): emb["fingerprint"]}}
     return SearchIndex(store, meta.assign(id=ids).set_index("id"), manifest, np.zeros((0, dim), np.float32),
-                       data.image_dir, inputs)
+                       data.image_dir, inputs, layout)

@@ -23,6 +23,7 @@ from ..encoders.stage import load_embeddings
 from ..encoders.weights import relocate
 from ..images import Photo
 from ..layout import RunLayout
+from .rerank import Rerank
 from .saved import SearchIndex, load_index
 
 
@@ -59,12 +60,13 @@ class QueryBox:
 
 
 def query_vectors(si: SearchIndex, vectors: np.ndarray, boxes: list[dict], k: int,
-                  exclude_image: int | None = None, filter: str | None = None) -> tuple[list[QueryBox], pd.DataFrame]:
-    """Search every query box (among the rows matching `filter`); over-fetch so the image-level lists still
-    hold k distinct images."""
+                  exclude_image: int | None = None, filter: str | None = None,
+                  rerank: Rerank = Rerank()) -> tuple[list[QueryBox], pd.DataFrame]:
+    """Search every query box (among the rows matching `filter`, re-ranked on its shortlist); over-fetch so
+    the image-level lists still hold k distinct images."""
     if k > len(si.table):
         raise CbirError(f"--k {k} exceeds the gallery ({len(si.table)} vectors in index {si.name})")
-    sims, ids = si.search(vectors, min(len(si.table), 4 * k + 8), filter=filter)
+    sims, ids = si.search(vectors, min(len(si.table), 4 * k + 8), filter=filter, rerank=rerank)
     out = []
     for i, b in enumerate(boxes):
         rows = neighbours(si, sims[i], ids[i], exclude_image)
@@ -151,15 +153,16 @@ class Querier:
         return self.encoder.encode(photo, np.array([b["bbox"] for b in boxes], float))
 
     def query(self, photo: Photo, k: int, score: float | None = None, exclude_image: int | None = None,
-              name: str | None = None, filter: str | None = None):
+              name: str | None = None, filter: str | None = None, rerank: Rerank = Rerank()):
         boxes = self.boxes(photo, score, name)
-        return query_vectors(self.si, self.vectors(photo, boxes), boxes, k, exclude_image, filter)
+        return query_vectors(self.si, self.vectors(photo, boxes), boxes, k, exclude_image, filter, rerank)
 
-    def query_id(self, image_id: int, k: int, filter: str | None = None):
+    def query_id(self, image_id: int, k: int, filter: str | None = None, rerank: Rerank = Rerank()):
         """Query with an image already in the run: its stored vectors, itself excluded from the results."""
         vectors, table, _ = load_embeddings(self.layout, self.si.manifest["embeddings"])
         rows = table.index[table.image_id == image_id].to_numpy()
         if len(rows) == 0:
             raise CbirError(f"--query-id {image_id}: not in embeddings {self.si.manifest['embeddings']}")
         boxes = [{"bbox": [r.x, r.y, r.w, r.h], "score": r.score, "source": r.source} for r in table.loc[rows].itertuples()]
-        return query_vectors(self.si, np.asarray(vectors[rows]), boxes, k, exclude_image=image_id, filter=filter)
+        return query_vectors(self.si, np.asarray(vectors[rows]), boxes, k, exclude_image=image_id, filter=filter,
+                             rerank=rerank)

@@ -15,6 +15,7 @@ from ..artifacts import Artifact, commit, read_table
 from ..layout import RunLayout
 from . import open_store as _open_store
 from .expression import matching_ids, to_pandas
+from .rerank import SHORTLIST, Rerank, rerank_shortlist
 
 log = logging.getLogger(__name__)
 
@@ -27,15 +28,24 @@ class SearchIndex:
     added: np.ndarray  # raw vectors of the rows with split == "added", in id order
     image_dir: Path | None
     inputs: dict  # what the index was built from (its freshness record)
+    layout: RunLayout  # the run it belongs to (its embeddings hold the base rows' raw vectors)
 
     @property
     def name(self) -> str:
         return self.manifest["name"]
 
     def search(self, queries: np.ndarray, k: int, subset: np.ndarray | None = None,
-               filter: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+               filter: str | None = None, rerank: Rerank = Rerank()) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (similarity, id) per raw query vector, among `subset` ids and rows matching `filter` (a
-        Milvus-style expression: evaluated by a store that filters, else on the table); -1 ids pad."""
+        Milvus-style expression: evaluated by a store that filters, else on the table); -1 ids pad.
+        With `rerank`, each query's top `SHORTLIST` is re-ranked among itself and the top k returned."""
+        if rerank.method != "none":
+            _, ids = self.search(queries, max(k, SHORTLIST), subset, filter)
+            reduced = self.store.transform(np.atleast_2d(queries))
+            shortlist = np.zeros((*ids.shape, reduced.shape[1]), np.float32)
+            shortlist[ids >= 0] = self.store.transform(self.raw_vectors(ids[ids >= 0]))
+            sims, ids = rerank_shortlist(rerank, reduced, shortlist, ids)
+            return sims[:, :k], ids[:, :k]
         if self.store.count == 0:
             raise CbirError(f"index {self.name} is empty; add vectors with `cbir index --add`")
         queries = np.atleast_2d(queries)
@@ -53,11 +63,12 @@ class SearchIndex:
             subset = matching if subset is None else np.intersect1d(matching, subset)
         return self.store.search(queries, k, subset)
 
-    def raw_vectors(self, layout: RunLayout, ids: np.ndarray) -> np.ndarray:
+    def raw_vectors(self, ids: np.ndarray) -> np.ndarray:
         """Encoder vectors of stored ids: base rows from the embeddings (id = row), added ones from the index."""
         from ..encoders.stage import load_embeddings
 
-        base, _, _ = load_embeddings(layout, self.manifest["embeddings"])
+        ids = np.asarray(ids, np.int64)
+        base, _, _ = load_embeddings(self.layout, self.manifest["embeddings"])
         added_ids = self.table.index[self.table.split == "added"].sort_values().to_numpy()
         is_added = np.isin(ids, added_ids)
         out = np.zeros((len(ids), self.manifest["dim_in"]), np.float32)
@@ -84,12 +95,12 @@ def load_index(run: Path | RunLayout, name: str, gpu: str = "auto", repair: bool
     added_path = folder / layout.ADDED_VECTORS
     added = np.load(added_path) if added_path.exists() else np.zeros((0, manifest["dim_in"]), np.float32)
     image_dir = Path(manifest["image_dir"]) if manifest.get("image_dir") else None
-    si = SearchIndex(store, table, manifest, added, image_dir, meta["inputs"])
+    si = SearchIndex(store, table, manifest, added, image_dir, meta["inputs"], layout)
     if store is not None and not store.matches(len(table), manifest["next_id"]):
         if not (repair and hasattr(store, "repair")):
             raise CbirError(f"{art.link}: its store does not match its record ({store.count} vectors, {len(table)} rows; an "
                             f"interrupted --add/--remove? rerun it) — or rebuild with `cbir index --force`")
-        deleted, inserted = store.repair(table.index.to_numpy(np.int64), lambda ids: si.raw_vectors(layout, ids), table)
+        deleted, inserted = store.repair(table.index.to_numpy(np.int64), si.raw_vectors, table)
         log.warning("index %s: store re-synced to the run's record (%d stray vector(s) deleted, %d re-inserted)",
                     name, deleted, inserted)
     return si

@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 from .. import CbirError
 from ..images import load_rgb, open_photo
 from ..retrieval.query import Querier, results_json
+from ..retrieval.rerank import METHODS, SERVED_DEFAULT, SHORTLIST, Rerank
 
 log = logging.getLogger(__name__)
 
@@ -58,20 +59,22 @@ def neighbour_cards(querier: Querier, rows: list[dict]) -> list[tuple[Image.Imag
     return cards
 
 
-def run_query(querier: Querier, path: str | None, score: float, k: int) -> tuple[dict, Image.Image]:
+def run_query(querier: Querier, path: str | None, score: float, k: int, rerank: str = "none"
+              ) -> tuple[dict, Image.Image]:
     """The page's one action: a JSON-able results document, and the decoded photo to draw the boxes on."""
     if not path:
         raise CbirError("upload a photo first")
     photo = open_photo(Path(path), max_pixels=MAX_UPLOAD_PIXELS, decode_pixels=PAGE_DECODE_PIXELS)
     start = time.perf_counter()
-    boxes, merged = querier.query(photo, int(k), score=float(score), name=Path(path).name)
+    boxes, merged = querier.query(photo, int(k), score=float(score), name=Path(path).name,
+                                  rerank=Rerank(method=rerank or "none"))
     doc = results_json(Path(path).name, boxes, merged)
     doc["latency_ms"] = round((time.perf_counter() - start) * 1000, 1)
     doc["size"] = [photo.width, photo.height]
     return doc, photo.image
 
 
-def build_app(querier: Querier, examples: list[str], default_k: int = 10) -> gr.Blocks:
+def build_app(querier: Querier, examples: list[str], default_k: int = 10, rerank: str = SERVED_DEFAULT) -> gr.Blocks:
     default_score = float(querier.detect_meta.get("score_threshold", 0.3))
     with gr.Blocks(title="cbir — find similar birds") as app:
         gr.Markdown(f"# cbir — find similar birds\nIndex **{querier.si.manifest['name']}** "
@@ -82,6 +85,7 @@ def build_app(querier: Querier, examples: list[str], default_k: int = 10) -> gr.
                 photo = gr.Image(type="filepath", label="Photo", sources=["upload", "clipboard"], height=320)
                 score = gr.Slider(0.05, 0.95, value=default_score, step=0.05, label="detection score threshold")
                 k = gr.Slider(1, 30, value=default_k, step=1, label="neighbours (k)")
+                method = gr.Radio(list(METHODS), value=rerank, label=f"re-ranking of each box's top {SHORTLIST}")
                 button = gr.Button("Search", variant="primary")
                 if examples:
                     gr.Examples(examples=[[e] for e in examples], inputs=[photo], label="Test-split examples")
@@ -94,9 +98,9 @@ def build_app(querier: Querier, examples: list[str], default_k: int = 10) -> gr.
                 merged = gr.Dataframe(label="All boxes merged: each gallery image once, by its best match",
                                       interactive=False)
 
-        def search(path, score_value, k_value):
+        def search(path, score_value, k_value, method_value):
             try:
-                doc, image = run_query(querier, path, score_value, k_value)
+                doc, image = run_query(querier, path, score_value, k_value, method_value)
             except CbirError as e:
                 raise gr.Error(str(e)) from None
             except Exception as e:  # noqa: BLE001 — the page shows a message, never a stack trace
@@ -121,7 +125,7 @@ def build_app(querier: Querier, examples: list[str], default_k: int = 10) -> gr.
                 return []
             return neighbour_cards(querier, doc["boxes"][index]["neighbours"])
 
-        button.click(search, [photo, score, k], [state, boxed, latency, choice, gallery, merged], api_name="search")
+        button.click(search, [photo, score, k, method], [state, boxed, latency, choice, gallery, merged], api_name="search")
         choice.change(select, [state, choice], [gallery], api_name=False)
     return app
 
@@ -135,8 +139,8 @@ def example_photos(querier: Querier, n: int = 4) -> list[str]:
 
 def serve(run: Path, index: str, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
           use_detector: bool = True, device: str = "auto", weights: str | None = None,
-          detector_weights: str | None = None) -> None:
+          detector_weights: str | None = None, rerank: str = SERVED_DEFAULT) -> None:
     querier = Querier(run, index, use_detector, device, weights=weights, detector_weights=detector_weights)
-    app = build_app(querier, example_photos(querier))
+    app = build_app(querier, example_photos(querier), rerank=rerank)
     allowed = [str(querier.si.image_dir)] if querier.si.image_dir else []
     app.launch(server_name=host, server_port=port, share=share, allowed_paths=allowed, show_error=True)
