@@ -80,7 +80,7 @@ def concat_galleries(parts: list[Gallery]) -> Gallery:
     return Gallery(query, query, np.arange(len(ids)), labels, ids)
 
 
-def load_gallery(layout: RunLayout, name: str, pca: int | None, whiten: bool) -> tuple[Gallery, Gallery, dict]:
+def load_gallery(layout: RunLayout, name: str, pca: int | str | None, whiten: bool) -> tuple[Gallery, Gallery, dict]:
     """Refit reduction: reduced test and train galleries (train: for training an approximate index)."""
     if "+" in name:
         parts = [load_gallery(layout, n, pca, whiten) for n in name.split("+")]
@@ -114,7 +114,7 @@ def refit_approximate(g: Gallery, train: np.ndarray, factory: str, exact_top: np
 class EvalConfig:
     run: Path
     embeddings: tuple[str, ...] = ("full", "gt", "det")
-    pca: tuple[int | None, ...] = (256,)
+    pca: tuple[int | str | None, ...] = ("auto",)
     whiten: bool = False
     index: str = "exact"  # or a FAISS factory body (e.g. HNSW32) scored beside exact search
     served: tuple[str, ...] = ()  # saved indexes to score as served
@@ -154,7 +154,7 @@ def _score(result: Evaluation, key: str, gallery: Gallery, base: dict, approxima
     return rows
 
 
-def _refit_rows(layout: RunLayout, cfg: EvalConfig, name: str, pca: int | None, result: Evaluation) -> list[dict]:
+def _refit_rows(layout: RunLayout, cfg: EvalConfig, name: str, pca: int | str | None, result: Evaluation) -> list[dict]:
     gallery, train, info = load_gallery(layout, name, pca, cfg.whiten)
     base = {"embeddings": name, "reduction": "refit", "backbone": info["backbone"], "pca": str(pca or "none"),
             "dim": gallery.query.shape[1], "images": len(gallery.query), "instances": len(gallery.instances),

@@ -13,7 +13,7 @@ from cbir.encoders.stage import load_embeddings
 from cbir.images import open_photo
 from cbir.retrieval.index import IndexConfig, auto_factory, build_index
 from cbir.retrieval.ingest import remove_images
-from cbir.retrieval.query import Querier, image_level, query_vectors
+from cbir.retrieval.query import merged_images, Querier, image_level, query_vectors
 from cbir.retrieval.reduce import reduce
 from cbir.retrieval.saved import load_index
 from conftest import MINI, MOBILENET, copy_run
@@ -79,7 +79,8 @@ def test_query_returns_instances_and_distinct_images(run):
     si = build_index(IndexConfig(run=run, embeddings="det", pca=16, factory="Flat"))
     vectors, table, _ = load_embeddings(run, "det")
     boxes = [{"bbox": [0, 0, 1, 1], "score": 1.0, "source": "detected"}] * 2
-    per_box, merged = query_vectors(si, np.asarray(vectors[:2]), boxes, 5)
+    per_box = query_vectors(si, np.asarray(vectors[:2]), boxes, 5)
+    merged = merged_images(per_box, 5)
     assert len(per_box) == 2 and all(len(q.neighbours) == 5 for q in per_box)
     assert merged.image_id.is_unique and len(merged) == 5
     assert (np.diff(per_box[0].neighbours.similarity) <= 1e-6).all()
@@ -165,9 +166,9 @@ def test_querier_matches_stored_vectors_for_a_run_photo(run):
     split = pd.read_parquet(run / "dataset" / "images.parquet")
     row = split.iloc[20]
     photo = open_photo(MINI / "images" / row.path)
-    boxes = q.boxes(photo, name=row.path.rsplit("/", 1)[1])
+    boxes = q.boxes([photo], names=[row.path.rsplit("/", 1)[1]])[0]
     assert [b["source"] for b in boxes] == ["fallback-full", "gt"]
-    per_box, _ = q.query(photo, 3, name=row.path.rsplit("/", 1)[1])
+    per_box, _ = q.query([photo], 3, names=[row.path.rsplit("/", 1)[1]])[0]
     assert per_box[1].neighbours.image_id.iloc[0] == row.image_id
     assert per_box[1].neighbours.similarity.iloc[0] == pytest.approx(1.0, abs=1e-4)
     assert str(MOBILENET.absolute()) == q.spec["weights"]
@@ -178,3 +179,44 @@ def test_auto_factory_follows_the_scale_benchmark():
     assert auto_factory(1_000_000, 256, 500_000) == "IVF4000,SQ8"
     assert auto_factory(1_000_000, 256, 3_900) == "IVF100,SQ8"  # never more lists than train vectors support
     assert auto_factory(100_000_000, 256, 10_000_000).endswith(",PQ64")
+
+
+def test_pca_auto_chooses_as_documented():
+    from cbir.retrieval.reduce import AUTO_MIN_RATIO, AUTO_VARIANCE, resolve_pca
+
+    rng = np.random.default_rng(0)
+    assert resolve_pca("auto", rng.standard_normal((AUTO_MIN_RATIO * 64 - 1, 64)))[0] is None  # too few to fit
+    isotropic = rng.standard_normal((4000, 64))
+    assert resolve_pca("auto", isotropic)[0] is None  # 99 % of the variance needs nearly every dimension
+    basis = np.linalg.qr(rng.standard_normal((256, 256)))[0][:, :40]
+    low_rank = rng.standard_normal((4000, 40)) * np.linspace(3, 1, 40) @ basis.T + 0.01 * rng.standard_normal((4000, 256))
+    used, why = resolve_pca("auto", low_rank + 5 * basis[:, 0])  # off-centre: the chain L2-normalises first
+    assert used is not None and used <= 40 and "99%" in why
+    x = low_rank + 5 * basis[:, 0]
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    eigen = np.sort(np.linalg.eigvalsh(np.cov(x, rowvar=False)))[::-1]
+    kept = np.cumsum(eigen) / eigen.sum()
+    assert kept[used - 1] >= AUTO_VARIANCE > kept[used - 2]  # the smallest such dimension
+    assert resolve_pca(512, isotropic) == (64, "512 requested, lowered to 64 (dim 64, 4000 train vectors)")
+
+
+def test_photos_answered_together_equal_photos_answered_alone(run):
+    """Concurrent page requests and `search --image A B C` share one encoder and one store pass; the answers
+    must not depend on the company a photo keeps (padding, batch order, per-photo box counts)."""
+    build_index(IndexConfig(run=run, embeddings="gt", name="batch", pca=16, factory="Flat"))
+    q = Querier(run, "batch", use_detector=False)
+    paths = [sorted((MINI / "images" / c).glob("*.jpg"))[0] for c in ("001.Black_footed_Albatross", "017.Cardinal",
+                                                                       "014.Indigo_Bunting")]
+    photos = [open_photo(p) for p in paths]
+    names = [p.name for p in paths]
+    boxes = q.boxes(photos, names=names)
+    assert [len(b) for b in boxes] == [2, 2, 2]  # whole photo + GT box of a run photo
+    together = q.vectors(photos, boxes)
+    alone = [q.vectors([p], [b])[0] for p, b in zip(photos, boxes)]
+    for a, b in zip(together, alone):
+        assert np.allclose(a, b, atol=1e-5)
+    answers = q.query(photos, 5, names=names)
+    for photo, name, (per_box, merged) in zip(photos, names, answers):
+        single_boxes, single_merged = q.query([photo], 5, names=[name])[0]
+        assert merged.image_id.tolist() == single_merged.image_id.tolist()
+        assert [b.neighbours.image_id.tolist() for b in per_box] == [b.neighbours.image_id.tolist() for b in single_boxes]

@@ -20,7 +20,7 @@ from . import check_store, release_store
 from .faiss_store import FaissStore
 from .ingest import replay_edits
 from .milvus_store import MilvusStore, check_factory
-from .reduce import fit_pca_dim, transform_prefix
+from .reduce import resolve_pca, transform_prefix
 from .saved import SearchIndex, commit_index, load_index
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class IndexConfig:
     run: Path
     embeddings: str
     name: str | None = None
-    pca: int | None = 256
+    pca: int | str | None = "auto"  # a dimension, "auto" (see reduce.resolve_pca) or None
     whiten: bool = False
     factory: str = "auto"
     gpu: str = "auto"
@@ -61,8 +61,8 @@ class IndexConfig:
         check_store(self.store)
         if self.store != "faiss" and self.factory != "auto":
             check_factory(self.factory, self.store)
-        if self.pca is not None and self.pca < 1:
-            raise CbirError(f"--pca {self.pca}: a positive dimension or none")
+        if self.pca is not None and self.pca != "auto" and (not isinstance(self.pca, int) or self.pca < 1):
+            raise CbirError(f"--pca {self.pca}: a positive dimension, auto or none")
 
     @property
     def index_name(self) -> str:
@@ -113,7 +113,8 @@ def _build(layout: RunLayout, cfg: IndexConfig, vectors: np.ndarray, table: pd.D
     if not gallery.any():
         raise CbirError(f"embeddings {cfg.embeddings}: no rows in gallery splits {cfg.gallery}")
     dim = emb["dim"]
-    pca = fit_pca_dim(cfg.pca, dim, int(is_train.sum()))
+    pca, pca_reason = resolve_pca(cfg.pca, vectors[is_train])
+    log.info("index %s: PCA %s", cfg.index_name, pca_reason)
     body = auto_factory(int(gallery.sum()), pca or dim, int(is_train.sum())) if cfg.factory == "auto" else cfg.factory
     reduction = transform_prefix(pca, cfg.whiten)
     if cfg.store == "faiss":
@@ -127,7 +128,7 @@ def _build(layout: RunLayout, cfg: IndexConfig, vectors: np.ndarray, table: pd.D
         store.train(vectors[is_train])
         store.add(vectors[gallery], ids, meta)
     manifest = {"name": cfg.index_name, "embeddings": cfg.embeddings, "mode": emb["mode"],
-                "backbone": emb["spec"]["backbone"], "embedding_spec": emb["spec"], "pca": pca, "whiten": cfg.whiten,
+                "backbone": emb["spec"]["backbone"], "embedding_spec": emb["spec"], "pca": pca, "pca_reason": pca_reason, "whiten": cfg.whiten,
                 "gallery": list(cfg.gallery), "trained_on": "train split", "train_rows": int(is_train.sum()),
                 "next_id": int(len(table)), "next_image_id": int(data.images.image_id.max()) + 1, "edits": [],
                 "image_dir": str(data.image_dir), "upstream": {layout.embeddings(cfg.embeddings): emb["fingerprint"]}}
