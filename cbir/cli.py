@@ -116,7 +116,9 @@ def _embedding_args(p):
 
 
 def _index_args(p):
-    p.add_argument("--pca", default="256", type=parse_pca_arg, help="PCA output dimension, or none (default 256)")
+    p.add_argument("--pca", default="auto", type=parse_pca_arg, help="PCA output dimension, none, or auto (default: "
+                   "none with fewer than 2 train vectors per dimension, else the dimension keeping 99%% of the "
+                   "train variance; the choice and why are in the index's meta.json)")
     p.add_argument("--whiten", action="store_true", help="PCA whitening")
     p.add_argument("--factory", default="auto", help="FAISS index_factory body: Flat, HNSW32, IVF1024,PQ32 ... or "
                    "auto (exact up to 100k vectors, IVF-SQ8 up to 50M, IVF-PQ beyond; benchmarks/results/index_bench_cpu.md)")
@@ -313,21 +315,23 @@ def cmd_search(a):
     from .retrieval.query import Querier, results_json
 
     q = Querier(a.run, a.index, not a.no_detector, weights=a.weights, detector_weights=a.detector_weights)
+    rerank = Rerank(method=a.rerank)
     if a.image:
-        boxes, merged = q.query(open_photo(Path(a.image)), a.k, name=Path(a.image).name, filter=a.filter,
-                                rerank=Rerank(method=a.rerank))
+        answers = q.query([open_photo(Path(p)) for p in a.image], a.k, names=[Path(p).name for p in a.image],
+                          filter=a.filter, rerank=rerank)
+        docs = [results_json(p, boxes, merged) for p, (boxes, merged) in zip(a.image, answers)]
     else:
-        boxes, merged = q.query_id(a.query_id, a.k, a.filter, Rerank(method=a.rerank))
-    doc = results_json(a.image or f"image_id {a.query_id}", boxes, merged)
+        docs = [results_json(f"image_id {a.query_id}", *q.query_id(a.query_id, a.k, a.filter, rerank))]
     if a.json:
-        print(json.dumps(doc, indent=1))
+        print(json.dumps(docs[0] if len(docs) == 1 else docs, indent=1))
         return
-    print(f"# {doc['query']} — {q.detector_note}" + (f"; filter: {a.filter}" if a.filter else ""))
-    for i, b in enumerate(doc["boxes"], 1):
-        print(f"\nbox {i} {b['box']} score {b['score']} ({b['source']})")
-        print(_table(b["neighbours"]))
-    print("\nimages (each ranked by its best instance):")
-    print(_table(doc["images"]))
+    for doc in docs:
+        print(f"# {doc['query']} — {q.detector_note}" + (f"; filter: {a.filter}" if a.filter else ""))
+        for i, b in enumerate(doc["boxes"], 1):
+            print(f"\nbox {i} {b['box']} score {b['score']} ({b['source']})")
+            print(_table(b["neighbours"]))
+        print("\nimages (each ranked by its best instance):")
+        print(_table(doc["images"]) + "\n")
 
 
 def _table(records: list[dict]) -> str:
@@ -347,7 +351,8 @@ def _search_parser(sub):
     _run_arg(p)
     p.add_argument("--index", required=True, help="index name under RUN/index/")
     group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--image", help="a photo file")
+    group.add_argument("--image", nargs="+", metavar="PHOTO", help="one or more photo files (answered together: "
+                       "one detector, encoder and search pass)")
     group.add_argument("--query-id", type=int, help="an image id already in the run (excluded from its own results)")
     p.add_argument("--k", type=_bounded(int, 1, 10000), default=10, help="neighbours per box (default 10)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
@@ -397,8 +402,8 @@ def _evaluate_parser(sub):
     _run_arg(p)
     p.add_argument("--embeddings", default="full,gt,det", help="comma-separated embeddings sets; A+B concatenates "
                    "per image (e.g. full+det). Missing sets are skipped with a warning (default full,gt,det)")
-    p.add_argument("--pca", dest="eval_pca", default="256", type=_pca_list,
-                   help="comma-separated PCA dims to compare, none = no PCA (default 256)")
+    p.add_argument("--pca", dest="eval_pca", default="auto", type=_pca_list,
+                   help="comma-separated PCA settings to compare: dims, none, auto (default auto)")
     p.add_argument("--whiten", action="store_true", help="PCA whitening")
     p.add_argument("--index", default="exact", help="exact, or a FAISS factory body (e.g. HNSW32, IVF64,PQ16) "
                    "scored beside exact search with its recall@10 against exact")

@@ -23,6 +23,9 @@ class Encoder(Protocol):
     def encode(self, photo: Photo, boxes: np.ndarray) -> np.ndarray:
         """[n, dim] float32 vectors of `boxes` ([x, y, w, h] in the photo's original pixels)."""
 
+    def encode_batch(self, photos: list[Photo], boxes: list[np.ndarray]) -> list[np.ndarray]:
+        """`encode` of several photos at once (one pass through the model); the same vectors."""
+
 
 def encoder_from_spec(spec: dict, device: torch.device, weights: str | None = None) -> Encoder:
     """The encoder a stored vector spec was made with, rebuilt (weights checked against its fingerprint)."""

@@ -147,8 +147,14 @@ class CnnEncoder:
             return pool_features(fmap, self.pool).cpu().numpy().astype(np.float32)
 
     def encode(self, photo: Photo, boxes: np.ndarray) -> np.ndarray:
-        images, xyxy = self.recipe.inputs(photo, np.asarray(boxes, float))
-        return self.forward(images, None if xyxy is None else [xyxy])
+        return self.encode_batch([photo], [boxes])[0]
+
+    def encode_batch(self, photos: list[Photo], boxes: list[np.ndarray]) -> list[np.ndarray]:
+        """Vectors of several photos' boxes through one forward pass (concurrent queries share the model)."""
+        inputs = [self.recipe.inputs(p, np.asarray(b, float)) for p, b in zip(photos, boxes)]
+        images = torch.cat([i[0] for i in inputs])
+        vectors = self.forward(images, None if inputs[0][1] is None else [i[1] for i in inputs])
+        return np.split(vectors, np.cumsum([len(b) for b in boxes])[:-1])
 
 
 def cnn_encoder(spec: dict, device: torch.device, weights: str | None = None) -> CnnEncoder:

@@ -49,20 +49,21 @@ def _load_shard(path: Path) -> tuple[np.ndarray, list[dict], list[str]]:
 
 
 def _embed_photos(q: Querier, files: list[Path], progress: tqdm) -> tuple[np.ndarray, list[dict], list[str]]:
-    """Boxes and vectors of some photos; rows carry their photo's position, ids are given at the end."""
-    vectors, rows, errors = [], [], []
+    """Boxes and vectors of some photos (one detector and one encoder pass for the readable ones); rows carry
+    their photo's path, ids are given at the end."""
+    photos, paths, errors = [], [], []
     for path in files:
-        progress.update(1)
         try:
-            photo = open_photo(path)
+            photos.append(open_photo(path))
+            paths.append(path)
         except CbirError as e:
             errors.append(str(e))
-            continue
-        boxes = q.boxes(photo)
-        vectors.append(q.vectors(photo, boxes))
-        rows += [{"path": str(path), "instance": i, "x": b["bbox"][0], "y": b["bbox"][1], "w": b["bbox"][2],
-                  "h": b["bbox"][3], "source": b["source"], "score": float(b["score"]),
-                  "category_id": int(b.get("category_id", 0))} for i, b in enumerate(boxes)]
+    boxes = q.boxes(photos) if photos else []
+    vectors = q.vectors(photos, boxes) if photos else []
+    progress.update(len(files))
+    rows = [{"path": str(path), "instance": i, "x": b["bbox"][0], "y": b["bbox"][1], "w": b["bbox"][2],
+             "h": b["bbox"][3], "source": b["source"], "score": float(b["score"]),
+             "category_id": int(b.get("category_id", 0))} for path, bs in zip(paths, boxes) for i, b in enumerate(bs)]
     return (np.concatenate(vectors) if vectors else np.zeros((0, q.encoder.dim), np.float32)), rows, errors
 
 

@@ -61,9 +61,9 @@ class QueryBox:
 
 def query_vectors(si: SearchIndex, vectors: np.ndarray, boxes: list[dict], k: int,
                   exclude_image: int | None = None, filter: str | None = None,
-                  rerank: Rerank = Rerank()) -> tuple[list[QueryBox], pd.DataFrame]:
-    """Search every query box (among the rows matching `filter`, re-ranked on its shortlist); over-fetch so
-    the image-level lists still hold k distinct images."""
+                  rerank: Rerank = Rerank()) -> list[QueryBox]:
+    """Search every query box (among the rows matching `filter`, re-ranked on its shortlist) in one call;
+    over-fetch so the image-level lists still hold k distinct images."""
     if k > len(si.table):
         raise CbirError(f"--k {k} exceeds the gallery ({len(si.table)} vectors in index {si.name})")
     sims, ids = si.search(vectors, min(len(si.table), 4 * k + 8), filter=filter, rerank=rerank)
@@ -71,8 +71,12 @@ def query_vectors(si: SearchIndex, vectors: np.ndarray, boxes: list[dict], k: in
     for i, b in enumerate(boxes):
         rows = neighbours(si, sims[i], ids[i], exclude_image)
         out.append(QueryBox(b["bbox"], b["score"], b["source"], rows.head(k), image_level(rows).head(k)))
-    merged = image_level(pd.concat([q.neighbours for q in out], ignore_index=True)).head(k) if out else pd.DataFrame()
-    return out, merged
+    return out
+
+
+def merged_images(boxes: list[QueryBox], k: int) -> pd.DataFrame:
+    """All boxes of one photo merged: each gallery image once, by its best match."""
+    return image_level(pd.concat([q.neighbours for q in boxes], ignore_index=True)).head(k) if boxes else pd.DataFrame()
 
 
 def results_json(query: str, boxes: list[QueryBox], merged: pd.DataFrame) -> dict:
@@ -131,31 +135,41 @@ class Querier:
                     "plus its GT box when the photo is one of the run's")
         return f"boxes from {self.detect_meta['detector']} ({Path(self.detect_meta['weights']).name})"
 
-    def boxes(self, photo: Photo, score: float | None = None, name: str | None = None) -> list[dict]:
-        """Detected boxes of the run's categories (original pixels), or else the whole photo as a fallback
-        instance plus, for a photo of the run itself (matched by file name and size), its GT box."""
-        found = []
+    def boxes(self, photos: list[Photo], score: float | None = None, names: list[str | None] | None = None
+              ) -> list[list[dict]]:
+        """Per photo, the detected boxes of the run's categories (original pixels; one detector pass for all
+        photos), or else the whole photo as a fallback instance plus, for a photo of the run itself (matched by
+        file name and size), its GT box."""
+        names = names or [None] * len(photos)
+        found = [[] for _ in photos]
         if self.detector is not None:
             m = self.detect_meta
-            found = kept_boxes(self.detector.detect([photo])[0], {int(c) for c in m["classes"]},
-                               m["score_threshold"] if score is None else score, m["max_per_image"])
-            for d in found:
+            found = [kept_boxes(f, {int(c) for c in m["classes"]}, m["score_threshold"] if score is None else score,
+                                m["max_per_image"]) for f in self.detector.detect(photos)]
+            for d in (d for boxes in found for d in boxes):
                 d["source"] = "detected"
-        if found:
-            return found
+        return [boxes or self._fallback(photo, name) for photo, boxes, name in zip(photos, found, names)]
+
+    def _fallback(self, photo: Photo, name: str | None) -> list[dict]:
         whole = [{"bbox": [0.0, 0.0, float(photo.width), float(photo.height)], "score": 0.0, "source": "fallback-full"}]
         width, height, gt = self.gt_by_name.get(name, (None, None, None))
         if self.si.manifest["mode"] != "full" and (width, height) == (photo.width, photo.height):
             whole.append({"bbox": [float(v) for v in gt], "score": 1.0, "source": "gt"})
         return whole
 
-    def vectors(self, photo: Photo, boxes: list[dict]) -> np.ndarray:
-        return self.encoder.encode(photo, np.array([b["bbox"] for b in boxes], float))
+    def vectors(self, photos: list[Photo], boxes: list[list[dict]]) -> list[np.ndarray]:
+        return self.encoder.encode_batch(photos, [np.array([b["bbox"] for b in bs], float) for bs in boxes])
 
-    def query(self, photo: Photo, k: int, score: float | None = None, exclude_image: int | None = None,
-              name: str | None = None, filter: str | None = None, rerank: Rerank = Rerank()):
-        boxes = self.boxes(photo, score, name)
-        return query_vectors(self.si, self.vectors(photo, boxes), boxes, k, exclude_image, filter, rerank)
+    def query(self, photos: list[Photo], k: int, score: float | None = None, names: list[str | None] | None = None,
+              filter: str | None = None, rerank: Rerank = Rerank()) -> list[tuple[list[QueryBox], pd.DataFrame]]:
+        """Several photos answered together: one detector pass, one encoder pass, one search for all their
+        boxes (what concurrent page users and `search --image A B ...` share); per photo (boxes, merged)."""
+        boxes = self.boxes(photos, score, names)
+        vectors = self.vectors(photos, boxes)
+        found = query_vectors(self.si, np.concatenate(vectors), [b for bs in boxes for b in bs], k, None, filter,
+                              rerank)
+        per_photo = np.split(np.arange(len(found)), np.cumsum([len(bs) for bs in boxes])[:-1])
+        return [([found[i] for i in part], merged_images([found[i] for i in part], k)) for part in per_photo]
 
     def query_id(self, image_id: int, k: int, filter: str | None = None, rerank: Rerank = Rerank()):
         """Query with an image already in the run: its stored vectors, itself excluded from the results."""
@@ -164,5 +178,6 @@ class Querier:
         if len(rows) == 0:
             raise CbirError(f"--query-id {image_id}: not in embeddings {self.si.manifest['embeddings']}")
         boxes = [{"bbox": [r.x, r.y, r.w, r.h], "score": r.score, "source": r.source} for r in table.loc[rows].itertuples()]
-        return query_vectors(self.si, np.asarray(vectors[rows]), boxes, k, exclude_image=image_id, filter=filter,
-                             rerank=rerank)
+        found = query_vectors(self.si, np.asarray(vectors[rows]), boxes, k, exclude_image=image_id, filter=filter,
+                              rerank=rerank)
+        return found, merged_images(found, k)

@@ -25,6 +25,8 @@ DETECTED, FALLBACK = (0, 200, 60), (255, 140, 0)
 MAX_UPLOAD_PIXELS = 200_000_000  # larger uploads are refused
 PAGE_DECODE_PIXELS = 12_000_000  # uploads are decoded reduced to this for speed; boxes stay in original pixels
 BOX_KIND = {"fallback-full": "whole image", "gt": "GT box"}
+MAX_BATCH = 8  # concurrent requests answered by one detector / encoder / store pass
+MAX_QUEUE = 32  # requests waiting beyond this get "queue is full" (try again) instead of an unbounded wait
 
 
 def draw_boxes(image: Image.Image, boxes: list[dict], labels: list[str]) -> Image.Image:
@@ -59,24 +61,36 @@ def neighbour_cards(querier: Querier, rows: list[dict]) -> list[tuple[Image.Imag
     return cards
 
 
-def run_query(querier: Querier, path: str | None, score: float, k: int, rerank: str = "none"
-              ) -> tuple[dict, Image.Image]:
-    """The page's one action: a JSON-able results document, and the decoded photo to draw the boxes on."""
-    if not path:
-        raise CbirError("upload a photo first")
-    photo = open_photo(Path(path), max_pixels=MAX_UPLOAD_PIXELS, decode_pixels=PAGE_DECODE_PIXELS)
-    start = time.perf_counter()
-    boxes, merged = querier.query(photo, int(k), score=float(score), name=Path(path).name,
-                                  rerank=Rerank(method=rerank or "none"))
-    doc = results_json(Path(path).name, boxes, merged)
-    doc["latency_ms"] = round((time.perf_counter() - start) * 1000, 1)
-    doc["size"] = [photo.width, photo.height]
-    return doc, photo.image
+def run_queries(querier: Querier, requests: list[tuple[str | None, float, int, str]]) -> list[tuple[dict, Image.Image | None]]:
+    """The page's one action for a batch of concurrent requests (path, score, k, re-ranking): per request a
+    JSON-able results document (or {"error": message}) and the decoded photo to draw the boxes on. Requests
+    with the same settings go through the detector, the encoder and the store together."""
+    out: list = [None] * len(requests)
+    groups: dict[tuple, list[int]] = {}
+    photos = {}
+    for i, (path, score, k, method) in enumerate(requests):
+        try:
+            if not path:
+                raise CbirError("upload a photo first")
+            photos[i] = open_photo(Path(path), max_pixels=MAX_UPLOAD_PIXELS, decode_pixels=PAGE_DECODE_PIXELS)
+            groups.setdefault((float(score), int(k), method or "none"), []).append(i)
+        except CbirError as e:
+            out[i] = ({"error": str(e)}, None)
+    for (score, k, method), members in groups.items():
+        start = time.perf_counter()
+        answers = querier.query([photos[i] for i in members], k, score=score,
+                                names=[Path(requests[i][0]).name for i in members], rerank=Rerank(method=method))
+        latency = round((time.perf_counter() - start) * 1000, 1)
+        for i, (boxes, merged) in zip(members, answers):
+            doc = results_json(Path(requests[i][0]).name, boxes, merged)
+            doc.update(latency_ms=latency, batch=len(members), size=[photos[i].width, photos[i].height])
+            out[i] = (doc, photos[i].image)
+    return out
 
 
 def build_app(querier: Querier, examples: list[str], default_k: int = 10, rerank: str = SERVED_DEFAULT) -> gr.Blocks:
     default_score = float(querier.detect_meta.get("score_threshold", 0.3))
-    with gr.Blocks(title="cbir — find similar birds") as app:
+    with gr.Blocks(title="cbir — find similar birds", analytics_enabled=False) as app:
         gr.Markdown(f"# cbir — find similar birds\nIndex **{querier.si.manifest['name']}** "
                     f"({querier.si.manifest['count']} instances, {querier.spec['backbone']}); {querier.detector_note}.")
         state = gr.State({})
@@ -98,14 +112,10 @@ def build_app(querier: Querier, examples: list[str], default_k: int = 10, rerank
                 merged = gr.Dataframe(label="All boxes merged: each gallery image once, by its best match",
                                       interactive=False)
 
-        def search(path, score_value, k_value, method_value):
-            try:
-                doc, image = run_query(querier, path, score_value, k_value, method_value)
-            except CbirError as e:
-                raise gr.Error(str(e)) from None
-            except Exception as e:  # noqa: BLE001 — the page shows a message, never a stack trace
-                log.exception("query failed")
-                raise gr.Error(f"could not process this photo ({type(e).__name__}: {e})") from None
+        def show(doc, image):
+            """One request's outputs: state, boxed photo, status line, box choice, neighbour cards, merged table."""
+            if "error" in doc:
+                return {}, None, f"**{doc['error']}**", gr.Radio(choices=[], value=None), [], pd.DataFrame()
             labels = [f"{i} ({b['score']:.2f})" if b["source"] == "detected" else f"{i} {BOX_KIND.get(b['source'], '')}"
                       for i, b in enumerate(doc["boxes"], 1)]
             names = [f"box {i} · " + BOX_KIND.get(b["source"], f"score {b['score']:.2f}")
@@ -114,20 +124,35 @@ def build_app(querier: Querier, examples: list[str], default_k: int = 10, rerank
                                    "similarity": r["similarity"]} for i, r in enumerate(doc["images"], 1)])
             scale = image.width / doc["size"][0]  # boxes are in original pixels, the picture may be reduced
             drawn = [{**b, "box": [v * scale for v in b["box"]]} for b in doc["boxes"]]
+            shared = f", answered with {doc['batch'] - 1} other request(s)" if doc["batch"] > 1 else ""
             return (doc, draw_boxes(image, drawn, labels),
                     f"{len(doc['boxes'])} box(es) · query latency **{doc['latency_ms']:.0f} ms** "
-                    f"(detect + embed + search, {doc['size'][0]}×{doc['size'][1]} px)",
+                    f"(detect + embed + search, {doc['size'][0]}×{doc['size'][1]} px{shared})",
                     gr.Radio(choices=names, value=names[0]), neighbour_cards(querier, doc["boxes"][0]["neighbours"]),
                     table)
+
+        def search(paths, scores, ks, methods):
+            """Batched: Gradio hands over up to MAX_BATCH queued requests at once; one list per output."""
+            try:
+                answers = run_queries(querier, list(zip(paths, scores, ks, methods)))
+            except CbirError as e:
+                answers = [({"error": str(e)}, None)] * len(paths)
+            except Exception as e:  # noqa: BLE001 — the page shows a message, never a stack trace
+                log.exception("query failed")
+                answers = [({"error": f"could not process this photo ({type(e).__name__}: {e})"}, None)] * len(paths)
+            return tuple(map(list, zip(*[show(doc, image) for doc, image in answers])))
 
         def select(doc, index):
             if not doc or index is None:
                 return []
             return neighbour_cards(querier, doc["boxes"][index]["neighbours"])
 
-        button.click(search, [photo, score, k, method], [state, boxed, latency, choice, gallery, merged], api_name="search")
+        button.click(search, [photo, score, k, method], [state, boxed, latency, choice, gallery, merged],
+                     api_name="search", batch=True, max_batch_size=MAX_BATCH, concurrency_limit=1)
         choice.change(select, [state, choice], [gallery], api_name=False)
-    return app
+    # one model, one request batch at a time; past MAX_QUEUE waiting requests a new one is told the page is
+    # busy at once instead of joining an ever-longer wait
+    return app.queue(max_size=MAX_QUEUE, default_concurrency_limit=1)
 
 
 def example_photos(querier: Querier, n: int = 4) -> list[str]:
