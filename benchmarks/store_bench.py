@@ -68,6 +68,7 @@ def measure(kind: str, factory: str, x: np.ndarray, queries: np.ndarray, exact: 
         if kind == "milvus":
             store.close()
         return {"store": "milvus-lite" if kind == "milvus" else "faiss", "factory": factory, "n": len(x),
+                "queries": len(queries), "single_queries": single,
                 "build_s": round(built - start, 2), "train_s": round(trained - start, 2),
                 "insert_per_s": round(len(x) / (added - trained)), "single_qps": round(one, 1),
                 "batched_qps": round(batched, 1), "recall@10": round(recall, 4), "disk_mb": round(disk / 2**20, 1)}
@@ -99,18 +100,22 @@ def main():
                 row = measure(kind, factory, x, queries, exact, a.single)
                 rows[(row["store"], name, n)] = row | {"factory": name, "factory_string": factory}
                 print(json.dumps(row), flush=True)
+                write(path, rows, a)  # after every row: a long run that is stopped keeps what it measured
+
+
+def write(path: Path, rows: dict, a) -> None:
     ordered = sorted(rows.values(), key=lambda r: (r["n"], r["factory"], r["store"]))
     machine = f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores"
     OUT.mkdir(exist_ok=True)
     path.write_text(json.dumps({"machine": machine, "dim": a.dim, "queries": a.queries, "rows": ordered}, indent=1))
-    header = ["n", "factory", "store", "build_s", "insert_per_s", "single_qps", "batched_qps", "recall@10", "disk_mb"]
-    lines = [f"Store benchmark ({machine}; {a.dim}-d clustered vectors, {a.queries} queries, k={K}; "
+    header = ["n", "factory", "store", "build_s", "insert_per_s", "single_qps", "batched_qps", "recall@10", "disk_mb",
+              "queries"]
+    lines = [f"Store benchmark ({machine}; {a.dim}-d clustered vectors, k={K}; "
              f"`python benchmarks/store_bench.py`)", "", "| " + " | ".join(header) + " |",
              "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(f"{r[h]:,}" if isinstance(r[h], int) else str(r[h]) for h in header) + " |"
               for r in ordered]
     (OUT / "store_bench_cpu.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":

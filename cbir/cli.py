@@ -25,6 +25,10 @@ log = logging.getLogger("cbir")
 DEFAULT_WORKERS = max(1, min(8, (os.cpu_count() or 2) - 1))  # leave a core to the model
 
 
+def _or(value, default):
+    return default if value is None else value
+
+
 def _csv(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
@@ -50,8 +54,9 @@ def _run_arg(p):
 
 
 def _workers(p):
-    p.add_argument("--workers", type=_bounded(int, 0, 64), default=DEFAULT_WORKERS,
-                   help=f"worker processes for decoding (default: cores - 1, here {DEFAULT_WORKERS})")
+    p.add_argument("--workers", type=_bounded(int, 0, 64), default=None,
+                   help=f"worker processes for decoding (default: cores - 1, here {DEFAULT_WORKERS}; embedding on a "
+                        "CPU of 2 cores or fewer decodes inline, measured faster)")
 
 
 def _weights(p, what: str, flag: str = "--weights"):
@@ -111,8 +116,8 @@ def _embedding_args(p):
                    help="grow each box by this fraction per side (default 0)")
     p.add_argument("--crop-resize", default="pad", choices=("pad", "squash", "center"), help="box → square input: "
                    "pad (letterbox, default), squash (stretch) or center (ImageNet recipe); see benchmarks/results")
-    p.add_argument("--batch-size", type=_bounded(int, 1, 4096), help="images per batch (default: 4 on CPU, 64 on "
-                   "CUDA — measured best)")
+    p.add_argument("--batch-size", type=_bounded(int, 1, 4096), help="images per batch (default: the fastest "
+                   "batch and memory format, timed for this backbone and device at first use and cached)")
 
 
 def _index_args(p):
@@ -147,7 +152,7 @@ def prepare_config(a, run: Path):
     from .datasets.prepare import PrepareConfig
 
     return PrepareConfig(run=run, root=a.cub, split=a.split, skip_bad=a.skip_bad, max_pixels=a.max_pixels,
-                         workers=a.workers, force=getattr(a, "force", False))
+                         workers=_or(a.workers, DEFAULT_WORKERS), force=getattr(a, "force", False))
 
 
 def detect_config(a, run: Path, weights: str):
@@ -156,7 +161,8 @@ def detect_config(a, run: Path, weights: str):
     return DetectConfig(run=run, detector=a.detector, weights=weights, labels=a.labels,
                         splits=_csv(getattr(a, "splits", "train,test")), score=a.score,
                         max_per_image=getattr(a, "max_per_image", 10), min_size=a.min_size,
-                        batch_size=getattr(a, "detect_batch_size", 4), workers=a.workers, fallback=a.fallback,
+                        batch_size=getattr(a, "detect_batch_size", 4), workers=_or(a.workers, DEFAULT_WORKERS),
+                        fallback=a.fallback,
                         classes=_csv(a.classes), detections=a.detections, device=a.device,
                         force=getattr(a, "force", False))
 

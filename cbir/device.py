@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import torch
@@ -24,3 +25,14 @@ def resolve_device(device: str) -> torch.device:
         if index >= torch.cuda.device_count():
             raise CbirError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
     return torch.device(device)
+
+
+def decode_workers(device: torch.device) -> int:
+    """Decode processes beside a model on `device`. On a 2-core CPU a worker only competes with the model's
+    two threads: embedding ran 74.7 img/s decoding inline against 68.6 with one worker (MobileNetV2, CUB
+    sample, benchmarks/results/embed_bench_cpu_speed.md), so the decode stays inline there; with a GPU, or
+    more cores, workers overlap decoding with the model (not measured on more than 2 cores)."""
+    cores = os.cpu_count() or 1
+    if device.type == "cpu" and cores <= 2:
+        return 0
+    return max(1, min(8, cores - 1))

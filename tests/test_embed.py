@@ -201,3 +201,33 @@ def test_damaged_or_misaligned_files_are_refused(mini_run, tmp_path):
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(CbirError, match="do not match its table"):
         load_embeddings(run, "gt")
+
+
+def test_tuning_picks_the_fastest_measured_candidate_and_caches_it(tmp_path, monkeypatch):
+    import torch
+
+    from cbir.encoders import tuning
+
+    monkeypatch.setenv("CBIR_CACHE_DIR", str(tmp_path))
+    speeds = {("contiguous", 4): 50.0, ("channels_last", 8): 90.0}
+    monkeypatch.setattr(tuning, "_rate", lambda trunk, device, size, batch, fmt: speeds.get(
+        ("channels_last" if fmt == torch.channels_last else "contiguous", batch), 10.0))
+    trunk = torch.nn.Conv2d(3, 4, 3)
+    chosen = tuning.tune(trunk, "toy", 32, torch.device("cpu"))
+    assert (chosen.memory_format, chosen.batch) == ("channels_last", 8) and chosen.rates["contiguous/4"] == 50.0
+    monkeypatch.setattr(tuning, "_rate", lambda *a: pytest.fail("measured again instead of using the cache"))
+    assert tuning.tune(trunk, "toy", 32, torch.device("cpu")) == chosen
+
+
+def test_fused_trunk_gives_the_same_vectors():
+    import torch
+
+    from cbir.encoders.backbones import build_backbone
+    from cbir.encoders.cnn import fuse_batch_norm
+
+    trunk = build_backbone("mobilenet_v2", str(MOBILENET)).trunk.eval()
+    fused = fuse_batch_norm(trunk)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    x = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        assert torch.allclose(trunk(x), fused(x), atol=1e-4, rtol=1e-4)

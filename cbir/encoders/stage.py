@@ -17,7 +17,7 @@ from .. import CbirError
 from ..artifacts import Artifact, commit, finish_shards, fingerprint, is_fresh, read_table, run_in_shards, writing
 from ..datasets import RunDataset, load_dataset
 from ..detection.results import load_detections
-from ..device import resolve_device
+from ..device import decode_workers, resolve_device
 from ..images import open_photo
 from ..layout import RunLayout, check_name
 from .backbones import build_backbone
@@ -41,8 +41,8 @@ class EmbedConfig:
     crop_resize: str = "pad"
     size: int | None = None  # input side; default: the weights' own crop size
     roi: bool = False  # det/gt: pool every box from one pass over the whole image
-    batch_size: int | None = None  # default: per device (CnnEncoder.default_batch)
-    workers: int = 2
+    batch_size: int | None = None  # default: measured for the trunk here (encoders.tuning)
+    workers: int | None = None  # decode processes; default: device.decode_workers (inline on a 2-core CPU)
     device: str = "auto"
     bf16: bool = False
     name: str | None = None
@@ -55,7 +55,7 @@ class EmbedConfig:
             raise CbirError("--roi pools boxes from the image's feature map; use it with --mode gt or det")
         if self.batch_size is not None and self.batch_size < 1:
             raise CbirError(f"--batch-size {self.batch_size}: must be at least 1")
-        if self.workers < 0:
+        if self.workers is not None and self.workers < 0:
             raise CbirError(f"--workers {self.workers}: must be 0 or more")
         check_name(self.output_name)
 
@@ -89,15 +89,16 @@ class _Crops(Dataset):
     """One item per image, decoded once in a worker: all of its crops, or the RoI inputs."""
 
     def __init__(self, data: RunDataset, groups: list[pd.DataFrame], recipe: InputRecipe):
-        self.data, self.groups, self.recipe = data, groups, recipe
+        # plain paths and box arrays: a DataFrame lookup per item cost ~1 ms, 7 % of the stage on 2 cores
+        self.paths = [data.image_path(g.path.iloc[0]) for g in groups]
+        self.boxes = [g[["x", "y", "w", "h"]].to_numpy(float) for g in groups]
+        self.recipe = recipe
 
     def __len__(self):
-        return len(self.groups)
+        return len(self.paths)
 
     def __getitem__(self, i):
-        rows = self.groups[i]
-        photo = open_photo(self.data.image_path(rows.path.iloc[0]))
-        return self.recipe.inputs(photo, rows[["x", "y", "w", "h"]].to_numpy(float))
+        return self.recipe.inputs(open_photo(self.paths[i]), self.boxes[i])
 
 
 def _collate(batch):
@@ -157,7 +158,8 @@ def embed(cfg: EmbedConfig) -> tuple[np.ndarray, pd.DataFrame, dict]:
 
         def compute(image_ids):
             part = rows[rows.image_id.isin(image_ids)]
-            return embed_rows(part, data, encoder, cfg.batch_size or encoder.default_batch, cfg.workers, bar)
+            return embed_rows(part, data, encoder, cfg.batch_size or encoder.default_batch,
+                              decode_workers(encoder.device) if cfg.workers is None else cfg.workers, bar)
 
         def save(path, array):
             with open(path, "wb") as f:
