@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import lru_cache
 from pathlib import Path
 
 import gradio as gr
@@ -26,6 +27,7 @@ MAX_UPLOAD_PIXELS = 200_000_000  # larger uploads are refused
 PAGE_DECODE_PIXELS = 12_000_000  # uploads are decoded reduced to this for speed; boxes stay in original pixels
 BOX_KIND = {"fallback-full": "whole image", "gt": "GT box"}
 MAX_BATCH = 8  # concurrent requests answered by one detector / encoder / store pass
+CARD_CACHE = 2048  # neighbour thumbnails kept (~100 kB each)
 MAX_QUEUE = 32  # requests waiting beyond this get "queue is full" (try again) instead of an unbounded wait
 
 
@@ -50,12 +52,19 @@ def draw_boxes(image: Image.Image, boxes: list[dict], labels: list[str]) -> Imag
     return out
 
 
+@lru_cache(maxsize=CARD_CACHE)
+def card_image(path: Path, box: tuple[float, ...], source: str, image_id: int) -> Image.Image:
+    """A gallery image with its matching box drawn, as a thumbnail. Cached: popular neighbours recur across
+    queries, and decoding + drawing them was most of the page's own work per request."""
+    image = draw_boxes(load_rgb(path), [{"box": list(box), "source": source}], [f"#{image_id}"])
+    image.thumbnail((320, 320))
+    return image
+
+
 def neighbour_cards(querier: Querier, rows: list[dict]) -> list[tuple[Image.Image, str]]:
     cards = []
     for r in rows:
-        image = load_rgb(querier.si.image_path(r["path"]))
-        image = draw_boxes(image, [r], [f"#{r['image_id']}"])
-        image.thumbnail((320, 320))
+        image = card_image(querier.si.image_path(r["path"]), tuple(r["box"]), r["source"], r["image_id"])
         name = r["class_name"].split(".", 1)[-1].replace("_", " ") or "added photo"
         cards.append((image, f"{name} · sim {r['similarity']:.3f}"))
     return cards
@@ -96,7 +105,10 @@ def build_app(querier: Querier, examples: list[str], default_k: int = 10, rerank
         state = gr.State({})
         with gr.Row():
             with gr.Column(scale=1):
-                photo = gr.Image(type="filepath", label="Photo", sources=["upload", "clipboard"], height=320)
+                # image_mode None: the upload's own file reaches open_photo (modes, EXIF, huge photos handled
+                # there), not a copy Gradio re-encoded
+                photo = gr.Image(type="filepath", label="Photo", sources=["upload", "clipboard"], height=320,
+                                 image_mode=None)
                 score = gr.Slider(0.05, 0.95, value=default_score, step=0.05, label="detection score threshold")
                 k = gr.Slider(1, 30, value=default_k, step=1, label="neighbours (k)")
                 method = gr.Radio(list(METHODS), value=rerank, label=f"re-ranking of each box's top {SHORTLIST}")
@@ -104,11 +116,14 @@ def build_app(querier: Querier, examples: list[str], default_k: int = 10, rerank
                 if examples:
                     gr.Examples(examples=[[e] for e in examples], inputs=[photo], label="Test-split examples")
             with gr.Column(scale=2):
+                # JPEG: Gradio re-encodes every picture it returns, and JPEG costs ~4 ms where WebP took ~70 ms
+                # and PNG ~300 ms for a boxed photo and its ten neighbours on 2 cores
                 boxed = gr.Image(label="Boxes found (orange = no bird found, whole image)", interactive=False,
-                                 height=360)
+                                 height=360, format="jpeg")
                 latency = gr.Markdown()
                 choice = gr.Radio(label="Box", choices=[], type="index")
-                gallery = gr.Gallery(label="Nearest gallery images for the selected box", columns=5, height=420)
+                gallery = gr.Gallery(label="Nearest gallery images for the selected box", columns=5, height=420,
+                                     format="jpeg")
                 merged = gr.Dataframe(label="All boxes merged: each gallery image once, by its best match",
                                       interactive=False)
 
@@ -133,6 +148,7 @@ def build_app(querier: Querier, examples: list[str], default_k: int = 10, rerank
 
         def search(paths, scores, ks, methods):
             """Batched: Gradio hands over up to MAX_BATCH queued requests at once; one list per output."""
+            start = time.perf_counter()
             try:
                 answers = run_queries(querier, list(zip(paths, scores, ks, methods)))
             except CbirError as e:
@@ -140,7 +156,9 @@ def build_app(querier: Querier, examples: list[str], default_k: int = 10, rerank
             except Exception as e:  # noqa: BLE001 — the page shows a message, never a stack trace
                 log.exception("query failed")
                 answers = [({"error": f"could not process this photo ({type(e).__name__}: {e})"}, None)] * len(paths)
-            return tuple(map(list, zip(*[show(doc, image) for doc, image in answers])))
+            shown = tuple(map(list, zip(*[show(doc, image) for doc, image in answers])))
+            log.debug("answered a batch of %d request(s) in %.0f ms", len(paths), (time.perf_counter() - start) * 1000)
+            return shown
 
         def select(doc, index):
             if not doc or index is None:
