@@ -391,7 +391,8 @@ def evaluate_config(a, run: Path, embeddings: tuple[str, ...]):
     from .evaluate import EvalConfig
 
     return EvalConfig(run=run, embeddings=embeddings, pca=a.eval_pca, whiten=a.whiten, index=a.index,
-                      served=_csv(a.served), rerank=getattr(a, "rerank_list", (Rerank(),)), plots=not a.no_plots,
+                      served=_csv(a.served), rerank=getattr(a, "rerank_list", parse_methods(f"none,{SERVED_DEFAULT}")),
+                      plots=not a.no_plots,
                       force=getattr(a, "force", False))
 
 
@@ -414,9 +415,10 @@ def _evaluate_parser(sub):
     p.add_argument("--index", default="exact", help="exact, or a FAISS factory body (e.g. HNSW32, IVF64,PQ16) "
                    "scored beside exact search with its recall@10 against exact")
     p.add_argument("--served", default="", help="comma-separated saved index names to score as served")
-    p.add_argument("--rerank", dest="rerank_list", default=(Rerank(),), type=_checked(parse_methods),
-                   help="comma-separated re-ranking methods scored side by side on the refit rows: none, aqe "
-                        "(α-query expansion), dba (database-side augmentation), kreciprocal (default none)")
+    p.add_argument("--rerank", dest="rerank_list", default=f"none,{SERVED_DEFAULT}", type=_checked(parse_methods),
+                   help="comma-separated re-ranking methods scored side by side: none, aqe (α-query expansion), dba "
+                        f"(database-side augmentation), kreciprocal (default none,{SERVED_DEFAULT}: plain and what "
+                        "search and the page use)")
     p.add_argument("--no-plots", action="store_true", help="metrics only, no pictures")
     p.set_defaults(func=cmd_evaluate)
 

@@ -27,7 +27,7 @@ from .layout import RunLayout
 from .metrics.ranking import Gallery, exact_metrics, nmi, ranked_metrics
 from .retrieval.faiss_store import set_search_params
 from .retrieval.reduce import reduce
-from .retrieval.rerank import Rerank, rerank_matrix
+from .retrieval.rerank import SERVED_DEFAULT, Rerank, rerank_matrix
 from .retrieval.saved import load_index
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,8 @@ class EvalConfig:
     whiten: bool = False
     index: str = "exact"  # or a FAISS factory body (e.g. HNSW32) scored beside exact search
     served: tuple[str, ...] = ()  # saved indexes to score as served
-    rerank: tuple[Rerank, ...] = (Rerank(),)  # re-ranking methods, side by side (served: on each shortlist)
+    # re-ranking methods side by side (served rows: on each shortlist); by default plain and the served default
+    rerank: tuple[Rerank, ...] = (Rerank(), Rerank(method=SERVED_DEFAULT))
     plots: bool = True
     force: bool = False
 
@@ -254,13 +255,28 @@ def _upstream(layout: RunLayout, metrics: pd.DataFrame) -> dict[str, str]:
 
 
 def comparison_markdown(metrics: pd.DataFrame, run: Path) -> str:
+    """Two tables: the embeddings and reductions without re-ranking, then each re-ranking beside the row it
+    re-ranks (same embeddings, reduction, PCA and index)."""
     shown = [c for c in SHOWN if c in metrics]
     table = metrics[["embeddings", "reduction", "backbone", "pca", "dim", "index", "rerank", "images"] + shown].copy()
     for c in shown:
         table[c] = table[c].map(lambda v: "" if pd.isna(v) else f"{v:.3f}")
-    return "\n".join(["# Retrieval comparison", "",
-                      f"Run `{run}`: each test image queries all other test images (itself excluded). "
-                      "`reduction` refit: PCA fitted here on the train split only (`dim`: the dimension used — PCA is "
-                      "capped by the number of train vectors); served:NAME: the saved index NAME as searched, its own "
-                      "reduction and store. `det` scores each gallery image by its best instance and queries with "
-                      "the image's top-scoring instance.", "", table.to_markdown(index=False), ""])
+    plain = table.rerank == "none"
+    reranked_keys = table.loc[~plain, ["embeddings", "reduction", "pca", "index"]].drop_duplicates()
+    with_base = table.merge(reranked_keys, on=["embeddings", "reduction", "pca", "index"])  # plain + re-ranked
+    group = ["embeddings", "reduction", "pca", "index"]
+    with_base = with_base.assign(reranked=with_base.rerank != "none").sort_values(
+        [*group, "reranked"], kind="stable").drop(columns="reranked")  # each plain row first, its re-rankings after
+    parts = ["# Retrieval comparison", "",
+             f"Run `{run}`: each test image queries all other test images (itself excluded). "
+             "`reduction` refit: PCA fitted here on the train split only (`dim`: the dimension used — PCA is "
+             "capped by the number of train vectors; `auto` keeps the raw vectors when there are fewer than 2 train "
+             "vectors per dimension); served:NAME: the saved index NAME as searched, its own reduction and store. "
+             "`det` scores each gallery image by its best instance and queries with the image's top-scoring "
+             "instance.", "", table[plain].drop(columns="rerank").to_markdown(index=False), ""]
+    if len(reranked_keys):
+        parts += ["## Re-ranking", "",
+                  "Each re-ranked row below the row it re-ranks. `refit` rows re-rank the whole test gallery; "
+                  "`served` rows re-rank each query's shortlist from the store (its top 100), as `search` and the "
+                  "page do.", "", with_base.to_markdown(index=False), ""]
+    return "\n".join(parts)

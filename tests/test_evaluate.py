@@ -10,6 +10,7 @@ from cbir.evaluate import EvalConfig, evaluate, load_gallery
 from cbir.layout import RunLayout
 from cbir.metrics.ranking import (Gallery, RankStats, exact_metrics, first_occurrences, image_sims, rank_metrics,
                                   summarise)
+from cbir.retrieval.rerank import Rerank
 from conftest import copy_run
 
 
@@ -120,9 +121,11 @@ def test_evaluate_writes_reports_and_scores_an_approximate_index(mini_run, tmp_p
     result = evaluate(EvalConfig(run=run, embeddings=("full", "det", "full+det", "nope"), pca=(8, None),
                                  index="HNSW32"))
     m = result.metrics
-    assert set(m.embeddings) == {"full", "det", "full+det"} and len(m) == 12
-    exact = m[m["index"] == "exact"]
+    # 3 sets x 2 PCA settings: exact, HNSW32, and (by default) exact re-ranked with k-reciprocal
+    assert set(m.embeddings) == {"full", "det", "full+det"} and len(m) == 18
+    exact = m[(m["index"] == "exact") & (m.rerank == "none")]
     assert len(exact) == 6 and exact["R@1"].between(0, 1).all() and (exact["R@8"] >= exact["R@1"]).all()
+    assert m.rerank.str.startswith("kreciprocal").sum() == 6
     assert len(m[m["index"] == "HNSW32"]) == 6 and (m[m["index"] == "HNSW32"]["recall@10 vs exact"] > 0.9).all()
     reports = run / "reports" / "retrieval"
     for name in ("metrics.csv", "comparison.md", "pr_curves.png", "embedding_map_det.png", "grid_det.png",
@@ -133,8 +136,9 @@ def test_evaluate_writes_reports_and_scores_an_approximate_index(mini_run, tmp_p
 
 def test_a_narrower_evaluate_keeps_the_other_rows(mini_run, tmp_path):
     run = copy_run(mini_run, tmp_path / "run")
-    wide = evaluate(EvalConfig(run=run, embeddings=("full", "det"), pca=(8, None), plots=False)).metrics
-    narrow = evaluate(EvalConfig(run=run, embeddings=("det",), pca=(8,), plots=False))
+    plain = (Rerank(),)
+    wide = evaluate(EvalConfig(run=run, embeddings=("full", "det"), pca=(8, None), plots=False, rerank=plain)).metrics
+    narrow = evaluate(EvalConfig(run=run, embeddings=("det",), pca=(8,), plots=False, rerank=plain))
     assert len(narrow.computed) == 1 and len(narrow.metrics) == len(wide) == 4
     on_disk = pd.read_csv(run / "reports" / "retrieval" / "metrics.csv")
     assert len(on_disk) == 4 and set(on_disk.embeddings) == {"full", "det"}
@@ -147,7 +151,8 @@ def test_served_index_is_scored_with_its_own_reduction(mini_run, tmp_path):
 
     run = copy_run(mini_run, tmp_path / "run")
     build_index(IndexConfig(run=run, embeddings="det", pca=8, factory="HNSW32"))
-    result = evaluate(EvalConfig(run=run, embeddings=("det",), pca=(8,), served=("det",), plots=False))
+    result = evaluate(EvalConfig(run=run, embeddings=("det",), pca=(8,), served=("det",), plots=False,
+                                     rerank=(Rerank(),)))
     m = result.computed.set_index(["reduction", "index"])
     served_exact, refit = m.loc[("served:det", "exact")], m.loc[("refit", "exact")]
     # the same data, the same PCA fitted on the same train rows: the served index's reduction agrees
@@ -159,6 +164,8 @@ def test_served_index_is_scored_with_its_own_reduction(mini_run, tmp_path):
 def test_sample_quality_floor(sample_run):
     """Real ImageNet features on 10 unseen classes: a retrieval bug shows up as a drop below these floors."""
     result = evaluate(EvalConfig(run=sample_run, embeddings=("full", "det"), pca=(None,), plots=False))
-    m = result.computed.set_index("embeddings")
-    assert m.loc["full", "R@1"] > 0.8 and m.loc["det", "R@1"] > 0.8
-    assert m.loc["full", "MAP@R"] > 0.35 and m.loc["full", "NMI"] > 0.6
+    m = result.computed.set_index(["embeddings", "rerank"])
+    assert m.loc[("full", "none"), "R@1"] > 0.8 and m.loc[("det", "none"), "R@1"] > 0.8
+    assert m.loc[("full", "none"), "MAP@R"] > 0.35 and m.loc[("full", "none"), "NMI"] > 0.6
+    reranked = m.xs(Rerank(method="kreciprocal").label, level="rerank")  # the default re-ranking helps, not hurts
+    assert (reranked["MAP@R"] > m.xs("none", level="rerank")["MAP@R"]).all()
