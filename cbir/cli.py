@@ -429,8 +429,8 @@ def cmd_run(a):
     from .pipeline import RunConfig, run_all
 
     modes = _csv(a.modes)
-    index_mode = a.index_mode if a.index_mode in modes else modes[-1]
     fused = tuple(f"full+{m}" for m in ("det",) if {"full", m} <= set(modes))
+    index_mode = a.index_mode if a.index_mode in modes + fused else modes[-1]
     cfg = RunConfig(prepare=prepare_config(a, a.out),
                     detect=detect_config(a, a.out, a.detector_weights) if "det" in modes else None,
                     embed=embed_config(a, a.out, modes[0]), modes=modes,
@@ -456,7 +456,8 @@ def _run_parser(sub):
     _embedding_args(p)
     p.add_argument("--modes", default="full,gt,det", help="embedding modes to compare (default full,gt,det)")
     _index_args(p)
-    p.add_argument("--index-mode", default="det", help="which embeddings get a saved search index (default det)")
+    p.add_argument("--index-mode", default="det", help="which embeddings get a saved search index: a mode, or "
+                   "full+det (whole photo + detected box fused per image; default det)")
     p.add_argument("--index", default="exact", help="approximate FAISS factory to score beside exact search")
     p.add_argument("--served", default="", help="more saved index names to evaluate as served (the run's own "
                    "index always is)")

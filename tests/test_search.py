@@ -220,3 +220,24 @@ def test_photos_answered_together_equal_photos_answered_alone(run):
         single_boxes, single_merged = q.query([photo], 5, names=[name])[0]
         assert merged.image_id.tolist() == single_merged.image_id.tolist()
         assert [b.neighbours.image_id.tolist() for b in per_box] == [b.neighbours.image_id.tolist() for b in single_boxes]
+
+
+def test_fused_index_is_served_in_its_own_space(run):
+    """full+gt as one index: a run photo's query box (whole photo + its GT box) finds its own stored fused
+    vector at similarity 1, and the served index scores as the refit fusion does."""
+    from cbir.evaluate import EvalConfig, evaluate
+    from cbir.retrieval.rerank import Rerank
+
+    si = build_index(IndexConfig(run=run, embeddings="full+gt", name="fused", pca=None, factory="Flat"))
+    assert si.manifest["mode"] == "full+gt" and si.manifest["embedding_spec"]["encoder"] == "fused"
+    assert set(si.manifest["upstream"]) == {"embeddings/full", "embeddings/gt"}
+    q = Querier(run, "fused", use_detector=False)
+    row = pd.read_parquet(run / "dataset" / "images.parquet").iloc[20]
+    per_box, _ = q.query([open_photo(MINI / "images" / row.path)], 3, names=[row.path.rsplit("/", 1)[1]])[0]
+    assert [b.source for b in per_box] == ["fallback-full", "gt"]
+    assert per_box[1].neighbours.image_id.iloc[0] == row.image_id
+    assert per_box[1].neighbours.similarity.iloc[0] == pytest.approx(1.0, abs=1e-4)
+    result = evaluate(EvalConfig(run=run, embeddings=("full+gt",), pca=(None,), served=("fused",), plots=False,
+                                 rerank=(Rerank(),)))
+    m = result.computed.set_index(["reduction", "index"])
+    assert m.loc[("served:fused", "Flat"), "MAP@R"] == pytest.approx(m.loc[("refit", "exact"), "MAP@R"], abs=1e-6)

@@ -125,6 +125,39 @@ def embed_rows(rows: pd.DataFrame, data: RunDataset, encoder: CnnEncoder, batch_
     return result
 
 
+def top_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """Each image's top-scoring row (ties: lowest instance), with its position in the set as `row`: the
+    instance that stands for the image as a query (evaluation and fusion share this rule)."""
+    ranked = table.reset_index(names="row").sort_values(["image_id", "score", "instance"],
+                                                        ascending=[True, False, True], kind="stable")
+    return ranked.drop_duplicates("image_id").set_index("image_id")
+
+
+def fuse_embeddings(layout: RunLayout, name: str) -> tuple[np.ndarray, pd.DataFrame, dict]:
+    """`full+det` style fusion, one vector per image: each part's top-scoring vector L2-normalised, the parts
+    concatenated and divided by sqrt(parts) (unit length). The table is the last part's (its box, score and
+    source); images missing from a part are left out. Queries are fused the same way (`FusedEncoder`)."""
+    parts = [load_embeddings(layout, p) for p in name.split("+")]
+    tops = [top_rows(table) for _, table, _ in parts]
+    common = sorted(set.intersection(*(set(t.index) for t in tops)))
+    if not common:
+        raise CbirError(f"embeddings {name}: its parts share no image")
+    blocks = []
+    for (vectors, _, _), top in zip(parts, tops):
+        block = np.asarray(vectors[top.loc[common, "row"].to_numpy()], np.float32)
+        blocks.append(block / np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12))
+    vectors = np.concatenate(blocks, 1) / np.sqrt(len(parts))
+    table = tops[-1].loc[common].reset_index().drop(columns="row")[parts[-1][1].columns]
+    infos = [info for _, _, info in parts]
+    spec = {"encoder": "fused", "parts": [i["spec"] for i in infos], "modes": [i["mode"] for i in infos],
+            "fingerprint": "fused(" + ",".join(i["spec"]["fingerprint"] for i in infos) + ")",
+            "backbone": "+".join(dict.fromkeys(i["spec"]["backbone"] for i in infos)), "dim": int(vectors.shape[1])}
+    info = {"spec": spec, "mode": name, "count": len(table), "dim": spec["dim"], "name": name,
+            "fingerprint": fingerprint([i["fingerprint"] for i in infos]),
+            "upstream": {k: v for i in infos for k, v in i["upstream"].items()}}
+    return vectors, table, info
+
+
 def _detector_name(layout: RunLayout) -> str:
     meta = Artifact(layout, layout.detections).meta()
     detector = meta["inputs"].get("detector") if meta else None
@@ -182,9 +215,11 @@ def embed(cfg: EmbedConfig) -> tuple[np.ndarray, pd.DataFrame, dict]:
 
 
 def load_embeddings(run: Path | RunLayout, name: str) -> tuple[np.ndarray, pd.DataFrame, dict]:
-    """Vectors (memory-mapped), their table and the artifact's summary (spec, mode, fingerprint);
-    refuses misaligned or damaged sets."""
+    """Vectors (memory-mapped), their table and the artifact's summary (spec, mode, fingerprint, upstream);
+    refuses misaligned or damaged sets. `A+B` fuses stored sets per image (see `fuse_embeddings`)."""
     layout = run if isinstance(run, RunLayout) else RunLayout(run)
+    if "+" in name:
+        return fuse_embeddings(layout, name)
     art = Artifact(layout, layout.embeddings(name))
     folder, meta = art.open(f"run `cbir embed --run {layout.root} --mode ... --name {name}` first")
     try:
@@ -192,7 +227,8 @@ def load_embeddings(run: Path | RunLayout, name: str) -> tuple[np.ndarray, pd.Da
     except (ValueError, OSError) as e:
         raise CbirError(f"{folder / layout.VECTORS}: unreadable ({e}); redo it with `cbir embed --force`") from None
     table = read_table(folder / layout.ROWS)
-    info = {**meta["summary"], "fingerprint": meta["fingerprint"], "name": name}
+    info = {**meta["summary"], "fingerprint": meta["fingerprint"], "name": name,
+            "upstream": {art.name: meta["fingerprint"]}}
     if len(vectors) != len(table) or vectors.ndim != 2 or vectors.shape[1] != info["dim"]:
         raise CbirError(f"{art.link}: {vectors.shape} vectors do not match its table ({len(table)} rows) and spec "
                         f"(dim {info['dim']}); redo it with `cbir embed --force`")

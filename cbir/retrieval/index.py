@@ -131,6 +131,6 @@ def _build(layout: RunLayout, cfg: IndexConfig, vectors: np.ndarray, table: pd.D
                 "backbone": emb["spec"]["backbone"], "embedding_spec": emb["spec"], "pca": pca, "pca_reason": pca_reason, "whiten": cfg.whiten,
                 "gallery": list(cfg.gallery), "trained_on": "train split", "train_rows": int(is_train.sum()),
                 "next_id": int(len(table)), "next_image_id": int(data.images.image_id.max()) + 1, "edits": [],
-                "image_dir": str(data.image_dir), "upstream": {layout.embeddings(cfg.embeddings): emb["fingerprint"]}}
+                "image_dir": str(data.image_dir), "upstream": emb["upstream"]}
     return SearchIndex(store, meta.assign(id=ids).set_index("id"), manifest, np.zeros((0, dim), np.float32),
                        data.image_dir, inputs, layout)
