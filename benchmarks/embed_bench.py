@@ -25,7 +25,7 @@ from cbir.device import decode_workers, resolve_device
 from cbir.encoders.backbones import build_backbone
 from cbir.encoders.cnn import CnnEncoder
 from cbir.encoders.stage import _Crops, embed_rows, instances
-from cbir.encoders.tuning import _rate
+from cbir.encoders.tuning import images_per_second
 from cbir.evaluate import gallery_from
 from cbir.layout import RunLayout
 from cbir.metrics.ranking import exact_metrics
@@ -55,10 +55,6 @@ def decode_rate(dataset, n: int) -> float:
     return min(n, len(dataset)) / (time.perf_counter() - t)
 
 
-def tuning_size(encoder: CnnEncoder) -> int:
-    return encoder.recipe.size * (2 if encoder.recipe.roi else 1)
-
-
 def speed_row(layout, data, backbone, device, mode: str, a) -> dict:
     """The stage's img/s against the machine's limit for it: the CPU time one image needs is the model's
     (all cores, tuned memory format and batch) plus its decode spread over every core."""
@@ -71,7 +67,8 @@ def speed_row(layout, data, backbone, device, mode: str, a) -> dict:
     workers = decode_workers(device) if a.workers is None else a.workers
     model = decode = stage = 0.0
     for _ in range(a.repeats):  # interleaved, best of each: a shared machine slows runs, never speeds one up
-        model = max(model, _rate(encoder.trunk, device, tuning_size(encoder), tuning.batch, tuning.torch_format))
+        model = max(model, images_per_second(encoder.trunk, device, encoder.input_side, tuning.batch,
+                                             tuning.torch_format))
         decode = max(decode, decode_rate(_Crops(data, groups, encoder.recipe), 128))
         stage = max(stage, stage_rate(encoder, rows, data, a.batch_size or tuning.batch, workers))
     limit = 1 / (1 / model + 1 / (decode * per_box * (cores if device.type == "cpu" else 1)))

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cbir.retrieval import new_store
 from cbir.retrieval.faiss_store import FaissStore
-from cbir.retrieval.milvus_store import MilvusStore
 from index_bench import clustered, factory_for, timed_search
 
 OUT = Path(__file__).parent / "results"
@@ -40,9 +40,9 @@ def _size(path: Path) -> int:
 
 
 def _store(kind: str, factory: str, dim: int, folder: Path):
-    if kind == "faiss":
-        return FaissStore.build(dim, "L2norm,IDMap2," + factory)
-    return MilvusStore.build("milvus-lite:bench.db", folder, "bench", dim, "L2norm,", factory)
+    """The store `cbir index --store` would make, without PCA."""
+    spec = "faiss" if kind == "faiss" else "milvus-lite:bench.db"
+    return new_store(spec, folder, "bench", dim, "L2norm,", factory, "off")
 
 
 def measure(kind: str, factory: str, x: np.ndarray, queries: np.ndarray, exact: np.ndarray, single: int) -> dict:

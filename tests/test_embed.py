@@ -210,12 +210,12 @@ def test_tuning_picks_the_fastest_measured_candidate_and_caches_it(tmp_path, mon
 
     monkeypatch.setenv("CBIR_CACHE_DIR", str(tmp_path))
     speeds = {("contiguous", 4): 50.0, ("channels_last", 8): 90.0}
-    monkeypatch.setattr(tuning, "_rate", lambda trunk, device, size, batch, fmt: speeds.get(
+    monkeypatch.setattr(tuning, "images_per_second", lambda trunk, device, size, batch, fmt: speeds.get(
         ("channels_last" if fmt == torch.channels_last else "contiguous", batch), 10.0))
     trunk = torch.nn.Conv2d(3, 4, 3)
     chosen = tuning.tune(trunk, "toy", 32, torch.device("cpu"))
     assert (chosen.memory_format, chosen.batch) == ("channels_last", 8) and chosen.rates["contiguous/4"] == 50.0
-    monkeypatch.setattr(tuning, "_rate", lambda *a: pytest.fail("measured again instead of using the cache"))
+    monkeypatch.setattr(tuning, "images_per_second", lambda *a: pytest.fail("measured again instead of using the cache"))
     assert tuning.tune(trunk, "toy", 32, torch.device("cpu")) == chosen
 
 

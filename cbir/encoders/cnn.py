@@ -146,12 +146,16 @@ class CnnEncoder:
     def dim(self) -> int:
         return self.backbone.dim
 
+    @property
+    def input_side(self) -> int:
+        """Side of the trunk's square input: the crop size, or twice it for a whole-image RoI pass."""
+        return self.recipe.size * (2 if self.recipe.roi else 1)
+
     @cached_property
     def tuning(self) -> Tuning:
         """Memory format and batch size measured for this trunk here (cached across runs); the trunk is
         put in the winning format."""
-        tuning = tune(self.trunk, f"{self.backbone.name} (BN fused)", self.recipe.size * (2 if self.recipe.roi else 1),
-                      self.device)
+        tuning = tune(self.trunk, f"{self.backbone.name} (BN fused)", self.input_side, self.device)
         self.trunk.to(memory_format=tuning.torch_format)
         return tuning
 

@@ -24,16 +24,27 @@ class FusedEncoder:
 
     def encode_batch(self, photos: list[Photo], boxes: list[np.ndarray]) -> list[np.ndarray]:
         counts = [len(b) for b in boxes]
-        blocks = []
-        for encoder, mode in zip(self.parts, self.modes):
-            if mode == "full":  # one vector per photo, repeated for each of its boxes
-                whole = [np.array([[0.0, 0.0, p.width, p.height]]) for p in photos]
-                vectors = np.concatenate(encoder.encode_batch(photos, whole))
-                blocks.append(_unit(np.repeat(vectors, counts, axis=0)))
-            else:
-                blocks.append(_unit(np.concatenate(encoder.encode_batch(photos, boxes))))
+        whole = [np.array([[0.0, 0.0, p.width, p.height]]) for p in photos]
+        wanted = [whole if mode == "full" else [np.asarray(b, float) for b in boxes] for mode in self.modes]
+        vectors = self._encode_parts(photos, wanted)
+        blocks = [_unit(np.repeat(v, counts, axis=0) if mode == "full" else v)  # a photo's vector for each box
+                  for v, mode in zip(vectors, self.modes)]
         fused = np.concatenate(blocks, 1) / np.sqrt(len(blocks))
         return np.split(fused.astype(np.float32), np.cumsum(counts)[:-1])
+
+    def _encode_parts(self, photos: list[Photo], wanted: list[list[np.ndarray]]) -> list[np.ndarray]:
+        """Each part's vectors of its boxes ([n, dim] over all photos); parts sharing one encoder (full and det
+        of the same trunk) go through it in a single pass."""
+        out: list = [None] * len(self.parts)
+        for encoder in {id(p): p for p in self.parts}.values():
+            members = [i for i, p in enumerate(self.parts) if p is encoder]
+            per_photo = encoder.encode_batch(photos, [np.concatenate([wanted[i][j] for i in members])
+                                                      for j in range(len(photos))])
+            pieces = [np.split(v, np.cumsum([len(wanted[i][j]) for i in members])[:-1])
+                      for j, v in enumerate(per_photo)]
+            for slot, i in enumerate(members):
+                out[i] = np.concatenate([photo_pieces[slot] for photo_pieces in pieces])
+        return out
 
 
 def fused_encoder(spec: dict, device: torch.device, weights: str | None = None) -> FusedEncoder:

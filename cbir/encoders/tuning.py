@@ -47,7 +47,8 @@ def _key(name: str, size: int, device: torch.device) -> str:
     return f"{name}|{size}px|{device.type}:{where}|{torch.get_num_threads()} threads|torch {torch.__version__}"
 
 
-def _rate(trunk: torch.nn.Module, device: torch.device, size: int, batch: int, fmt, rounds: int = 3) -> float:
+def images_per_second(trunk: torch.nn.Module, device: torch.device, size: int, batch: int, fmt,
+                      rounds: int = 3) -> float:
     """Images/s, the best of a few short rounds (a busy machine slows some rounds, never speeds one up)."""
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
     model = trunk.to(memory_format=fmt)
@@ -77,7 +78,7 @@ def tune(trunk: torch.nn.Module, name: str, size: int, device: torch.device) -> 
     if key in cached:
         return Tuning(**cached[key])
     log.info("timing %s at %d px on %s (memory format x batch size, once; cached in %s)", name, size, device, path)
-    rates = {f"{f}/{b}": round(_rate(trunk, device, size, b, FORMATS[f]), 1)
+    rates = {f"{f}/{b}": round(images_per_second(trunk, device, size, b, FORMATS[f]), 1)
              for f in FORMATS for b in BATCHES.get(device.type, BATCHES["cpu"])}
     best = max(rates, key=rates.get)
     fmt, batch = best.split("/")

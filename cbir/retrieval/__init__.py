@@ -19,6 +19,7 @@ from .. import CbirError
 
 class VectorStore(Protocol):
     kind: str
+    filters: bool  # evaluates `--filter` expressions itself (else SearchIndex searches the matching id subset)
     description: dict  # what it is (factory, reduction, search parameters, where it lives), recorded with the index
 
     @property
@@ -26,6 +27,9 @@ class VectorStore(Protocol):
 
     def matches(self, rows: int, next_id: int) -> bool:
         """Cheap check that the store holds exactly the saved record's `rows` vectors, all below `next_id`."""
+
+    def repair(self, expected: np.ndarray, raw_vectors, meta: pd.DataFrame) -> tuple[int, int]:
+        """Make the store hold exactly the `expected` ids again (after an interrupted edit), or refuse."""
 
     def train(self, vectors: np.ndarray) -> None: ...
 
@@ -69,6 +73,12 @@ def store_class(kind: str):
     if kind not in stores:
         raise CbirError(f"index store {kind!r} is unknown to this cbir (known: {', '.join(stores)})")
     return stores[kind]
+
+
+def new_store(spec: str, root: Path, name: str, dim: int, reduction: str, body: str, gpu: str) -> VectorStore:
+    """An empty store of the kind `--store` names, for index `name`: raw vectors of `dim` go through
+    `reduction` (a FAISS transform prefix) into an index of `body` (a FAISS factory body)."""
+    return store_class("faiss" if spec == "faiss" else "milvus").for_index(spec, root, name, dim, reduction, body, gpu)
 
 
 def open_store(description: dict, folder: Path, root: Path, gpu: str = "auto") -> VectorStore:

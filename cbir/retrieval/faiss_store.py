@@ -69,6 +69,11 @@ class FaissStore:
             raise CbirError(f"--factory: FAISS cannot build {factory!r} ({str(e).splitlines()[-1][:120]})") from None
         return cls(index, factory, add_gpu=gpu)
 
+    @classmethod
+    def for_index(cls, spec: str, root: Path, name: str, dim: int, reduction: str, body: str, gpu: str) -> FaissStore:
+        """One factory string: the reduction, an id map (unless the body brings one), the body."""
+        return cls.build(dim, reduction + ("" if body.startswith("IDMap") else "IDMap2,") + body, gpu)
+
     @property
     def description(self) -> dict:
         return {"store": self.kind, "factory": self.factory, "search_params": self.params, "dim_in": self.index.d}
@@ -80,6 +85,11 @@ class FaissStore:
     def matches(self, rows: int, next_id: int) -> bool:
         """Whether the index holds the record's vectors (it is saved with its table, so a count suffices)."""
         return self.count == rows
+
+    def repair(self, expected: np.ndarray, raw_vectors, meta) -> tuple[int, int]:
+        """A FAISS index is saved with its table, so a mismatch means a damaged file, not a half-done edit."""
+        raise CbirError(f"index.faiss holds {self.count} vectors but its record {len(expected)}: the file is "
+                        f"damaged; rebuild it with `cbir index --force`")
 
     def train(self, vectors: np.ndarray) -> None:
         self.index.train(np.ascontiguousarray(vectors, dtype=np.float32))

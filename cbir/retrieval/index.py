@@ -16,10 +16,9 @@ from ..artifacts import Artifact, is_fresh, writing
 from ..datasets import load_dataset
 from ..encoders.stage import load_embeddings
 from ..layout import RunLayout, check_name
-from . import check_store, release_store
-from .faiss_store import FaissStore
+from . import check_store, new_store, release_store
 from .ingest import replay_edits
-from .milvus_store import MilvusStore, check_factory
+from .milvus_store import check_factory
 from .reduce import resolve_pca, transform_prefix
 from .saved import SearchIndex, commit_index, load_index
 
@@ -116,11 +115,7 @@ def _build(layout: RunLayout, cfg: IndexConfig, vectors: np.ndarray, table: pd.D
     pca, pca_reason = resolve_pca(cfg.pca, vectors[is_train])
     log.info("index %s: PCA %s", cfg.index_name, pca_reason)
     body = auto_factory(int(gallery.sum()), pca or dim, int(is_train.sum())) if cfg.factory == "auto" else cfg.factory
-    reduction = transform_prefix(pca, cfg.whiten)
-    if cfg.store == "faiss":
-        store = FaissStore.build(dim, reduction + ("" if body.startswith("IDMap") else "IDMap2,") + body, cfg.gpu)
-    else:
-        store = MilvusStore.build(cfg.store, layout.root, cfg.index_name, dim, reduction, body)
+    store = new_store(cfg.store, layout.root, cfg.index_name, dim, transform_prefix(pca, cfg.whiten), body, cfg.gpu)
     ids = np.flatnonzero(gallery).astype(np.int64)
     data = load_dataset(layout)
     meta = table[gallery].merge(data.images[["image_id", "path", "class_name"]], on="image_id", how="left")
@@ -128,7 +123,8 @@ def _build(layout: RunLayout, cfg: IndexConfig, vectors: np.ndarray, table: pd.D
         store.train(vectors[is_train])
         store.add(vectors[gallery], ids, meta)
     manifest = {"name": cfg.index_name, "embeddings": cfg.embeddings, "mode": emb["mode"],
-                "backbone": emb["spec"]["backbone"], "embedding_spec": emb["spec"], "pca": pca, "pca_reason": pca_reason, "whiten": cfg.whiten,
+                "backbone": emb["spec"]["backbone"], "embedding_spec": emb["spec"], "pca": pca, "pca_reason": pca_reason,
+                "whiten": cfg.whiten,
                 "gallery": list(cfg.gallery), "trained_on": "train split", "train_rows": int(is_train.sum()),
                 "next_id": int(len(table)), "next_image_id": int(data.images.image_id.max()) + 1, "edits": [],
                 "image_dir": str(data.image_dir), "upstream": emb["upstream"]}

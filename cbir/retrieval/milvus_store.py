@@ -146,8 +146,10 @@ class MilvusStore:
         self.index_type, self.build_params, self.search_params = milvus_index(factory)
 
     @classmethod
-    def build(cls, spec: str, root: Path, name: str, dim: int, reduction: str, factory: str) -> MilvusStore:
-        """An untrained store; the collection is created by `train`, once the reduced dimension is known."""
+    def for_index(cls, spec: str, root: Path, name: str, dim: int, reduction: str, factory: str,
+                  gpu: str = "off") -> MilvusStore:
+        """An untrained store; the collection is created by `train`, once the reduced dimension is known.
+        (`gpu` is the server's business: Milvus chooses its own index devices.)"""
         prefix = re.sub(r"[^A-Za-z0-9_]", "_", name)
         collection = f"cbir_{prefix}_{uuid.uuid4().hex[:10]}"
         chain = faiss.index_factory(dim, reduction + "Flat", faiss.METRIC_INNER_PRODUCT)

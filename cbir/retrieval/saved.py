@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +56,7 @@ class SearchIndex:
         if k < 1:
             raise CbirError(f"--k {k}: must be at least 1")
         k = min(k, self.store.count)
-        if filter and getattr(self.store, "filters", False):
+        if filter and self.store.filters:
             to_pandas(filter)  # the same checked subset as for any other store
             return self.store.search(queries, k, subset, expression=filter)
         if filter:
@@ -63,12 +64,18 @@ class SearchIndex:
             subset = matching if subset is None else np.intersect1d(matching, subset)
         return self.store.search(queries, k, subset)
 
-    def raw_vectors(self, ids: np.ndarray) -> np.ndarray:
-        """Encoder vectors of stored ids: base rows from the embeddings (id = row), added ones from the index."""
+    @cached_property
+    def base_vectors(self) -> np.ndarray:
+        """The embeddings the index was built from (id = row), read once: re-ranking looks up every
+        query's shortlist here, so a read per query would put the embeddings' I/O on the page's hot path."""
         from ..encoders.stage import load_embeddings
 
+        return load_embeddings(self.layout, self.manifest["embeddings"])[0]
+
+    def raw_vectors(self, ids: np.ndarray) -> np.ndarray:
+        """Encoder vectors of stored ids: base rows from the embeddings (id = row), added ones from the index."""
         ids = np.asarray(ids, np.int64)
-        base, _, _ = load_embeddings(self.layout, self.manifest["embeddings"])
+        base = self.base_vectors
         added_ids = self.table.index[self.table.split == "added"].sort_values().to_numpy()
         is_added = np.isin(ids, added_ids)
         out = np.zeros((len(ids), self.manifest["dim_in"]), np.float32)
@@ -97,7 +104,7 @@ def load_index(run: Path | RunLayout, name: str, gpu: str = "auto", repair: bool
     image_dir = Path(manifest["image_dir"]) if manifest.get("image_dir") else None
     si = SearchIndex(store, table, manifest, added, image_dir, meta["inputs"], layout)
     if store is not None and not store.matches(len(table), manifest["next_id"]):
-        if not (repair and hasattr(store, "repair")):
+        if not repair:
             raise CbirError(f"{art.link}: its store does not match its record ({store.count} vectors, {len(table)} rows; an "
                             f"interrupted --add/--remove? rerun it) — or rebuild with `cbir index --force`")
         deleted, inserted = store.repair(table.index.to_numpy(np.int64), si.raw_vectors, table)
