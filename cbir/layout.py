@@ -92,6 +92,7 @@ class RunLayout:
     IMAGES = "images.parquet"
     INSTANCES = "instances.parquet"
     GT_COCO = "gt_coco.json"
+    CAPTIONS = "captions.parquet"
     BAD_IMAGES = "bad_images.txt"
     DETECTIONS = "detections.json"
     VECTORS = "vectors.npy"

@@ -10,14 +10,14 @@ A new dataset is one new module with a `DatasetReader`, registered in `READERS`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import pandas as pd
 
 from .. import CbirError
-from ..artifacts import Artifact, read_table
+from ..artifacts import Artifact, read_json, read_table
 from ..layout import RunLayout
 
 IMAGE_COLUMNS = ["image_id", "path", "class_id", "class_name", "split", "width", "height", "mode"]
@@ -31,29 +31,44 @@ class Tables:
     images: pd.DataFrame
     instances: pd.DataFrame
     categories: list[dict]  # COCO categories: {"id", "name", "supercategory"}
+    captions: pd.DataFrame | None = None  # image_id, caption (datasets with human captions)
+    problems: list[str] = field(default_factory=list)  # records the reader left out, one line each (--skip-bad)
+    counts: dict = field(default_factory=dict)  # what the reader skipped by rule (e.g. crowd regions)
+    crowd: pd.DataFrame | None = None  # crowd regions (image_id, category_id, x, y, w, h): not objects, but
+    # COCOeval must see them so a detection on a crowd is neither a hit nor a false positive
 
 
 class DatasetReader(Protocol):
     name: str
+    root: Path  # annotation file names are recorded relative to it
+    default_split: str
 
-    def read(self, root: Path) -> Tables: ...
+    def read(self) -> Tables: ...
 
     def assign_split(self, images: pd.DataFrame, split: str) -> pd.Series:
         """'train' / 'test' / '' (dropped) per image row."""
 
-    def source_files(self, root: Path) -> list[Path]:
+    def source_files(self) -> list[Path]:
         """Annotation files whose content fingerprints the prepared dataset."""
 
-    def image_dir(self, root: Path) -> Path: ...
+    def image_dir(self) -> Path: ...
 
 
-def reader(name: str) -> DatasetReader:
-    from .cub import CubReader
+def reader(name: str, root: Path, images: Path | None = None, captions: Path | None = None) -> DatasetReader:
+    """CUB: `root` is the folder holding images.txt; COCO: `root` is the instances JSON, `images` its folder."""
+    root = Path(root).expanduser().absolute()
+    if name == "cub":
+        from .cub import CubReader
 
-    readers = {"cub": CubReader()}
-    if name not in readers:
-        raise CbirError(f"unknown dataset kind {name!r}; known: {', '.join(readers)}")
-    return readers[name]
+        return CubReader(root)
+    if name == "coco":
+        from .coco import CocoReader
+
+        if images is None:
+            raise CbirError("--coco needs --images DIR (the folder of the JSON's file_name entries)")
+        return CocoReader(root, Path(images).expanduser().absolute(),
+                          Path(captions).expanduser().absolute() if captions else None)
+    raise CbirError(f"unknown dataset kind {name!r}; known: cub, coco")
 
 
 @dataclass
@@ -65,6 +80,12 @@ class RunDataset:
     image_dir: Path
     fingerprint: str
     meta: dict
+    folder: Path  # the committed dataset artifact (gt_coco.json, captions)
+
+    @property
+    def categories(self) -> list[dict]:
+        """The dataset's COCO categories, as written into gt_coco.json."""
+        return read_json(self.folder / RunLayout.GT_COCO)["categories"]
 
     def image_path(self, path: str) -> Path:
         p = Path(path)
@@ -76,4 +97,4 @@ def load_dataset(layout: RunLayout) -> RunDataset:
     art = Artifact(layout, layout.dataset)
     folder, meta = art.open(f"not a prepared run; create it with `cbir prepare --cub DIR --out {layout.root}`")
     return RunDataset(read_table(folder / layout.IMAGES), read_table(folder / layout.INSTANCES),
-                      Path(meta["inputs"]["image_dir"]), meta["fingerprint"], meta)
+                      Path(meta["inputs"]["image_dir"]), meta["fingerprint"], meta, Path(folder))

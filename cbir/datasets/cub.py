@@ -106,9 +106,13 @@ class CubReader:
     """CUB: one bird (COCO category 16) per image; the species is the image's class."""
 
     name = "cub"
+    default_split = "song"
 
-    def read(self, root: Path) -> Tables:
-        df = read_cub(root)
+    def __init__(self, root: Path):
+        self.root = root
+
+    def read(self) -> Tables:
+        df = read_cub(self.root)
         images = df[["image_id", "path", "class_id", "class_name", "is_training"]]
         instances = df[["image_id", "x", "y", "w", "h"]].assign(instance=0, category_id=COCO_BIRD_ID,
                                                                 category="bird")
@@ -117,8 +121,8 @@ class CubReader:
     def assign_split(self, images: pd.DataFrame, split: str) -> pd.Series:
         return assign_split(images, split)
 
-    def source_files(self, root: Path) -> list[Path]:
-        return [Path(root) / f for f in ANNOTATION_FILES.values()]
+    def source_files(self) -> list[Path]:
+        return [self.root / f for f in ANNOTATION_FILES.values()]
 
-    def image_dir(self, root: Path) -> Path:
-        return Path(root) / "images"
+    def image_dir(self) -> Path:
+        return self.root / "images"

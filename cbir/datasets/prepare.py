@@ -23,9 +23,11 @@ log = logging.getLogger(__name__)
 @dataclass(kw_only=True)
 class PrepareConfig:
     run: Path
-    root: Path  # the dataset folder (for CUB: the one holding images.txt and images/)
-    dataset: str = "cub"
-    split: str = "song"
+    root: Path  # CUB: the folder holding images.txt and images/; COCO: the instances JSON
+    dataset: str = "cub"  # or coco
+    images: Path | None = None  # COCO: the image folder
+    captions: Path | None = None  # COCO: a captions JSON (kept as dataset/captions.parquet)
+    split: str | None = None  # default: the reader's own (CUB song, COCO random:0.5)
     skip_bad: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     workers: int = 2
@@ -67,32 +69,43 @@ def clip_instances(instances: pd.DataFrame, images: pd.DataFrame) -> tuple[pd.Da
     return out, int(clipped.sum()), (~finite) | (out.w < 1) | (out.h < 1)
 
 
-def gt_coco(images: pd.DataFrame, instances: pd.DataFrame, categories: list[dict]) -> dict:
-    """Ground truth as COCO instances (pycocotools reads it as is); the image class is kept as extra fields."""
+def gt_coco(images: pd.DataFrame, instances: pd.DataFrame, categories: list[dict],
+            crowd: pd.DataFrame | None = None) -> dict:
+    """Ground truth as COCO instances (pycocotools reads it as is); the image class is kept as extra fields.
+    Crowd regions follow the objects with iscrowd 1, so COCOeval ignores detections on them."""
     classes = images.set_index("image_id")[["class_id", "class_name"]]
+    crowd = crowd[crowd.image_id.isin(classes.index)] if crowd is not None else instances.iloc[:0]
+    boxes = [(r, 0) for r in instances.itertuples()] + [(r, 1) for r in crowd.itertuples()]
     return {"info": {"description": "ground truth boxes (cbir prepare)"},
             "images": [{"id": int(r.image_id), "file_name": r.path, "width": int(r.width), "height": int(r.height)}
                        for r in images.itertuples()],
             "annotations": [{"id": i, "image_id": int(r.image_id), "category_id": int(r.category_id),
                              "bbox": [float(r.x), float(r.y), float(r.w), float(r.h)], "area": float(r.w * r.h),
-                             "iscrowd": 0, "class_id": int(classes.class_id[r.image_id]),
+                             "iscrowd": crowded, "class_id": int(classes.class_id[r.image_id]),
                              "class_name": classes.class_name[r.image_id]}
-                            for i, r in enumerate(instances.itertuples(), 1)],
+                            for i, (r, crowded) in enumerate(boxes, 1)],
             "categories": categories}
+
+
+def dataset_reader(cfg: PrepareConfig):
+    return reader(cfg.dataset, cfg.root, cfg.images, cfg.captions)
 
 
 def prepare_inputs(cfg: PrepareConfig) -> dict:
     """What the prepared tables depend on: annotation contents, the image files' sizes, the settings."""
-    kind = reader(cfg.dataset)
-    root = Path(cfg.root).expanduser().absolute()
+    kind = dataset_reader(cfg)
     sources = {}
-    for f in kind.source_files(root):
+    for f in kind.source_files():
         if not f.is_file():
             raise CbirError(f"{f}: missing annotation file")
-        sources[f.name] = file_sha256(f)[:16]
-    image_dir = kind.image_dir(root)
-    return {"dataset": kind.name, "root": str(root), "image_dir": str(image_dir), "split": cfg.split,
-            "skip_bad": cfg.skip_bad, "max_pixels": cfg.max_pixels, "annotations": sources}
+        # names relative to root where they can be (CUB runs keep their fingerprint), else absolute
+        sources[str(f.relative_to(kind.root)) if f.is_relative_to(kind.root) else str(f)] = file_sha256(f)[:16]
+    image_dir = kind.image_dir()
+    if not image_dir.is_dir():
+        raise CbirError(f"{image_dir}: image folder not found")
+    return {"dataset": kind.name, "root": str(kind.root), "image_dir": str(image_dir),
+            "split": cfg.split or kind.default_split, "skip_bad": cfg.skip_bad, "max_pixels": cfg.max_pixels,
+            "annotations": sources}
 
 
 def prepare(cfg: PrepareConfig) -> PrepareResult:
@@ -100,9 +113,12 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     with writing(cfg.run) as layout:
         art = Artifact(layout, layout.dataset)
         inputs = prepare_inputs(cfg)
-        kind = reader(cfg.dataset)
-        tables = kind.read(Path(inputs["root"]))
-        images = tables.images.assign(split=kind.assign_split(tables.images, cfg.split))
+        kind = dataset_reader(cfg)
+        tables = kind.read()
+        if tables.problems and not cfg.skip_bad:
+            raise CbirError(f"{len(tables.problems)} bad record(s), first: {tables.problems[0]} (use --skip-bad to "
+                            f"continue without them)")
+        images = tables.images.assign(split=kind.assign_split(tables.images, inputs["split"]))
         images = images[images.split != ""].reset_index(drop=True)
         image_dir = Path(inputs["image_dir"])
         files = [image_dir / p for p in images.path]
@@ -114,16 +130,23 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
             return PrepareResult(data, bad_file.read_text().splitlines() if bad_file.exists() else [],
                                  data.meta["summary"]["clipped_boxes"])
         images, instances, bad, clipped = _checked(cfg, images, tables.instances, files)
+        bad = tables.problems + bad
+        if tables.problems:
+            log.warning("skipped %d bad record(s); listed in %s", len(tables.problems),
+                        layout.path(f"{layout.dataset}/{layout.BAD_IMAGES}"))
         counts = images.split.value_counts().to_dict()
         with commit(art, inputs) as staged:
             staged.write_table(layout.IMAGES, images[IMAGE_COLUMNS])
             staged.write_table(layout.INSTANCES, instances[INSTANCE_COLUMNS])
-            staged.write_json(layout.GT_COCO, gt_coco(images, instances, tables.categories))
+            staged.write_json(layout.GT_COCO, gt_coco(images, instances, tables.categories, tables.crowd))
+            if tables.captions is not None:
+                staged.write_table(layout.CAPTIONS, tables.captions[tables.captions.image_id.isin(images.image_id)])
             if bad:
                 staged.file(layout.BAD_IMAGES).write_text("\n".join(bad) + "\n")
             staged.summary.update(images=len(images), instances=len(instances), train=counts.get("train", 0),
                                   test=counts.get("test", 0), classes=int(images.class_id.nunique()),
-                                  bad_images=len(bad), clipped_boxes=clipped)
+                                  categories=int(instances.category_id.nunique()), bad_images=len(bad),
+                                  clipped_boxes=clipped, dataset=kind.name, **tables.counts)
         return PrepareResult(load_dataset(layout), bad, clipped)
 
 
@@ -150,7 +173,7 @@ def _checked(cfg: PrepareConfig, images: pd.DataFrame, instances: pd.DataFrame, 
         if not cfg.skip_bad:
             raise CbirError(msg + " (use --skip-bad to drop them)")
         log.warning(msg + "; dropped")
-        bad += [f"{Path(cfg.root) / p}: GT box outside the image"
+        bad += [f"{dataset_reader(cfg).image_dir() / p}: GT box outside the image"
                 for p in images.set_index("image_id").path[instances[empty].image_id]]
         instances = instances[~empty].reset_index(drop=True)
     return images, instances, bad, clipped

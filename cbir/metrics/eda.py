@@ -65,17 +65,45 @@ def plot_centres(df: pd.DataFrame, path: Path) -> str:
 
 
 def plot_samples(df: pd.DataFrame, data: RunDataset, path: Path, n: int = 12, seed: int = 0) -> str:
-    sample = df.sample(min(n, len(df)), random_state=seed)
+    """Sample images with every GT box drawn (labelled with its category when there are several kinds)."""
+    sample = data.images.sample(min(n, len(data.images)), random_state=seed)
+    several = df.category_id.nunique() > 1
     cols = 4
     rows = -(-len(sample) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 3.2, rows * 2.9))
     for ax in np.ravel(axes):
         ax.axis("off")
+    boxes = df.groupby("image_id")
     for ax, r in zip(np.ravel(axes), sample.itertuples()):
         ax.imshow(load_rgb(data.image_path(r.path)))
-        ax.add_patch(plt.Rectangle((r.x, r.y), r.w, r.h, fill=False, color="lime", lw=2))
+        for b in (boxes.get_group(r.image_id).itertuples() if r.image_id in boxes.groups else []):
+            ax.add_patch(plt.Rectangle((b.x, b.y), b.w, b.h, fill=False, color="lime", lw=1.5 if several else 2))
+            if several:
+                ax.text(b.x, b.y, b.category, fontsize=5, color="black", backgroundcolor="lime", va="bottom")
         ax.set_title(f"{r.class_name.split('.', 1)[-1][:24]}\n#{r.image_id} ({r.split})", fontsize=8)
     return _save(fig, path)
+
+
+def plot_objects(images: pd.DataFrame, df: pd.DataFrame, path: Path, top: int = 30) -> str:
+    """Multi-object datasets: objects per image, and the categories by how many images hold them."""
+    per_image = df.groupby("image_id").size().reindex(images.image_id, fill_value=0)
+    holding = df.drop_duplicates(["image_id", "category"]).category.value_counts().head(top)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1, 2]})
+    axes[0].hist(per_image, bins=np.arange(per_image.max() + 2) - 0.5, color="tab:blue")
+    axes[0].set(xlabel="GT objects in the image", ylabel="images", title="Objects per image")
+    axes[1].bar(holding.index, holding.to_numpy(), color="tab:orange")
+    axes[1].set(ylabel="images holding it", title=f"The {len(holding)} most frequent categories")
+    axes[1].tick_params(axis="x", labelrotation=90, labelsize=7)
+    return _save(fig, path)
+
+
+def category_table(images: pd.DataFrame, df: pd.DataFrame) -> pd.DataFrame:
+    """Per category: boxes, images holding it, and COCO's size buckets (small < 32², large ≥ 96² px)."""
+    area = df.w * df.h
+    table = df.assign(small=area < 32 ** 2, medium=(area >= 32 ** 2) & (area < 96 ** 2), large=area >= 96 ** 2) \
+        .groupby("category").agg(boxes=("image_id", "size"), images=("image_id", "nunique"), small=("small", "sum"),
+                                 medium=("medium", "sum"), large=("large", "sum"))
+    return table.sort_values(["images", "boxes"], ascending=False).reset_index()
 
 
 def summary(images: pd.DataFrame, boxes: pd.DataFrame) -> pd.DataFrame:
@@ -110,6 +138,16 @@ def eda(run: Path, force: bool = False) -> Path:
                      "Samples with their GT boxes": plot_samples(df, data, out / "samples.png")}
             lines = ["# EDA", "", f"Run `{layout.root}`, images `{data.image_dir}`.", "",
                      summary(data.images, df).to_markdown(index=False), ""]
+            if df.category_id.nunique() > 1 or df.image_id.duplicated().any():
+                plots["Objects per image and category frequencies"] = plot_objects(data.images, df,
+                                                                                   out / "objects.png")
+                per_image = df.groupby("image_id").size().reindex(data.images.image_id, fill_value=0)
+                lines += [f"Objects per image: median {per_image.median():g}, max {per_image.max()}; "
+                          f"{int((per_image == 0).sum())} images without objects; "
+                          f"{int((df.groupby('image_id').category_id.nunique() >= 2).sum())} with two or more "
+                          "categories. Class of an image (`class_id`): the category of its largest object.", "",
+                          "## Categories (boxes, images holding them, size buckets by box area: small < 32², large ≥ 96² px)", "",
+                          category_table(data.images, df).to_markdown(index=False), ""]
             for title, png in plots.items():
                 lines += [f"## {title}", "", f"![{title}]({png})", ""]
             staged.file(layout.REPORT).write_text("\n".join(lines))
