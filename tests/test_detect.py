@@ -34,7 +34,7 @@ ALL_COCO = tuple(c for c in FasterRCNN_ResNet50_FPN_Weights.DEFAULT.meta["catego
 def test_torchvision_detector_random_weights_writes_valid_coco_results(tiny_run, caplog):
     # random weights rarely say "bird": keep every category so real boxes flow through the plumbing
     result = detect(DetectConfig(run=tiny_run, weights="none", splits=("train",), score=0.0, max_per_image=3,
-                                 workers=0, batch_size=4, classes=ALL_COCO))
+                                 workers=0, batch_size=4, categories=ALL_COCO))
     assert "RANDOM WEIGHTS" in caplog.text
     dets = json.loads((tiny_run / "detections" / "detections.json").read_text())
     detected = [d for d in dets if d["source"] == "detected"]

@@ -27,19 +27,29 @@ def box_iou_xywh(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / (a[:, 2] * a[:, 3] + b[:, 2] * b[:, 3] - inter)
 
 
-def coco_ap(gt_path: Path, dets: list[dict], image_ids: list[int], category_ids: list[int]) -> dict[str, float]:
-    """pycocotools' bbox AP / AP50 / AP75 over the given images and categories."""
+def coco_ap(gt_path: Path, dets: list[dict], image_ids: list[int], category_ids: list[int]) -> dict:
+    """pycocotools' bbox AP / AP50 / AP75 over the given images and categories, and AP / AP50 / GT count per
+    category (from COCOeval's precision array, area 'all', 100 detections; -1 where a category has no GT)."""
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(gt_path))
         if not dets:
-            return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
+            return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "per_category": {}}
         dt = gt.loadRes([{k: d[k] for k in ("image_id", "category_id", "bbox", "score")} for d in dets])
         ev = COCOeval(gt, dt, "bbox")
         ev.params.imgIds, ev.params.catIds = image_ids, category_ids
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    return {"AP": float(ev.stats[0]), "AP50": float(ev.stats[1]), "AP75": float(ev.stats[2])}
+    precision = ev.eval["precision"][:, :, :, 0, -1]  # [IoU thresholds, recall points, categories]
+    per_category = {}
+    for k, cat in enumerate(ev.params.catIds):
+        p = precision[:, :, k]
+        gt_boxes = len(gt.getAnnIds(imgIds=image_ids, catIds=[cat], iscrowd=False))
+        per_category[str(cat)] = {"name": gt.cats[cat]["name"] if cat in gt.cats else str(cat), "gt": gt_boxes,
+                                  "AP": float(p[p > -1].mean()) if (p > -1).any() else -1.0,
+                                  "AP50": float(p[0][p[0] > -1].mean()) if (p[0] > -1).any() else -1.0}
+    return {"AP": float(ev.stats[0]), "AP50": float(ev.stats[1]), "AP75": float(ev.stats[2]),
+            "per_category": per_category}
 
 
 def detection_quality(layout: RunLayout) -> dict:
@@ -51,8 +61,11 @@ def detection_quality(layout: RunLayout) -> dict:
     images = data.images[data.images.split.isin(info["splits"])]
     detected = [d for d in dets if d.get("source", "detected") == "detected"]
     categories = [int(c) for c in info["classes"]]
-    ap = coco_ap(Path(Artifact(layout, layout.dataset).folder()) / layout.GT_COCO, detected,
-                 images.image_id.tolist(), categories)
+    gt_path = Path(Artifact(layout, layout.dataset).folder()) / layout.GT_COCO
+    ap = coco_ap(gt_path, detected, images.image_id.tolist(), categories)
+    test_ids = images.image_id[images.split == "test"].tolist()
+    test_ap = coco_ap(gt_path, [d for d in detected if d["image_id"] in set(test_ids)], test_ids, categories) \
+        if test_ids and len(test_ids) < len(images) else None
     top = pd.DataFrame(detected).sort_values("score", ascending=False, kind="stable").drop_duplicates("image_id") \
         if detected else pd.DataFrame(columns=["image_id", "bbox"])
     gt = data.instances[data.instances.category_id.isin(categories)]
@@ -63,12 +76,19 @@ def detection_quality(layout: RunLayout) -> dict:
         iou = pairs.groupby("image_id").iou.max()
     has_box = images.image_id.isin(top.image_id)
     per_image = iou.reindex(images.image_id).fillna(0.0).to_numpy()
-    return {**ap, "images": len(images), "detector": info["detector"], "score_threshold": info["score_threshold"],
+    return {**ap, "test": test_ap, "images": len(images), "detector": info["detector"], "score_threshold": info["score_threshold"],
             "share_with_box": round(float(has_box.mean()), 4),
             "top_box_iou50_rate": round(float((per_image >= 0.5).mean()), 4),
             "median_top_box_iou": round(float(np.median(per_image[has_box.to_numpy()])) if has_box.any() else 0.0, 4),
             "fallback_rate": info["fallback_rate"], "instances": info["instances"],
             "images_with_several_instances": info["images_with_several_instances"]}
+
+
+def category_markdown(per_category: dict) -> str:
+    """Per-category AP, most GT boxes first (categories without GT in these images are left out)."""
+    table = pd.DataFrame(per_category.values()).query("gt > 0").sort_values("gt", ascending=False, kind="stable")
+    table = table.rename(columns={"name": "category", "gt": "GT boxes"})[["category", "GT boxes", "AP", "AP50"]]
+    return "## Per category (COCOeval, area all)\n\n" + table.to_markdown(index=False, floatfmt=".3f") + "\n"
 
 
 def write_detection_report(run: Path | RunLayout, force: bool = False) -> dict:
@@ -80,7 +100,10 @@ def write_detection_report(run: Path | RunLayout, force: bool = False) -> dict:
             return read_json(art.folder() / "detection.json")
         q = detection_quality(layout)
         rows = [("COCO AP (IoU .50:.95), detected boxes only", f"{q['AP']:.3f}"), ("AP50", f"{q['AP50']:.3f}"),
-                ("AP75", f"{q['AP75']:.3f}"), ("images with at least one kept box", f"{q['share_with_box']:.1%}"),
+                ("AP75", f"{q['AP75']:.3f}"),
+                *([("AP / AP50 on the test split only", f"{q['test']['AP']:.3f} / {q['test']['AP50']:.3f}")]
+                  if q.get("test") else []),
+                ("images with at least one kept box", f"{q['share_with_box']:.1%}"),
                 ("top box IoU >= 0.5 with a GT box (all images)", f"{q['top_box_iou50_rate']:.1%}"),
                 ("median IoU of the top box (images with a box)", f"{q['median_top_box_iou']:.3f}"),
                 ("fallback rate", f"{q['fallback_rate']:.1%}"), ("instances", str(q["instances"])),
@@ -89,6 +112,8 @@ def write_detection_report(run: Path | RunLayout, force: bool = False) -> dict:
                           f"{q['images']} images, score threshold {q['score_threshold']}. AP counts only boxes the "
                           "detector kept (above the threshold), so it is a lower bound of the detector's full-curve AP.",
                           "", "| metric | value |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]) + "\n"
+        if len(q["per_category"]) > 1:
+            text += "\n" + category_markdown(q["per_category"])
         with commit(art, upstream, upstream) as staged:
             staged.write_json("detection.json", q)
             staged.file("detection.md").write_text(text)

@@ -31,14 +31,22 @@ log = logging.getLogger(__name__)
 SHARD_IMAGES = 64
 
 
-def coco_category_ids(names: tuple[str, ...]) -> dict[int, str]:
-    """COCO ids of category names (torchvision's metadata: index == COCO id)."""
-    categories = coco_categories()
+def category_ids(names: tuple[str, ...], dataset_categories: list[dict]) -> dict[int, str]:
+    """COCO ids of the categories to keep: 'auto' = every category of the dataset (CUB: bird; COCO: its 80),
+    else names looked up in the dataset's categories, then in COCO's (torchvision's metadata: index == id)."""
+    if tuple(names) in (("auto",), ()):
+        return {int(c["id"]): c["name"] for c in dataset_categories}
+    known = {c["name"]: int(c["id"]) for c in dataset_categories}
+    coco = coco_categories()
     out = {}
     for name in names:
-        if name not in categories or name in ("N/A", "__background__"):
-            raise CbirError(f"--classes {name}: not a COCO category (e.g. bird, cat, dog, person)")
-        out[categories.index(name)] = name
+        if name in known:
+            out[known[name]] = name
+        elif name in coco and name not in ("N/A", "__background__"):
+            out[coco.index(name)] = name
+        else:
+            raise CbirError(f"--categories {name}: not a category of this dataset or of COCO (e.g. "
+                            f"{', '.join(list(known)[:3] or ['bird', 'person'])})")
     return out
 
 
@@ -55,7 +63,7 @@ class DetectConfig:
     batch_size: int = 4
     workers: int = 2
     fallback: str = "gt"
-    classes: tuple[str, ...] = ("bird",)
+    categories: tuple[str, ...] = ("auto",)  # names to keep; auto = the dataset's own categories
     detections: Path | None = None  # import boxes from another detector instead of running one
     device: str = "auto"
     force: bool = False
@@ -117,7 +125,7 @@ def detect(cfg: DetectConfig) -> DetectResult:
     with writing(cfg.run) as layout:
         data = load_dataset(layout)
         images = data.images[data.images.split.isin(cfg.splits)].reset_index(drop=True)
-        keep_ids = coco_category_ids(cfg.classes)
+        keep_ids = category_ids(cfg.categories, data.categories)
         detector = None
         if cfg.detections is not None:
             source = {"detector": "external", "file": str(Path(cfg.detections).absolute()),
