@@ -1,4 +1,5 @@
-"""`cbir run`: prepare → eda → detect → embed (each mode) → index → evaluate, under one lock.
+"""`cbir run`: prepare → eda → detect → embed (each mode) → index → evaluate (→ evaluate-objects when the
+dataset has several categories), under one lock.
 
 `RunConfig` holds the stage configs themselves (no copied fields); each stage decides by the
 fingerprint of its inputs whether it has work to do, so rerunning the same command resumes or is a
@@ -17,6 +18,7 @@ from .detection.report import write_detection_report
 from .detection.stage import DetectConfig, detect
 from .encoders.stage import EmbedConfig, embed
 from .evaluate import EvalConfig, evaluate
+from .evaluate_objects import ObjectsConfig, evaluate_objects
 from .metrics.eda import eda
 from .retrieval.index import IndexConfig, build_index
 
@@ -44,8 +46,9 @@ def run_all(cfg: RunConfig) -> list[tuple[str, float, str]]:
         steps.append((name, time.perf_counter() - t, note))
 
     with writing(cfg.prepare.run):
+        prepared = {}
         step("prepare", lambda: "{images} images, {bad_images} bad".format(
-            **prepare(cfg.prepare).dataset.meta["summary"]))
+            **prepared.setdefault("summary", prepare(cfg.prepare).dataset.meta["summary"])))
         step("eda", lambda: str(eda(cfg.prepare.run)))
         if cfg.detect is not None:
             step("detect", lambda: "{instances} instances, fallback rate {fallback_rate:.1%}".format(
@@ -57,4 +60,8 @@ def run_all(cfg: RunConfig) -> list[tuple[str, float, str]]:
         step(f"index {cfg.index.index_name}", lambda: "{factory} in {store}".format(
             factory=build_index(cfg.index).manifest["factory"], store=cfg.index.store))
         step("evaluate", lambda: f"{len(evaluate(cfg.evaluate).computed)} rows")
+        if prepared["summary"].get("categories", 1) > 1:  # many kinds of object: score by object-set overlap
+            modes = tuple(m for m in cfg.modes if "+" not in m)
+            objects = ObjectsConfig(run=cfg.prepare.run, embeddings=modes, pca=cfg.index.pca)
+            step("evaluate objects", lambda: f"{len(evaluate_objects(objects))} rows")
     return steps
