@@ -6,13 +6,25 @@ RUN ?= runs/demo
 SPLIT ?= $(if $(filter examples/cub_mini,$(CUB)),classes:1-10/11-20,song)
 ARGS ?=
 
-.PHONY: setup demo test browser
+# COCO: multi-object retrieval and person search with a COCO-trained ONNX detector (needs onnxruntime, in .[dev]);
+# the defaults point at the shared COCO sample beside a development checkout — set COCO/SSD/BACKBONE for yours
+COCO ?= ../shared/data/coco_sample
+SSD ?= ../shared/weights/coco_ssd_mobilenet_v1_quant
+BACKBONE ?= ../shared/weights/torchvision_mobilenet_v2_features_imagenet.pth
+COCO_RUN ?= runs/coco
+
+.PHONY: setup demo coco test browser
 
 setup:
 	$(PYTHON) -m pip install -q -e '.[dev]'
 
 demo: setup
 	cbir run --cub $(CUB) --out $(RUN) --split $(SPLIT) $(ARGS)
+
+coco: setup
+	cbir run --coco $(COCO)/instances.json --images $(COCO)/images --captions $(COCO)/captions.json \
+	  --split coco_split --out $(COCO_RUN) --detector onnx:$(SSD).onnx --labels $(SSD).labels.txt --fallback full \
+	  --backbone mobilenet_v2 --weights $(BACKBONE) $(ARGS)
 
 # Debian's chromium drives the page test (never a browser download); installed when we may.
 browser:

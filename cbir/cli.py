@@ -80,9 +80,15 @@ def _force(p, what: str):
 
 
 def _dataset_args(p):
-    p.add_argument("--cub", required=True, type=Path, help="CUB root: the folder holding images.txt and images/")
-    p.add_argument("--split", default="song", help="song (classes 1-100 train / 101-200 test, Song et al. 2016), "
-                   "official (train_test_split.txt), or classes:A-B/C-D (e.g. classes:1-10/11-20 for a subset)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--cub", type=Path, help="CUB root: the folder holding images.txt and images/")
+    source.add_argument("--coco", type=Path, metavar="INSTANCES.json", help="a COCO instances file (with --images)")
+    p.add_argument("--images", type=Path, help="--coco: the folder its file_name entries are relative to")
+    p.add_argument("--captions", type=Path, help="--coco: a COCO captions file, kept as dataset/captions.parquet")
+    p.add_argument("--split", help="CUB: song (default; classes 1-100 train / 101-200 test, Song et al. 2016), "
+                   "official (train_test_split.txt), or classes:A-B/C-D (e.g. classes:1-10/11-20 for a subset). "
+                   "COCO: random:F[:SEED] (default random:0.5: a share F to train, by a hash of each image id) or "
+                   "coco_split (train2017 → train, val2017 → test)")
     p.add_argument("--skip-bad", action="store_true", help="drop undecodable images and empty boxes instead of "
                    "stopping; they are listed in RUN/dataset/bad_images.txt")
     p.add_argument("--max-pixels", type=_bounded(int, 1), default=DEFAULT_MAX_PIXELS,
@@ -101,7 +107,9 @@ def _box_args(p, weights_flag: str = "--weights"):
     p.add_argument("--score", type=_bounded(float, 0, 1), default=0.3, help="keep boxes scoring at least this (default 0.3)")
     p.add_argument("--fallback", default="gt", choices=("gt", "full", "none"), help="for an image with no box: gt "
                    "(its GT boxes), full (whole image), none (no instance); recorded per instance as its source")
-    p.add_argument("--classes", default="bird", help="comma-separated COCO category names to keep (default bird)")
+    p.add_argument("--categories", "--classes", dest="categories", default="auto",
+                   help="comma-separated category names to keep, e.g. person,dog (default auto: the dataset's own "
+                        "categories — CUB: bird, COCO: all)")
     p.add_argument("--min-size", default="auto", help="short side fed to a torchvision detector: auto = the photo's "
                    "own (clamped to 224-1024 px, ~2.5x faster on CUB), or pixels (torchvision's default is 800)")
 
@@ -151,7 +159,10 @@ parse_pca_arg = _checked(parse_pca)
 def prepare_config(a, run: Path):
     from .datasets.prepare import PrepareConfig
 
-    return PrepareConfig(run=run, root=a.cub, split=a.split, skip_bad=a.skip_bad, max_pixels=a.max_pixels,
+    if a.coco is None and (a.images or a.captions):
+        raise CbirError("--images and --captions go with --coco")
+    return PrepareConfig(run=run, root=a.coco or a.cub, dataset="coco" if a.coco else "cub", images=a.images,
+                         captions=a.captions, split=a.split, skip_bad=a.skip_bad, max_pixels=a.max_pixels,
                          workers=_or(a.workers, DEFAULT_WORKERS), force=getattr(a, "force", False))
 
 
@@ -163,7 +174,7 @@ def detect_config(a, run: Path, weights: str):
                         max_per_image=getattr(a, "max_per_image", 10), min_size=a.min_size,
                         batch_size=getattr(a, "detect_batch_size", 4), workers=_or(a.workers, DEFAULT_WORKERS),
                         fallback=a.fallback,
-                        classes=_csv(a.classes), detections=a.detections, device=a.device,
+                        categories=_csv(a.categories), detections=a.detections, device=a.device,
                         force=getattr(a, "force", False))
 
 
@@ -194,7 +205,9 @@ def cmd_prepare(a):
     result = prepare(prepare_config(a, a.out))
     s = result.dataset.meta["summary"]
     print(f"{a.out}/dataset: {s['images']} images ({s['train']} train, {s['test']} test), {s['classes']} classes, "
-          f"{s['instances']} GT boxes; {s['bad_images']} bad, {s['clipped_boxes']} boxes clipped")
+          f"{s['instances']} GT boxes; {s['bad_images']} bad, {s['clipped_boxes']} boxes clipped"
+          + (f"; {s['crowd_skipped']} crowd regions left out, {s['images_without_objects']} images without objects"
+             if "crowd_skipped" in s else ""))
     if not a.no_eda:
         print(f"EDA report: {eda(a.out)}")
 
@@ -220,7 +233,7 @@ def cmd_detect(a):
         print(f"{a.run}/detections: {m['instances']} instances on {m['images']} images "
               f"({m['sources']}), fallback rate {m['fallback_rate']:.1%}")
     if a.evaluate or a.evaluate_only:
-        q = write_detection_report(a.run)
+        q = write_detection_report(a.run, a.force)
         print(f"{a.run}/reports/detection: AP {q['AP']:.3f}, AP50 {q['AP50']:.3f}, "
               f"top box IoU>=0.5 {q['top_box_iou50_rate']:.1%}, median IoU {q['median_top_box_iou']:.3f}")
 
@@ -324,17 +337,20 @@ def cmd_search(a):
     rerank = Rerank(method=a.rerank)
     if a.image:
         answers = q.query([open_photo(Path(p)) for p in a.image], a.k, names=[Path(p).name for p in a.image],
-                          filter=a.filter, rerank=rerank)
-        docs = [results_json(p, boxes, merged) for p, (boxes, merged) in zip(a.image, answers)]
+                          filter=a.filter, rerank=rerank, category=a.category)
+        docs = [results_json(p, boxes, merged, q.categories) for p, (boxes, merged) in zip(a.image, answers)]
     else:
-        docs = [results_json(f"image_id {a.query_id}", *q.query_id(a.query_id, a.k, a.filter, rerank))]
+        docs = [results_json(f"image_id {a.query_id}", *q.query_id(a.query_id, a.k, a.filter, rerank, a.category),
+                             q.categories)]
     if a.json:
         print(json.dumps(docs[0] if len(docs) == 1 else docs, indent=1))
         return
     for doc in docs:
         print(f"# {doc['query']} — {q.detector_note}" + (f"; filter: {a.filter}" if a.filter else ""))
+        if not doc["boxes"]:
+            print(f"\nno {a.category} found in this photo (score >= the run's threshold)")
         for i, b in enumerate(doc["boxes"], 1):
-            print(f"\nbox {i} {b['box']} score {b['score']} ({b['source']})")
+            print(f"\nbox {i} {b['category'] or ''} {b['box']} score {b['score']} ({b['source']})")
             print(_table(b["neighbours"]))
         print("\nimages (each ranked by its best instance):")
         print(_table(doc["images"]) + "\n")
@@ -345,7 +361,8 @@ def _table(records: list[dict]) -> str:
 
     if not records:
         return "(no results)"
-    return pd.DataFrame(records)[["similarity", "image_id", "instance", "class_name", "box", "path"]].to_string(index=False)
+    return pd.DataFrame(records)[["similarity", "image_id", "instance", "category", "class_name", "box", "path"]] \
+        .to_string(index=False)
 
 
 def _search_parser(sub):
@@ -366,6 +383,8 @@ def _search_parser(sub):
                    "image_id, instance, class_id, category_id, split, source, score, path — e.g. \"split == 'test' "
                    "and class_id in [1, 2]\" (==, !=, <, <=, >, >=, in, not in, and, or, not; any store)")
     p.add_argument("--no-detector", action="store_true", help="query with the whole photo, no detection")
+    p.add_argument("--category", metavar="NAME", help="reverse search for one kind, e.g. person: query with the "
+                   "photo's boxes of that category only, among the gallery's boxes of it")
     _rerank_arg(p)
     _moved_weights(p)
     p.set_defaults(func=cmd_search)
@@ -421,6 +440,37 @@ def _evaluate_parser(sub):
                         "search and the page use)")
     p.add_argument("--no-plots", action="store_true", help="metrics only, no pictures")
     p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate_objects(a):
+    from .evaluate_objects import ObjectsConfig, evaluate_objects
+
+    category = None if a.category == "none" else a.category
+    metrics = evaluate_objects(ObjectsConfig(run=a.run, embeddings=_csv(a.embeddings), pca=a.pca, category=category,
+                                             force=a.force))
+    shown = metrics[metrics.relevance != "weighted"]
+    print(shown[["embeddings", "aggregation", "relevance", "P@10", "mAP", "nDCG@10", "queries"]].round(4)
+          .to_string(index=False))
+    print(f"\nreport: {a.run}/reports/objects/ (objects.md, metrics.csv" +
+          (f", {category}.md, {category}_grid.png)" if category else ")"))
+
+
+def _evaluate_objects_parser(sub):
+    p = sub.add_parser("evaluate-objects", help="multi-object retrieval by object-set overlap (COCO) and reverse "
+                       "search for one kind → reports/objects",
+                       description="Every test image with GT objects queries all other test images. Relevance from "
+                                   "the GT object sets (selection: shares a category; aggregation: holds all of the "
+                                   "query's; weighted: multiset Jaccard, graded); box similarities aggregated into "
+                                   "image scores (max, mean-best, symmetric, one-to-one assignment); P@K, mAP, nDCG. "
+                                   "Plus reverse search for --category (every test box of it queries the others): "
+                                   "proxy precisions and a picture grid. Redone only when its inputs change.")
+    _run_arg(p)
+    p.add_argument("--embeddings", default="full,gt,det", help="comma-separated embeddings sets (default full,gt,det)")
+    p.add_argument("--pca", default="auto", type=parse_pca_arg, help="PCA refitted on the train split: a dimension, "
+                   "none or auto (default)")
+    p.add_argument("--category", default="person", help="the kind for reverse search (default person; none: skip)")
+    _force(p, "the report")
+    p.set_defaults(func=cmd_evaluate_objects)
 
 
 def cmd_run(a):
@@ -510,10 +560,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("prepare", help="read CUB, split it, check every image → RUN/dataset (+ EDA)",
-                       description="Read the official CUB layout, split it, decode every image and check every box; "
-                                   "write RUN/dataset (images.parquet, instances.parquet, gt_coco.json: COCO instances, "
-                                   "category 16 'bird') and RUN/eda/report.md. Redone only when its inputs change.")
+    p = sub.add_parser("prepare", help="read CUB or COCO, split it, check every image → RUN/dataset (+ EDA)",
+                       description="Read the official CUB layout (--cub) or a COCO instances file (--coco), split "
+                                   "it, decode every image and check every record and box; write RUN/dataset "
+                                   "(images.parquet, instances.parquet, gt_coco.json: COCO instances — CUB: category "
+                                   "16 'bird' —, captions.parquet with --captions) and RUN/eda/report.md. Redone only "
+                                   "when its inputs change.")
     _dataset_args(p)
     p.add_argument("--out", required=True, type=Path, help="run directory to create or update")
     p.add_argument("--no-eda", action="store_true", help="skip the EDA report")
@@ -542,8 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
     _run_arg(p)
     p.set_defaults(func=cmd_status)
 
-    for register in (_detect_parser, _embed_parser, _index_parser, _search_parser, _evaluate_parser, _run_parser,
-                     _ui_parser):
+    for register in (_detect_parser, _embed_parser, _index_parser, _search_parser, _evaluate_parser,
+                     _evaluate_objects_parser, _run_parser, _ui_parser):
         register(sub)
     return parser
 

@@ -80,12 +80,13 @@ def _free_port() -> int:
 
 
 @contextmanager
-def serve_page(run: Path, index: str):
-    """`cbir ui` started for real on a free loopback port (no detector); yields its URL, stops it after."""
+def serve_page(run: Path, index: str, detector: str = "none"):
+    """`cbir ui` started for real on a free loopback port (no detector unless `detector="run"`); yields its URL,
+    stops it after."""
     port = _free_port()
     log = open(run / "ui.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "cbir.cli", "ui", "--run", str(run), "--index", index, "--port",
-                             str(port), "--detector", "none"], stdout=log, stderr=subprocess.STDOUT)
+                             str(port), "--detector", detector], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 120
     while True:

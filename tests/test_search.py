@@ -99,7 +99,8 @@ def test_saved_index_reloads_and_extends_identically(run, tmp_path):
     before = _search_json(run, "--index", "det", "--image", str(photo), "--k", "10", "--rerank", "none")
     assert before["boxes"][0]["source"] == "fallback-full"  # imported boxes: the whole photo is the query
     first = before["boxes"][0]["neighbours"][0]
-    assert set(first) == {"image_id", "instance", "class_id", "class_name", "path", "box", "source", "similarity"}
+    assert set(first) == {"image_id", "instance", "class_id", "class_name", "path", "box", "source", "similarity",
+                          "category"}
     new = tmp_path / "new"
     new.mkdir()
     shutil.copy(sorted((MINI / "images" / "014.Indigo_Bunting").glob("*.jpg"))[0], new / "a.jpg")

@@ -42,9 +42,10 @@ def image_level(rows: pd.DataFrame) -> pd.DataFrame:
     return best.reset_index(drop=True)
 
 
-def result_record(row) -> dict:
+def result_record(row, categories: dict[int, str]) -> dict:
     return {"image_id": int(row.image_id), "instance": int(row.instance), "class_id": int(row.class_id),
             "class_name": row.class_name if isinstance(row.class_name, str) else "",
+            "category": categories.get(int(row.category_id), ""),
             "path": row.path if isinstance(row.path, str) else "",
             "box": [round(float(v), 1) for v in (row.x, row.y, row.w, row.h)], "source": row.source,
             "similarity": round(float(row.similarity), 5)}
@@ -55,6 +56,7 @@ class QueryBox:
     box: list[float]
     score: float
     source: str
+    category_id: int = 0  # the detector's category (0: none, e.g. a whole-photo fallback)
     neighbours: pd.DataFrame = field(default_factory=pd.DataFrame)
     images: pd.DataFrame = field(default_factory=pd.DataFrame)
 
@@ -70,8 +72,16 @@ def query_vectors(si: SearchIndex, vectors: np.ndarray, boxes: list[dict], k: in
     out = []
     for i, b in enumerate(boxes):
         rows = neighbours(si, sims[i], ids[i], exclude_image)
-        out.append(QueryBox(b["bbox"], b["score"], b["source"], rows.head(k), image_level(rows).head(k)))
+        out.append(QueryBox(b["bbox"], b["score"], b["source"], int(b.get("category_id", 0)), rows.head(k),
+                            image_level(rows).head(k)))
     return out
+
+
+def category_filter(category_id: int | None, filter: str | None) -> str | None:
+    """The user's filter, narrowed to one category's gallery rows."""
+    if category_id is None:
+        return filter
+    return f"category_id == {category_id}" + (f" and ({filter})" if filter else "")
 
 
 def merged_images(boxes: list[QueryBox], k: int) -> pd.DataFrame:
@@ -79,12 +89,14 @@ def merged_images(boxes: list[QueryBox], k: int) -> pd.DataFrame:
     return image_level(pd.concat([q.neighbours for q in boxes], ignore_index=True)).head(k) if boxes else pd.DataFrame()
 
 
-def results_json(query: str, boxes: list[QueryBox], merged: pd.DataFrame) -> dict:
+def results_json(query: str, boxes: list[QueryBox], merged: pd.DataFrame, categories: dict[int, str]) -> dict:
+    """One JSON-able document per query photo; `categories` names the COCO ids of boxes and results."""
     return {"query": query, "boxes": [
         {"box": [round(float(v), 1) for v in q.box], "score": round(float(q.score), 4), "source": q.source,
-         "neighbours": [result_record(r) for r in q.neighbours.itertuples()],
-         "images": [result_record(r) for r in q.images.itertuples()]} for q in boxes],
-        "images": [result_record(r) for r in merged.itertuples()]}
+         "category": categories.get(q.category_id, ""),
+         "neighbours": [result_record(r, categories) for r in q.neighbours.itertuples()],
+         "images": [result_record(r, categories) for r in q.images.itertuples()]} for q in boxes],
+        "images": [result_record(r, categories) for r in merged.itertuples()]}
 
 
 def run_detector(layout: RunLayout, device, weights: str | None = None):
@@ -122,9 +134,15 @@ class Querier:
         if use_detector and self.si.manifest["mode"] != "full":
             self.detector, self.detect_meta = run_detector(self.layout, self.device, detector_weights)
         data = load_dataset(self.layout)
+        self.categories = {int(c["id"]): c["name"] for c in data.categories}
         gt = data.instances.merge(data.images[["image_id", "path", "width", "height"]], on="image_id")
         self.gt_by_name = {Path(r.path).name: (r.width, r.height, [r.x, r.y, r.w, r.h])
                            for r in gt.drop_duplicates("image_id").itertuples()}
+
+    @property
+    def multi_category(self) -> bool:
+        """Whether boxes need their category named (COCO-like runs), or all share one (CUB: bird)."""
+        return len(self.categories) > 1
 
     @property
     def detector_note(self) -> str:
@@ -135,19 +153,33 @@ class Querier:
                     "plus its GT box when the photo is one of the run's")
         return f"boxes from {self.detect_meta['detector']} ({Path(self.detect_meta['weights']).name})"
 
-    def boxes(self, photos: list[Photo], score: float | None = None, names: list[str | None] | None = None
-              ) -> list[list[dict]]:
-        """Per photo, the detected boxes of the run's categories (original pixels; one detector pass for all
-        photos), or else the whole photo as a fallback instance plus, for a photo of the run itself (matched by
-        file name and size), its GT box."""
+    def category_id(self, name: str | None) -> int | None:
+        """The COCO id of a category name of this run (None for None); a one-line error for others."""
+        if name is None:
+            return None
+        ids = {v: k for k, v in self.categories.items()}
+        if name not in ids:
+            raise CbirError(f"--category {name}: not a category of this run ({', '.join(list(ids)[:8])}"
+                            f"{', ...' if len(ids) > 8 else ''})")
+        return ids[name]
+
+    def boxes(self, photos: list[Photo], score: float | None = None, names: list[str | None] | None = None,
+              category: int | None = None) -> list[list[dict]]:
+        """Per photo, the detected boxes of the run's categories (or of `category` alone; original pixels; one
+        detector pass for all photos), or else the whole photo as a fallback instance plus, for a photo of the
+        run itself (matched by file name and size), its GT box. With `category` and a detector, a photo
+        without a box of it gets no boxes: there is nothing of that kind to search with."""
         names = names or [None] * len(photos)
         found = [[] for _ in photos]
         if self.detector is not None:
             m = self.detect_meta
-            found = [kept_boxes(f, {int(c) for c in m["classes"]}, m["score_threshold"] if score is None else score,
+            keep = {int(c) for c in m["classes"]} if category is None else {category}
+            found = [kept_boxes(f, keep, m["score_threshold"] if score is None else score,
                                 m["max_per_image"]) for f in self.detector.detect(photos)]
             for d in (d for boxes in found for d in boxes):
                 d["source"] = "detected"
+            if category is not None:
+                return found
         return [boxes or self._fallback(photo, name) for photo, boxes, name in zip(photos, found, names)]
 
     def _fallback(self, photo: Photo, name: str | None) -> list[dict]:
@@ -161,23 +193,35 @@ class Querier:
         return self.encoder.encode_batch(photos, [np.array([b["bbox"] for b in bs], float) for bs in boxes])
 
     def query(self, photos: list[Photo], k: int, score: float | None = None, names: list[str | None] | None = None,
-              filter: str | None = None, rerank: Rerank = Rerank()) -> list[tuple[list[QueryBox], pd.DataFrame]]:
+              filter: str | None = None, rerank: Rerank = Rerank(), category: str | None = None
+              ) -> list[tuple[list[QueryBox], pd.DataFrame]]:
         """Several photos answered together: one detector pass, one encoder pass, one search for all their
-        boxes (what concurrent page users and `search --image A B ...` share); per photo (boxes, merged)."""
-        boxes = self.boxes(photos, score, names)
-        vectors = self.vectors(photos, boxes)
-        found = query_vectors(self.si, np.concatenate(vectors), [b for bs in boxes for b in bs], k, None, filter,
-                              rerank)
+        boxes (what concurrent page users and `search --image A B ...` share); per photo (boxes, merged).
+        `category` (a name): query with that kind's boxes only, among that kind's gallery boxes."""
+        category_id = self.category_id(category)
+        boxes = self.boxes(photos, score, names, category_id)
+        if not any(boxes):
+            return [([], pd.DataFrame()) for _ in photos]
+        with_boxes = [i for i, bs in enumerate(boxes) if bs]
+        vectors = self.vectors([photos[i] for i in with_boxes], [boxes[i] for i in with_boxes])
+        found = query_vectors(self.si, np.concatenate(vectors), [b for bs in boxes for b in bs], k, None,
+                              category_filter(category_id, filter), rerank)
         per_photo = np.split(np.arange(len(found)), np.cumsum([len(bs) for bs in boxes])[:-1])
         return [([found[i] for i in part], merged_images([found[i] for i in part], k)) for part in per_photo]
 
-    def query_id(self, image_id: int, k: int, filter: str | None = None, rerank: Rerank = Rerank()):
-        """Query with an image already in the run: its stored vectors, itself excluded from the results."""
+    def query_id(self, image_id: int, k: int, filter: str | None = None, rerank: Rerank = Rerank(),
+                 category: str | None = None):
+        """Query with an image already in the run: its stored vectors (of `category` only, when given), itself
+        excluded from the results."""
+        category_id = self.category_id(category)
         vectors, table, _ = load_embeddings(self.layout, self.si.manifest["embeddings"])
-        rows = table.index[table.image_id == image_id].to_numpy()
+        chosen = (table.image_id == image_id) & (table.category_id == category_id if category_id else True)
+        rows = table.index[chosen].to_numpy()
         if len(rows) == 0:
-            raise CbirError(f"--query-id {image_id}: not in embeddings {self.si.manifest['embeddings']}")
-        boxes = [{"bbox": [r.x, r.y, r.w, r.h], "score": r.score, "source": r.source} for r in table.loc[rows].itertuples()]
-        found = query_vectors(self.si, np.asarray(vectors[rows]), boxes, k, exclude_image=image_id, filter=filter,
-                              rerank=rerank)
+            raise CbirError(f"--query-id {image_id}: no {category or ''} rows in embeddings "
+                            f"{self.si.manifest['embeddings']}".replace("no  rows", "no rows"))
+        boxes = [{"bbox": [r.x, r.y, r.w, r.h], "score": r.score, "source": r.source, "category_id": r.category_id}
+                 for r in table.loc[rows].itertuples()]
+        found = query_vectors(self.si, np.asarray(vectors[rows]), boxes, k, exclude_image=image_id,
+                              filter=category_filter(category_id, filter), rerank=rerank)
         return found, merged_images(found, k)

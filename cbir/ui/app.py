@@ -1,4 +1,5 @@
-"""Gradio page over `search.Querier`: upload a photo, see every bird boxed, and each box's neighbours.
+"""Gradio page over `search.Querier`: upload a photo, see every object boxed with its category, pick a box,
+and see its neighbours.
 
 The page does no retrieval of its own: it calls the same Querier as `cbir search --image`, so what
 the page shows is what the CLI prints.
@@ -43,7 +44,7 @@ def draw_boxes(image: Image.Image, boxes: list[dict], labels: list[str]) -> Imag
         colour = FALLBACK if fallback else DETECTED
         inset = width if fallback else 0
         draw.rectangle([x + inset, y + inset, x + w - 1 - inset, y + h - 1 - inset], outline=colour, width=width)
-        text = f"{label.split()[0]} no bird found - whole image" if fallback else label
+        text = f"{label.split()[0]} nothing found - whole image" if fallback else label
         tx, ty = x + inset + 2, y + inset + 2
         if fallback:  # bottom-left: the page's caption covers the photo's top-left corner
             ty = y + h - inset - 4 - (draw.textbbox((0, 0), text, font=font)[3])
@@ -66,6 +67,8 @@ def neighbour_cards(querier: Querier, rows: list[dict]) -> list[tuple[Image.Imag
     for r in rows:
         image = card_image(querier.si.image_path(r["path"]), tuple(r["box"]), r["source"], r["image_id"])
         name = r["class_name"].split(".", 1)[-1].replace("_", " ") or "added photo"
+        if querier.multi_category and r["category"]:
+            name = r["category"]  # the box's kind says more than its photo's label
         cards.append((image, f"{name} · sim {r['similarity']:.3f}"))
     return cards
 
@@ -91,7 +94,7 @@ def run_queries(querier: Querier, requests: list[tuple[str | None, float, int, s
                                 names=[Path(requests[i][0]).name for i in members], rerank=Rerank(method=method))
         latency = round((time.perf_counter() - start) * 1000, 1)
         for i, (boxes, merged) in zip(members, answers):
-            doc = results_json(Path(requests[i][0]).name, boxes, merged)
+            doc = results_json(Path(requests[i][0]).name, boxes, merged, querier.categories)
             doc.update(latency_ms=latency, batch=len(members), size=[photos[i].width, photos[i].height])
             out[i] = (doc, photos[i].image)
     return out
@@ -99,8 +102,8 @@ def run_queries(querier: Querier, requests: list[tuple[str | None, float, int, s
 
 def build_app(querier: Querier, examples: list[str], default_k: int = 10, rerank: str = SERVED_DEFAULT) -> gr.Blocks:
     default_score = float(querier.detect_meta.get("score_threshold", 0.3))
-    with gr.Blocks(title="cbir — find similar birds", analytics_enabled=False) as app:
-        gr.Markdown(f"# cbir — find similar birds\nIndex **{querier.si.manifest['name']}** "
+    with gr.Blocks(title="cbir — find similar objects", analytics_enabled=False) as app:
+        gr.Markdown(f"# cbir — find similar objects\nIndex **{querier.si.manifest['name']}** "
                     f"({querier.si.manifest['count']} instances, {querier.spec['backbone']}); {querier.detector_note}.")
         state = gr.State({})
         with gr.Row():
@@ -118,7 +121,7 @@ def build_app(querier: Querier, examples: list[str], default_k: int = 10, rerank
             with gr.Column(scale=2):
                 # JPEG: Gradio re-encodes every picture it returns, and JPEG costs ~4 ms where WebP took ~70 ms
                 # and PNG ~300 ms for a boxed photo and its ten neighbours on 2 cores
-                boxed = gr.Image(label="Boxes found (orange = no bird found, whole image)", interactive=False,
+                boxed = gr.Image(label="Boxes found (orange = nothing found, whole image)", interactive=False,
                                  height=360, format="jpeg")
                 latency = gr.Markdown()
                 choice = gr.Radio(label="Box", choices=[], type="index")
@@ -131,10 +134,14 @@ def build_app(querier: Querier, examples: list[str], default_k: int = 10, rerank
             """One request's outputs: state, boxed photo, status line, box choice, neighbour cards, merged table."""
             if "error" in doc:
                 return {}, None, f"**{doc['error']}**", gr.Radio(choices=[], value=None), [], pd.DataFrame()
-            labels = [f"{i} ({b['score']:.2f})" if b["source"] == "detected" else f"{i} {BOX_KIND.get(b['source'], '')}"
-                      for i, b in enumerate(doc["boxes"], 1)]
-            names = [f"box {i} · " + BOX_KIND.get(b["source"], f"score {b['score']:.2f}")
-                     for i, b in enumerate(doc["boxes"], 1)]
+            if not doc["boxes"]:
+                return doc, image, "**no box of that kind in this photo**", gr.Radio(choices=[], value=None), [], \
+                    pd.DataFrame()
+            kind = [f"{b['category']} " if querier.multi_category and b["category"] else "" for b in doc["boxes"]]
+            labels = [f"{i} {c}({b['score']:.2f})" if b["source"] == "detected" else
+                      f"{i} {BOX_KIND.get(b['source'], '')}" for i, (c, b) in enumerate(zip(kind, doc["boxes"]), 1)]
+            names = [f"box {i} · {c}" + BOX_KIND.get(b["source"], f"score {b['score']:.2f}")
+                     for i, (c, b) in enumerate(zip(kind, doc["boxes"]), 1)]
             table = pd.DataFrame([{"rank": i, "image_id": r["image_id"], "class": r["class_name"],
                                    "similarity": r["similarity"]} for i, r in enumerate(doc["images"], 1)])
             scale = image.width / doc["size"][0]  # boxes are in original pixels, the picture may be reduced
