@@ -116,7 +116,7 @@ def chance_rows(gallery_ids: np.ndarray, counts: np.ndarray, query_mask: np.ndar
     q_index = np.flatnonzero(query_mask)
     exclude = q_index[:, None] == np.arange(len(gallery_ids))[None, :]
     scores = np.random.default_rng(0).random((len(q_index), len(gallery_ids)))
-    return [{"embeddings": "random order", "boxes": "-", "aggregation": "-", "relevance": r, "pca": "-",
+    return [{"embeddings": "random order", "boxes": "-", "aggregation": "-", "relevance": r, "pca": "-", "dim": "-",
              "images": len(gallery_ids),
              **ranking_metrics(scores, relevance(counts[query_mask], counts, r), r == "weighted", exclude)}
             for r in RELEVANCE]
@@ -128,11 +128,11 @@ def objects_markdown(metrics: pd.DataFrame, run: Path, n_queries: int) -> str:
                "weighted": ["P@10", "nDCG@10"]}
     wide = None
     for r, cols in columns.items():
-        part = metrics[metrics.relevance == r].set_index(["embeddings", "boxes", "aggregation", "pca"])[cols]
+        part = metrics[metrics.relevance == r].set_index(["embeddings", "boxes", "aggregation", "pca", "dim"])[cols]
         part.columns = [f"{r} {c}" for c in cols]
         wide = part if wide is None else wide.join(part)
     wide["aggregation queries"] = metrics[metrics.relevance == "aggregation"].set_index(
-        ["embeddings", "boxes", "aggregation", "pca"]).queries
+        ["embeddings", "boxes", "aggregation", "pca", "dim"]).queries
     return "\n".join([
         "# Multi-object retrieval", "",
         f"Run `{run}`: each of the {n_queries} test images with at least one GT object queries all other test "

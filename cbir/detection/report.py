@@ -84,11 +84,20 @@ def detection_quality(layout: RunLayout) -> dict:
             "images_with_several_instances": info["images_with_several_instances"]}
 
 
-def category_markdown(per_category: dict) -> str:
-    """Per-category AP, most GT boxes first (categories without GT in these images are left out)."""
-    table = pd.DataFrame(per_category.values()).query("gt > 0").sort_values("gt", ascending=False, kind="stable")
-    table = table.rename(columns={"name": "category", "gt": "GT boxes"})[["category", "GT boxes", "AP", "AP50"]]
-    return "## Per category (COCOeval, area all)\n\n" + table.to_markdown(index=False, floatfmt=".3f") + "\n"
+def category_markdown(per_category: dict, test: dict | None = None) -> str:
+    """Per-category AP, most GT boxes first (categories without GT in these images are left out); with the
+    test split's own AP beside it when the report covers several splits."""
+    table = pd.DataFrame(per_category.values(), index=list(per_category)).query("gt > 0")
+    columns = ["category", "GT boxes", "AP", "AP50"]
+    if test:
+        part = pd.DataFrame(test["per_category"].values(), index=list(test["per_category"]))
+        table = table.join(part.rename(columns={"gt": "test GT boxes", "AP": "test AP", "AP50": "test AP50"})
+                           .drop(columns="name"))
+        columns += ["test GT boxes", "test AP", "test AP50"]
+    table = table.sort_values("gt", ascending=False, kind="stable").rename(columns={"name": "category",
+                                                                                  "gt": "GT boxes"})
+    return "## Per category (COCOeval, area all; -1: no GT box of it there)\n\n" + \
+        table[columns].to_markdown(index=False, floatfmt=".3f") + "\n"
 
 
 def write_detection_report(run: Path | RunLayout, force: bool = False) -> dict:
@@ -113,7 +122,7 @@ def write_detection_report(run: Path | RunLayout, force: bool = False) -> dict:
                           "detector kept (above the threshold), so it is a lower bound of the detector's full-curve AP.",
                           "", "| metric | value |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]) + "\n"
         if len(q["per_category"]) > 1:
-            text += "\n" + category_markdown(q["per_category"])
+            text += "\n" + category_markdown(q["per_category"], q.get("test"))
         with commit(art, upstream, upstream) as staged:
             staged.write_json("detection.json", q)
             staged.file("detection.md").write_text(text)
