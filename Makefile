@@ -25,6 +25,9 @@ coco: setup
 	cbir run --coco $(COCO)/instances.json --images $(COCO)/images --captions $(COCO)/captions.json \
 	  --split coco_split --out $(COCO_RUN) --detector onnx:$(SSD).onnx --labels $(SSD).labels.txt --fallback full \
 	  --backbone mobilenet_v2 --weights $(BACKBONE) $(ARGS)
+	cbir train-embedder --run $(COCO_RUN) --embeddings gt   # metric learning on boxes, the category as label
+	cbir train-embedder --run $(COCO_RUN) --embeddings det
+	cbir evaluate-objects --run $(COCO_RUN) --embeddings full,gt,det,gt@multisimilarity,det@multisimilarity
 
 # Debian's chromium drives the page test (never a browser download); installed when we may.
 browser:

@@ -473,6 +473,56 @@ def _evaluate_objects_parser(sub):
     p.set_defaults(func=cmd_evaluate_objects)
 
 
+def cmd_train_embedder(a):
+    from .training.stage import TrainConfig, train_embedder
+
+    card = train_embedder(TrainConfig(run=a.run, embeddings=a.embeddings, loss=a.loss, miner=a.miner,
+                                      distance=a.distance, margin=a.margin, dim=a.dim, label=a.label, epochs=a.epochs,
+                                      patience=a.patience, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
+                                      name=a.name, force=a.force))
+    base, best = card["baseline"], card["best"]
+    verdict = (f"best epoch {card['best_epoch']}" if card["helps"] else
+               "no epoch beat the untrained head on validation: the vectors are unchanged")
+    print(f"{a.run}/models/{card['name']}: {card['loss']} + {card['miner']} miner, {card['label']} labels, "
+          f"{card['seconds']:.0f} s; validation ({card['validation']}) MAP@R {base['MAP@R']:.4f} → "
+          f"{best['MAP@R']:.4f}, P@1 {base['P@1']:.4f} → {best['P@1']:.4f}; {verdict}")
+    print(f"vectors: {a.run}/embeddings/{card['name']} — compare on the test split with "
+          f"`cbir evaluate --run {a.run} --embeddings {card['embeddings']},{card['name']}`")
+
+
+def _train_embedder_parser(sub):
+    from .training.stage import LOSSES, MINERS
+
+    p = sub.add_parser("train-embedder", help="metric learning (PML) of a projection head on stored embeddings "
+                       "→ RUN/models/NAME + RUN/embeddings/NAME",
+                       description="Train a projection head on the frozen vectors of an embeddings set with a "
+                                   "pytorch-metric-learning loss and miner, on the train split only; a held-out "
+                                   "validation part (unseen classes when the test classes are unseen, else unseen "
+                                   "images) picks the epoch by MAP@R, epoch 0 being no change. Checkpoints every "
+                                   "epoch: rerun the same command to resume after a kill.")
+    _run_arg(p)
+    p.add_argument("--embeddings", default="det", help="the frozen set to learn on (default det)")
+    p.add_argument("--loss", default="multisimilarity", choices=LOSSES, help="default multisimilarity")
+    p.add_argument("--miner", default="auto", choices=MINERS, help="auto: semihard for triplet, multisimilarity "
+                   "for multisimilarity, none for the others")
+    p.add_argument("--distance", default="cosine", choices=("cosine", "euclidean"))
+    p.add_argument("--margin", type=_bounded(float, 0, 90), help="the loss's margin (default: its usual one)")
+    p.add_argument("--dim", type=_bounded(int, 2, 8192), help="output dimension (default: the input's, "
+                   "starting as the identity)")
+    p.add_argument("--label", default="auto", choices=("auto", "class", "category"),
+                   help="what counts as the same: the image class, or the box category (auto: category for boxes "
+                        "of a many-category dataset such as COCO)")
+    p.add_argument("--epochs", type=_bounded(int, 1, 10000), default=30)
+    p.add_argument("--patience", type=_bounded(int, 1, 10000), default=5, help="stop after this many epochs "
+                   "without a better validation MAP@R")
+    p.add_argument("--batch-size", type=_bounded(int, 4, 65536), default=64)
+    p.add_argument("--lr", type=_bounded(float, 1e-8, 1.0), default=1e-4)
+    p.add_argument("--seed", type=_bounded(int, 0, 2 ** 31), default=0)
+    p.add_argument("--name", help="model and output embeddings name (default EMBEDDINGS@LOSS)")
+    _force(p, "the training")
+    p.set_defaults(func=cmd_train_embedder)
+
+
 def cmd_run(a):
     from dataclasses import replace
 
@@ -595,7 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_status)
 
     for register in (_detect_parser, _embed_parser, _index_parser, _search_parser, _evaluate_parser,
-                     _evaluate_objects_parser, _run_parser, _ui_parser):
+                     _evaluate_objects_parser, _train_embedder_parser, _run_parser, _ui_parser):
         register(sub)
     return parser
 
@@ -607,6 +657,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss").setLevel(logging.WARNING)
+    logging.getLogger("PML").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     for noisy in ("milvus_lite", "pymilvus", "grpc"):  # their failures reach cbir as exceptions: one line each
         logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.CRITICAL)
     try:

@@ -15,18 +15,18 @@ from pathlib import Path
 
 from . import CbirError
 
-SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+@-]{0,63}")
 META = "meta.json"
 
 # artifact kinds that hold one artifact per name (a folder of them), and the single ones
-COLLECTIONS = ("embeddings", "index", "reports")
+COLLECTIONS = ("embeddings", "models", "index", "reports")
 SINGLES = ("dataset", "eda", "detections")
 
 
 def check_name(name: str, what: str = "--name") -> str:
     """Names become folder names inside the run: a safe character set, never a path."""
     if not SAFE_NAME.fullmatch(name or "") or name.startswith("."):
-        raise CbirError(f"{what} {name!r}: use 1-64 letters, digits and _ . + - (no slashes), starting with a "
+        raise CbirError(f"{what} {name!r}: use 1-64 letters, digits and _ . + @ - (no slashes), starting with a "
                         f"letter or digit")
     return name
 
@@ -79,6 +79,10 @@ class RunLayout:
     @staticmethod
     def embeddings(name: str) -> str:
         return f"embeddings/{check_name(name, '--embeddings')}"
+
+    @staticmethod
+    def model(name: str) -> str:
+        return f"models/{check_name(name, '--name')}"
 
     @staticmethod
     def index(name: str) -> str:

@@ -316,3 +316,14 @@ def test_page_names_each_detected_box_by_category(coco_run):
     assert any(n.split(" · ")[1].startswith("person ") for n in names)
     # neighbour cards are named by the matching box's category, not by its photo's label
     assert len(gallery) == 4 and all(g["caption"].split(" · ")[0] in CATEGORY_NAMES for g in gallery)
+
+
+def test_learning_on_boxes_uses_categories_and_joins_the_multi_object_table(coco_run):
+    out = _cli("train-embedder", "--run", coco_run, "--embeddings", "gt", "--epochs", "3")
+    assert "category labels" in out.stdout and "image-disjoint" in out.stdout
+    _cli("evaluate-objects", "--run", coco_run, "--embeddings", "gt,gt@multisimilarity", "--category", "none")
+    import pandas as pd
+
+    m = pd.read_csv(coco_run / "reports" / "objects" / "metrics.csv")
+    assert set(m.embeddings) == {"gt", "gt@multisimilarity", "random order"}
+    assert set(m[m.embeddings == "gt@multisimilarity"].aggregation) == set(AGGREGATIONS)

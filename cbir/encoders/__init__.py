@@ -29,10 +29,11 @@ class Encoder(Protocol):
 
 def encoder_from_spec(spec: dict, device: torch.device, weights: str | None = None) -> Encoder:
     """The encoder a stored vector spec was made with, rebuilt (weights checked against its fingerprint)."""
+    from ..training.head import head_encoder
     from .cnn import cnn_encoder
     from .fused import fused_encoder
 
-    encoders = {"cnn": cnn_encoder, "fused": fused_encoder}
+    encoders = {"cnn": cnn_encoder, "fused": fused_encoder, "head": head_encoder}
     kind = spec.get("encoder", "cnn")
     if kind not in encoders:
         raise CbirError(f"encoder kind {kind!r} of these vectors is unknown to this cbir; known: {', '.join(encoders)}")

@@ -1,0 +1,332 @@
+"""The `train-embedder` stage (head mode): metric learning with pytorch-metric-learning on a run's frozen
+embeddings → the `models/NAME` artifact (head.pt, card.json, curves.png) and the projected vectors as
+`embeddings/NAME`, which index, search, evaluate and the page use like any other set.
+
+Data discipline: only train-split rows are seen. Part of them is held out for validation — whole classes
+when the train and test splits share no label (CUB's protocol: validation classes are unseen, like the
+test classes), else whole images (COCO, where the categories recur in every split) — and validation MAP@R
+chooses the epoch; epoch 0 is the untouched head (identity), so a head that does not help is kept as
+"no change", and the card says so. Class-balanced batches come from PML's `MPerClassSampler`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from .. import CbirError
+from ..artifacts import Artifact, commit, file_sha256, fingerprint, is_fresh, read_json, writing
+from ..datasets import load_dataset
+from ..datasets.coco import hash_share
+from ..encoders.stage import load_embeddings
+from ..evaluate import check_no_leak
+from ..layout import RunLayout, check_name
+from .head import ProjectionHead, apply_head
+
+log = logging.getLogger(__name__)
+
+LOSSES = ("contrastive", "triplet", "multisimilarity", "proxyanchor", "arcface")
+MINERS = ("auto", "none", "all", "hard", "semihard", "easy-positive", "multisimilarity")
+AUTO_MINER = {"contrastive": "none", "triplet": "semihard", "multisimilarity": "multisimilarity",
+              "proxyanchor": "none", "arcface": "none"}
+# margins in the distance's own units: cosine similarity, or L2 distance of unit vectors
+DEFAULT_MARGIN = {("contrastive", "cosine"): 0.5, ("contrastive", "euclidean"): 1.0, ("triplet", "cosine"): 0.1,
+                  ("triplet", "euclidean"): 0.2, ("proxyanchor", "cosine"): 0.1, ("arcface", "cosine"): 28.6}
+VALIDATION_SHARE = 0.2
+PER_CLASS = 4  # samples per class in each batch
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    run: Path
+    embeddings: str = "det"
+    loss: str = "multisimilarity"
+    miner: str = "auto"
+    distance: str = "cosine"
+    margin: float | None = None
+    dim: int | None = None  # default: the input's (identity start)
+    label: str = "auto"  # class | category | auto (category for boxes of a many-category dataset)
+    epochs: int = 30
+    patience: int = 5
+    batch_size: int = 64
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    seed: int = 0
+    name: str | None = None
+    force: bool = False
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise CbirError(f"--loss {self.loss}: choose from {', '.join(LOSSES)}")
+        if self.miner not in MINERS:
+            raise CbirError(f"--miner {self.miner}: choose from {', '.join(MINERS)}")
+        if self.distance not in ("cosine", "euclidean"):
+            raise CbirError(f"--distance {self.distance}: choose cosine or euclidean")
+        if self.loss in ("proxyanchor", "arcface") and self.distance != "cosine":
+            raise CbirError(f"--loss {self.loss} works on cosine similarity only")
+        if self.label not in ("auto", "class", "category"):
+            raise CbirError(f"--label {self.label}: choose auto, class or category")
+        if min(self.epochs, self.batch_size) < 1 or self.patience < 1 or not self.lr > 0:
+            raise CbirError("--epochs, --batch-size and --patience must be at least 1, --lr above 0")
+        check_name(self.model_name, "--name")
+
+    @property
+    def used_miner(self) -> str:
+        return AUTO_MINER[self.loss] if self.miner == "auto" else self.miner
+
+    @property
+    def used_margin(self) -> float | None:
+        return self.margin if self.margin is not None else DEFAULT_MARGIN.get((self.loss, self.distance))
+
+    @property
+    def model_name(self) -> str:
+        miner = "" if self.used_miner in ("none", AUTO_MINER[self.loss]) else f"-{self.used_miner}"
+        return self.name or f"{self.embeddings}@{self.loss}{miner}"
+
+
+def build_loss(cfg: TrainConfig, n_classes: int, dim: int):
+    """PML loss, miner and distance from the flags (the library's own classes, nothing re-implemented)."""
+    from pytorch_metric_learning import distances, losses, miners
+
+    distance = distances.CosineSimilarity() if cfg.distance == "cosine" else distances.LpDistance(
+        normalize_embeddings=True)
+    m = cfg.used_margin
+    loss = {"contrastive": lambda: losses.ContrastiveLoss(
+                pos_margin=1.0 if cfg.distance == "cosine" else 0.0, neg_margin=m, distance=distance),
+            "triplet": lambda: losses.TripletMarginLoss(margin=m, distance=distance),
+            "multisimilarity": lambda: losses.MultiSimilarityLoss(distance=distance),
+            "proxyanchor": lambda: losses.ProxyAnchorLoss(n_classes, dim, margin=m),
+            "arcface": lambda: losses.ArcFaceLoss(n_classes, dim, margin=m)}[cfg.loss]()
+    triplet = lambda kind: miners.TripletMarginMiner(margin=m or 0.1, type_of_triplets=kind, distance=distance)  # noqa: E731
+    miner = {"none": lambda: None, "all": lambda: triplet("all"), "hard": lambda: triplet("hard"),
+             "semihard": lambda: triplet("semihard"),
+             "easy-positive": lambda: miners.BatchEasyHardMiner(pos_strategy="easy", neg_strategy="semihard",
+                                                                distance=distance),
+             "multisimilarity": lambda: miners.MultiSimilarityMiner(epsilon=0.1, distance=distance)}[cfg.used_miner]()
+    return loss, miner
+
+
+def training_rows(layout: RunLayout, cfg: TrainConfig) -> tuple[np.ndarray, pd.DataFrame, dict, str, str]:
+    """Train-split vectors and labels with the validation mask; the label used and how validation was held out."""
+    vectors, table, info = load_embeddings(layout, cfg.embeddings)
+    check_no_leak(layout, cfg.embeddings, table)
+    data = load_dataset(layout)
+    label = cfg.label
+    if label == "auto":
+        label = "category" if info["mode"] != "full" and len(data.categories) > 1 else "class"
+    column = "category_id" if label == "category" else "class_id"
+    labelled = table.assign(label=table[column]).query("label > 0")  # 0: no object / a whole-photo fallback
+    train = labelled[labelled.split == "train"]
+    test_labels = set(labelled.label[labelled.split == "test"])
+    classes = np.array(sorted(set(train.label)))
+    if len(classes) < 3:
+        raise CbirError(f"embeddings {cfg.embeddings}: {len(classes)} train {_plural(label)}; metric learning needs "
+                        f"at least 3 (2 to train, 1 to validate)")
+    if not test_labels & set(classes):  # unseen test classes: validate on unseen classes too
+        n_val = max(1, round(VALIDATION_SHARE * len(classes)))
+        held = classes[np.argsort(hash_share(pd.Series(classes), cfg.seed))[:n_val]]
+        val = train.label.isin(held).to_numpy()
+        how = f"class-disjoint: {n_val} of {len(classes)} train {_plural(label)} held out ({', '.join(map(str, held))})"
+    else:
+        val = hash_share(train.image_id, cfg.seed) < VALIDATION_SHARE
+        how = f"image-disjoint: {VALIDATION_SHARE:.0%} of the train images held out ({_plural(label)} recur across splits)"
+    return np.asarray(vectors[train.index.to_numpy()], np.float32), train.assign(val=val), info, label, how
+
+
+def _plural(label: str) -> str:
+    return {"class": "classes", "category": "categories"}[label]
+
+
+def validation_scores(head: ProjectionHead, x: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """PML's AccuracyCalculator on the validation part (each item queries the others)."""
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+    head.eval()
+    z = torch.as_tensor(apply_head(head, x))
+    y = torch.as_tensor(labels)
+    calc = AccuracyCalculator(include=("mean_average_precision_at_r", "precision_at_1"), k="max_bin_count",
+                              device=torch.device("cpu"))
+    acc = calc.get_accuracy(z, y, z, y, ref_includes_query=True)
+    return {"MAP@R": float(acc["mean_average_precision_at_r"]), "P@1": float(acc["precision_at_1"])}
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    """Atomic: a kill mid-write leaves the previous epoch's checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path, stamp: str) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError):
+        log.warning("%s: unreadable checkpoint; training starts over", path)
+        return None
+    return state if state.get("stamp") == stamp else None
+
+
+def train_epoch(head, loss_fn, miner, optimizer, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, epoch: int,
+                bar: tqdm) -> float:
+    from pytorch_metric_learning.samplers import MPerClassSampler
+
+    torch.manual_seed(cfg.seed + epoch)  # each epoch's batches and dropout depend on (seed, epoch) only:
+    np.random.seed(cfg.seed + epoch)  # a resumed run repeats exactly what an unbroken one does
+    n_classes = len(torch.unique(y))
+    batch = max(PER_CLASS, min(cfg.batch_size, PER_CLASS * n_classes) // PER_CLASS * PER_CLASS)
+    sampler = MPerClassSampler(y.numpy(), PER_CLASS, batch_size=batch, length_before_new_iter=len(y))
+    order = torch.as_tensor(list(iter(sampler)))
+    head.train()
+    losses = []
+    for start in range(0, len(order) - batch + 1, batch):
+        idx = order[start:start + batch]
+        z = head(x[idx])
+        pairs = miner(z, y[idx]) if miner is not None else None
+        loss = loss_fn(z, y[idx], pairs) if pairs is not None else loss_fn(z, y[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(head.parameters(), 5.0)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        bar.update(len(idx))
+    return float(np.mean(losses)) if losses else float("nan")
+
+
+def train_embedder(cfg: TrainConfig) -> dict:
+    """Train the head, keep the epoch with the best validation MAP@R, write the model and its vectors."""
+    with writing(cfg.run) as layout:
+        name = cfg.model_name
+        x, rows, info, label, how = training_rows(layout, cfg)
+        settings = {k: v for k, v in asdict(cfg).items() if k not in ("run", "force", "name")}
+        inputs = {"embeddings": info["fingerprint"], "settings": settings, "label": label,
+                  "miner": cfg.used_miner, "margin": cfg.used_margin}
+        model = Artifact(layout, layout.model(name))
+        if is_fresh(model, inputs, cfg.force) and Artifact(layout, layout.embeddings(name)).exists():
+            return read_json(model.folder() / "card.json")
+        stamp = fingerprint(inputs)
+        card = _train(layout, cfg, x, rows, info, stamp)
+        card.update(name=name, embeddings=cfg.embeddings, label=label, validation=how, miner=cfg.used_miner,
+                    margin=cfg.used_margin, data_fingerprint=info["fingerprint"])
+        partial = layout.partial(model.name)
+        with commit(model, inputs, {layout.embeddings(cfg.embeddings): info["fingerprint"]}) as staged:
+            best = torch.load(partial / "best.pt", map_location="cpu", weights_only=True)
+            torch.save(best, staged.file("head.pt"))
+            staged.write_json("card.json", card)
+            _plot_curves(card["history"], staged.file("curves.png"), name)
+            staged.summary.update({k: card[k] for k in ("best_epoch", "baseline", "best", "helps", "seconds")})
+        _write_vectors(layout, cfg.embeddings, name, model)
+        import shutil
+
+        shutil.rmtree(partial, ignore_errors=True)
+        return card
+
+
+def _train(layout: RunLayout, cfg: TrainConfig, x: np.ndarray, rows: pd.DataFrame, info: dict, stamp: str) -> dict:
+    val = rows.val.to_numpy()
+    labels = rows.label.to_numpy()
+    classes = np.unique(labels[~val])
+    y = torch.as_tensor(np.searchsorted(classes, labels[~val]))
+    xt = torch.as_tensor(x[~val])
+    dim = cfg.dim or x.shape[1]
+    torch.manual_seed(cfg.seed)
+    head = ProjectionHead(x.shape[1], dim)
+    head.initialise(x[~val])
+    loss_fn, miner = build_loss(cfg, len(classes), dim)
+    optimizer = torch.optim.AdamW(list(head.parameters()) + list(loss_fn.parameters()), lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    partial = layout.partial(layout.model(cfg.model_name))
+    ckpt = partial / "checkpoint.pt"
+    state = _load_checkpoint(ckpt, stamp)
+    if state:
+        head.load_state_dict(state["head"])
+        loss_fn.load_state_dict(state["loss"])
+        optimizer.load_state_dict(state["optimizer"])
+        history, seconds = state["history"], state["seconds"]
+        log.info("resuming %s after epoch %d", cfg.model_name, len(history) - 1)
+    else:
+        history = [{"epoch": 0, "loss": float("nan"), **validation_scores(head, x[val], labels[val])}]
+        seconds = 0.0
+        _save_checkpoint(partial / "best.pt", _head_state(head))
+    bar = tqdm(total=cfg.epochs * int((~val).sum()), initial=(len(history) - 1) * int((~val).sum()),
+               desc=f"train {cfg.model_name}", unit="vec")
+    while len(history) <= cfg.epochs and not _stalled(history, cfg.patience):
+        epoch = len(history)
+        start = time.perf_counter()
+        loss = train_epoch(head, loss_fn, miner, optimizer, xt, y, cfg, epoch, bar)
+        history.append({"epoch": epoch, "loss": loss, **validation_scores(head, x[val], labels[val])})
+        seconds += time.perf_counter() - start
+        if history[-1]["MAP@R"] > max(h["MAP@R"] for h in history[:-1]):
+            _save_checkpoint(partial / "best.pt", _head_state(head))
+        _save_checkpoint(ckpt, {"stamp": stamp, "head": head.state_dict(), "loss": loss_fn.state_dict(),
+                                "optimizer": optimizer.state_dict(), "history": history, "seconds": seconds})
+        log.info("epoch %d: loss %.4f, validation MAP@R %.4f, P@1 %.4f", epoch, loss, history[-1]["MAP@R"],
+                 history[-1]["P@1"])
+    bar.close()
+    best = max(history, key=lambda h: (h["MAP@R"], -h["epoch"]))
+    return {"history": history, "best_epoch": best["epoch"], "baseline": history[0], "best": best,
+            "helps": best["epoch"] > 0, "seconds": round(seconds, 1), "train_vectors": int((~val).sum()),
+            "validation_vectors": int(val.sum()), "classes": len(classes), "dim_in": int(x.shape[1]), "dim": dim,
+            "loss": cfg.loss, "distance": cfg.distance, "epochs": cfg.epochs, "lr": cfg.lr,
+            "batch_size": cfg.batch_size, "source_spec": info["spec"]}
+
+
+def _stalled(history: list[dict], patience: int) -> bool:
+    best = max(range(len(history)), key=lambda i: (history[i]["MAP@R"], -i))
+    return len(history) - 1 - best >= patience
+
+
+def _head_state(head: ProjectionHead) -> dict:
+    return {"state": head.state_dict(), "dim_in": head.projection.in_features,
+            "dim_out": head.projection.out_features, "dropout": float(head.residual[2].p)}
+
+
+def _write_vectors(layout: RunLayout, source: str, name: str, model: Artifact) -> None:
+    """Every row of the source set through the best head → embeddings/NAME, with a spec that rebuilds the
+    encoder for new photos (base encoder, then the head)."""
+    from .head import load_head
+
+    vectors, table, info = load_embeddings(layout, source)
+    head_path = model.folder() / "head.pt"
+    head, _ = load_head(head_path)
+    projected = apply_head(head, vectors)
+    head_fp = file_sha256(head_path)[:16]
+    spec = {"encoder": "head", "base": info["spec"], "head": str(head_path), "head_fingerprint": head_fp,
+            "backbone": info["spec"]["backbone"], "fingerprint": fingerprint([info["spec"]["fingerprint"], head_fp]),
+            "dim": int(projected.shape[1])}
+    art = Artifact(layout, layout.embeddings(name))
+    upstream = {layout.embeddings(source): info["fingerprint"], model.name: model.fingerprint}
+    with commit(art, {"head": head_fp, **upstream}, upstream) as staged:
+        staged.write_npy(layout.VECTORS, projected.astype(np.float32))
+        staged.write_table(layout.ROWS, table)
+        staged.summary.update(spec=spec, mode=info["mode"], count=len(table), dim=spec["dim"],
+                              sources=info.get("sources", {}), device="cpu")
+
+
+def _plot_curves(history: list[dict], path: Path, name: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    h = pd.DataFrame(history)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    axes[0].plot(h.epoch, h.loss, marker="o")
+    axes[0].set(xlabel="epoch", ylabel="training loss", title=name)
+    axes[1].plot(h.epoch, h["MAP@R"], marker="o", label="MAP@R")
+    axes[1].plot(h.epoch, h["P@1"], marker="o", label="P@1")
+    axes[1].set(xlabel="epoch (0 = no training)", title="validation")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
