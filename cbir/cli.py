@@ -543,6 +543,9 @@ def cmd_run(a):
         print(f"{name:<21} {seconds:7.1f}  {note}")
     print(f"\n{a.out}/reports/retrieval/comparison.md:\n")
     print((a.out / "reports" / "retrieval" / "comparison.md").read_text())
+    objects = a.out / "reports" / "objects" / "objects.md"
+    if objects.exists():
+        print(f"multi-object retrieval (object-set relevance, the table to read for COCO-like data): {objects}")
 
 
 def _run_parser(sub):

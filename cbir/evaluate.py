@@ -80,6 +80,17 @@ def concat_galleries(parts: list[Gallery]) -> Gallery:
     return Gallery(query, query, np.arange(len(ids)), labels, ids)
 
 
+def refit_reduction(layout: RunLayout, name: str, pca: int | str | None, whiten: bool
+                    ) -> tuple[np.ndarray, pd.DataFrame, dict]:
+    """Every vector of a set through a reduction fitted here on its train rows only (leaks refused)."""
+    vectors, table, emb = load_embeddings(layout, name)
+    check_no_leak(layout, name, table)
+    is_train = (table.split == "train").to_numpy()
+    if not is_train.any():
+        raise CbirError(f"embeddings {name}: no train rows to fit PCA on")
+    return reduce(np.asarray(vectors), np.asarray(vectors[is_train]), pca, whiten), table, emb
+
+
 def load_gallery(layout: RunLayout, name: str, pca: int | str | None, whiten: bool) -> tuple[Gallery, Gallery, dict]:
     """Refit reduction: reduced test and train galleries (train: for training an approximate index)."""
     if "+" in name:
@@ -87,12 +98,7 @@ def load_gallery(layout: RunLayout, name: str, pca: int | str | None, whiten: bo
         info = {"backbone": "+".join(dict.fromkeys(p[2]["backbone"] for p in parts)),
                 "fingerprints": {k: v for p in parts for k, v in p[2]["fingerprints"].items()}}
         return concat_galleries([p[0] for p in parts]), concat_galleries([p[1] for p in parts]), info
-    vectors, table, emb = load_embeddings(layout, name)
-    check_no_leak(layout, name, table)
-    is_train = (table.split == "train").to_numpy()
-    if not is_train.any():
-        raise CbirError(f"embeddings {name}: no train rows to fit PCA on")
-    reduced = reduce(np.asarray(vectors), np.asarray(vectors[is_train]), pca, whiten)
+    reduced, table, emb = refit_reduction(layout, name, pca, whiten)
     info = {"backbone": emb["spec"]["backbone"], "fingerprints": {layout.embeddings(name): emb["fingerprint"]}}
     return gallery_from(name, reduced, table), gallery_from(name, reduced, table, "train"), info
 

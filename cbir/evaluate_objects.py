@@ -17,14 +17,12 @@ import numpy as np
 import pandas as pd
 
 from . import CbirError
-from .artifacts import Artifact, commit, fingerprint, is_fresh, read_json, writing
+from .artifacts import Artifact, commit, is_fresh, read_json, writing
 from .datasets import RunDataset, load_dataset
 from .detection.report import box_iou_xywh
-from .encoders.stage import load_embeddings
-from .evaluate import check_no_leak
+from .evaluate import refit_reduction
 from .layout import RunLayout
 from .metrics.sets import AGGREGATIONS, RELEVANCE, BoxSets, category_counts, image_scores, ranking_metrics, relevance
-from .retrieval.reduce import reduce
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +54,7 @@ class Reduced:
 
 
 def reduced_test_rows(layout: RunLayout, name: str, pca) -> Reduced:
-    vectors, table, info = load_embeddings(layout, name)
-    check_no_leak(layout, name, table)
-    train = (table.split == "train").to_numpy()
-    if not train.any():
-        raise CbirError(f"embeddings {name}: no train rows to fit PCA on")
-    reduced = reduce(np.asarray(vectors), np.asarray(vectors[train]), pca, False)
+    reduced, table, info = refit_reduction(layout, name, pca, False)
     test = table[table.split == "test"].sort_values(["image_id", "instance"], kind="stable")
     return Reduced(name, test.reset_index(drop=True), reduced[test.index.to_numpy()], str(pca or "none"),
                    reduced.shape[1], info["mode"])
