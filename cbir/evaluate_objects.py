@@ -134,7 +134,7 @@ def objects_markdown(metrics: pd.DataFrame, run: Path, n_queries: int) -> str:
         "**weighted** = multiset Jaccard of the category counts (graded; its P@10 is the mean gain of the top 10). "
         "Aggregation of box similarities into an image score: **max** (best pair), **mean-best** (each query box's "
         "best match, averaged), **symmetric** (mean-best both ways), **assignment** (greedy one-to-one matching, "
-        "summed / query boxes); whole-image vectors need none. PCA refitted on the train split; `random order` is "
+        "summed / query boxes, re-scoring each query's top 100 images by mean-best); whole-image vectors need none. PCA refitted on the train split; `random order` is "
         "the floor.", "", wide.reset_index().to_markdown(index=False, floatfmt=".3f"), ""])
 
 

@@ -95,6 +95,22 @@ def test_aggregation_equals_a_brute_force_reference(how):
     assert np.allclose(image_scores(qs, gs, how), _reference(qg, gg, how), atol=1e-4)
 
 
+def test_blocks_and_shortlists_do_not_change_the_scores():
+    rng = np.random.default_rng(5)
+    counts = rng.integers(1, 7, 40)
+    vectors = rng.normal(size=(counts.sum(), 16)).astype(np.float32)
+    sets = BoxSets(vectors, np.r_[0, np.cumsum(counts)[:-1]])
+    for how in AGGREGATIONS:  # blocks of a few query boxes give what one block gives
+        assert np.allclose(image_scores(sets, sets, how, box_chunk=5), image_scores(sets, sets, how), atol=1e-5)
+    exact = image_scores(sets, sets, "assignment")  # gallery of 40 < the default shortlist: exact
+    short = image_scores(sets, sets, "assignment", shortlist=8)
+    top = np.argsort(-image_scores(sets, sets, "mean-best"), 1, kind="stable")[:, :8]
+    assert np.allclose(np.take_along_axis(short, top, 1), np.take_along_axis(exact, top, 1))
+    rest = np.ones_like(short, bool)
+    np.put_along_axis(rest, top, False, 1)
+    assert (short[rest].max() < np.take_along_axis(short, top, 1).min())  # the shortlist ranks first
+
+
 def test_assignment_uses_each_box_once():
     # two query dogs, one gallery dog: mean-best counts the one dog twice, assignment once
     q = BoxSets(np.array([[1, 0], [1, 0]], np.float32), np.array([0]))
