@@ -531,12 +531,17 @@ def cmd_run(a):
     modes = _csv(a.modes)
     fused = tuple(f"full+{m}" for m in ("det",) if {"full", m} <= set(modes))
     index_mode = a.index_mode if a.index_mode in modes + fused else modes[-1]
+    from .training.stage import TrainConfig
+
+    train = tuple(TrainConfig(run=a.out, embeddings=m, loss=a.train_embedder) for m in modes) \
+        if a.train_embedder else ()
     cfg = RunConfig(prepare=prepare_config(a, a.out),
                     detect=detect_config(a, a.out, a.detector_weights) if "det" in modes else None,
                     embed=embed_config(a, a.out, modes[0]), modes=modes,
                     index=index_config(a, a.out, index_mode),
-                    evaluate=replace(evaluate_config(a, a.out, modes + fused),
-                                     served=tuple(dict.fromkeys((index_mode, *_csv(a.served))))))
+                    evaluate=replace(evaluate_config(a, a.out, modes + fused + tuple(t.model_name for t in train)),
+                                     served=tuple(dict.fromkeys((index_mode, *_csv(a.served))))),
+                    train=train)
     steps = run_all(cfg)
     print("stage                 seconds  result")
     for name, seconds, note in steps:
@@ -564,6 +569,9 @@ def _run_parser(sub):
     p.add_argument("--index", default="exact", help="approximate FAISS factory to score beside exact search")
     p.add_argument("--served", default="", help="more saved index names to evaluate as served (the run's own "
                    "index always is)")
+    p.add_argument("--train-embedder", metavar="LOSS", help="after embedding, train a projection head on each mode "
+                   "with this loss (see `cbir train-embedder`; defaults otherwise) and evaluate it beside the frozen "
+                   "vectors")
     p.set_defaults(eval_pca=None, no_plots=False)
     _device(p)
     _workers(p)

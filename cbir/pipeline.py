@@ -21,6 +21,7 @@ from .evaluate import EvalConfig, evaluate
 from .evaluate_objects import ObjectsConfig, evaluate_objects
 from .metrics.eda import eda
 from .retrieval.index import IndexConfig, build_index
+from .training.stage import TrainConfig, train_embedder
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class RunConfig:
     modes: tuple[str, ...]
     index: IndexConfig
     evaluate: EvalConfig
+    train: tuple[TrainConfig, ...] = ()  # heads trained after embedding (`--train-embedder LOSS`), one per mode
 
 
 def run_all(cfg: RunConfig) -> list[tuple[str, float, str]]:
@@ -57,11 +59,14 @@ def run_all(cfg: RunConfig) -> list[tuple[str, float, str]]:
                 **write_detection_report(cfg.detect.run)))
         for mode in cfg.modes:
             step(f"embed {mode}", lambda mode=mode: f"{len(embed(replace(cfg.embed, mode=mode))[1])} vectors")
+        for train in cfg.train:
+            step(f"train {train.model_name}", lambda train=train: "validation MAP@R {0:.3f} → {1:.3f}".format(
+                *(c["MAP@R"] for c in (lambda card: (card["baseline"], card["best"]))(train_embedder(train)))))
         step(f"index {cfg.index.index_name}", lambda: "{factory} in {store}".format(
             factory=build_index(cfg.index).manifest["factory"], store=cfg.index.store))
         step("evaluate", lambda: f"{len(evaluate(cfg.evaluate).computed)} rows")
         if prepared["summary"].get("categories", 1) > 1:  # many kinds of object: score by object-set overlap
-            modes = tuple(m for m in cfg.modes if "+" not in m)
+            modes = tuple(m for m in cfg.modes if "+" not in m) + tuple(t.model_name for t in cfg.train)
             objects = ObjectsConfig(run=cfg.prepare.run, embeddings=modes, pca=cfg.index.pca)
             step("evaluate objects", lambda: f"{len(evaluate_objects(objects))} rows")
     return steps
