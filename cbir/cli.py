@@ -442,6 +442,25 @@ def _evaluate_parser(sub):
     p.set_defaults(func=cmd_evaluate)
 
 
+def cmd_compare_methods(a):
+    from .evaluate import compare_methods
+
+    table = compare_methods(a.run, _csv(a.embeddings), a.pca)
+    print(table.round(4).to_string(index=False))
+    print(f"\nreport: {a.run}/reports/methods/methods.md")
+
+
+def _compare_methods_parser(sub):
+    p = sub.add_parser("compare-methods", help="NN, kNN vote and FAISS exact/HNSW/IVF on the same vectors → "
+                       "reports/methods", description="Scikit-learn brute-force nearest neighbours, kNN majority-vote "
+                       "classification and FAISS exact, HNSW32 and IVF search over each embeddings set's test vectors "
+                       "(leave-one-out, PCA refitted on train): R@1, P@5, recall@10 vs exact, build time, queries/s.")
+    _run_arg(p)
+    p.add_argument("--embeddings", default="det", help="comma-separated embeddings sets (default det)")
+    p.add_argument("--pca", default="auto", type=parse_pca_arg, help="a dimension, none or auto (default)")
+    p.set_defaults(func=cmd_compare_methods)
+
+
 def cmd_evaluate_objects(a):
     from .evaluate_objects import ObjectsConfig, evaluate_objects
 
@@ -656,7 +675,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_status)
 
     for register in (_detect_parser, _embed_parser, _index_parser, _search_parser, _evaluate_parser,
-                     _evaluate_objects_parser, _train_embedder_parser, _run_parser, _ui_parser):
+                     _evaluate_objects_parser, _compare_methods_parser, _train_embedder_parser, _run_parser,
+                     _ui_parser):
         register(sub)
     return parser
 

@@ -286,3 +286,30 @@ def comparison_markdown(metrics: pd.DataFrame, run: Path) -> str:
                   "`served` rows re-rank each query's shortlist from the store (its top 100), as `search` and the "
                   "page do.", "", with_base.to_markdown(index=False), ""]
     return "\n".join(parts)
+
+
+def compare_methods(run: Path, embeddings: tuple[str, ...], pca: int | str | None = "auto") -> pd.DataFrame:
+    """NN, kNN vote, FAISS exact / HNSW / IVF on each set's test vectors (refit reduction) → reports/methods."""
+    from .metrics.methods import method_rows
+
+    with writing(run) as layout:
+        rows = []
+        for name in embeddings:
+            gallery, train, _ = load_gallery(layout, name, pca, False)
+            rows += [{"embeddings": name, "pca": str(pca or "none"), "dim": gallery.query.shape[1],
+                      "images": len(gallery.query), **r}
+                     for r in method_rows(gallery.query, gallery.labels, train.instances)]
+        table = pd.DataFrame(rows)
+        upstream = {layout.embeddings(p): Artifact(layout, layout.embeddings(p)).fingerprint
+                    for name in embeddings for p in name.split("+")}
+        art = Artifact(layout, layout.report("methods"))
+        with commit(art, {"embeddings": upstream, "pca": pca}, upstream) as staged:
+            staged.write_json("methods.json", table.to_dict(orient="records"))
+            staged.file("methods.md").write_text("\n".join([
+                "# Retrieval methods on the same vectors", "",
+                f"Run `{layout.root}`: each test image queries all other test images (one vector per image; PCA "
+                "refitted on train). R@1 / P@5: same-class neighbours; the kNN row's R@1 column is its "
+                "leave-one-out classification accuracy; recall@10 against the exact neighbours; times on this "
+                "machine (queries/s over all test queries at once).", "",
+                table.to_markdown(index=False, floatfmt=".3f"), ""]))
+        return table

@@ -169,3 +169,25 @@ def test_sample_quality_floor(sample_run):
     assert m.loc[("full", "none"), "MAP@R"] > 0.35 and m.loc[("full", "none"), "NMI"] > 0.6
     reranked = m.xs(Rerank(method="kreciprocal").label, level="rerank")  # the default re-ranking helps, not hurts
     assert (reranked["MAP@R"] > m.xs("none", level="rerank")["MAP@R"]).all()
+
+
+def test_retrieval_methods_agree_on_the_same_vectors():
+    from cbir.metrics.methods import method_rows
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(8, 32))
+    labels = rng.integers(0, 8, 400)
+    x = centres[labels] + rng.normal(size=(400, 32)) * 0.8
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    train = centres[rng.integers(0, 8, 800)] + rng.normal(size=(800, 32)) * 0.8
+    rows = {r["method"].split(" (")[0]: r for r in method_rows(x, labels, train / np.linalg.norm(train, axis=1,
+                                                                                                 keepdims=True))}
+    nn, flat = rows["NN"], rows["FAISS Flat"]
+    assert nn["R@1"] == pytest.approx(flat["R@1"]) and flat["recall@10 vs exact"] == 1.0
+    # R@1 by hand: each point's nearest other point (itself excluded) has its label
+    sims = x @ x.T
+    np.fill_diagonal(sims, -np.inf)
+    assert nn["R@1"] == pytest.approx(float((labels[sims.argmax(1)] == labels).mean()))
+    assert 0.5 < rows["kNN vote"]["R@1"] <= 1 and rows["FAISS HNSW32"]["recall@10 vs exact"] > 0.9
+    ivf = next(r for name, r in rows.items() if name.startswith("FAISS IVF"))
+    assert 0.5 < ivf["recall@10 vs exact"] <= 1
