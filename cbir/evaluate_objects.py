@@ -83,9 +83,9 @@ def set_rows(part: Reduced, data: RunDataset, gallery_ids: np.ndarray, counts: n
         log.warning("embeddings %s: %d query images have no vector; they rank the gallery in id order",
                     part.name, int((~present[query_mask]).sum()))
     rows = []
+    q_sets = BoxSets(*_subset(sets, present, queries))
     for how in aggregations:
         scores = np.full((len(q_index), len(gallery_ids)), -np.inf)
-        q_sets = BoxSets(*_subset(sets, present, queries))
         inner = image_scores(q_sets, sets, "max" if how == "image" else how)
         scores[np.ix_(queries[query_mask], present)] = inner
         for r in RELEVANCE:

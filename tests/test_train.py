@@ -122,3 +122,14 @@ def test_training_resumes_after_kill_and_matches_an_unbroken_run(run, tmp_path):
     a = json.loads((run / "models" / "det@multisimilarity" / "card.json").read_text())["history"]
     b = json.loads((other / "models" / "det@multisimilarity" / "card.json").read_text())["history"]
     assert [h["MAP@R"] for h in a] == pytest.approx([h["MAP@R"] for h in b], abs=1e-6)
+
+
+def test_run_with_too_few_train_classes_stops_in_one_line_and_keeps_the_embeddings(tmp_path):
+    from conftest import MINI, MOBILENET
+
+    out = subprocess.run([sys.executable, "-m", "cbir.cli", "run", "--cub", str(MINI), "--split", "classes:1-10/11-20",
+                          "--out", str(tmp_path / "run"), "--modes", "full", "--backbone", "mobilenet_v2", "--weights",
+                          str(MOBILENET), "--train-embedder", "triplet"], capture_output=True, text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "2 train classes; metric learning needs at least 3" in out.stderr.strip().splitlines()[-1]
+    assert len(load_embeddings(tmp_path / "run", "full")[0]) == 32  # the stages before it are kept
