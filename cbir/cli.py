@@ -497,8 +497,9 @@ def cmd_train_embedder(a):
 
     card = train_embedder(TrainConfig(run=a.run, embeddings=a.embeddings, loss=a.loss, miner=a.miner,
                                       distance=a.distance, margin=a.margin, dim=a.dim, label=a.label, epochs=a.epochs,
-                                      patience=a.patience, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-                                      name=a.name, force=a.force))
+                                      patience=a.patience, batch_size=a.batch_size,
+                                      lr=a.lr or (3e-5 if a.mode == "finetune" else 1e-4), seed=a.seed, mode=a.mode,
+                                      device=a.device, name=a.name, force=a.force))
     base, best = card["baseline"], card["best"]
     verdict = (f"best epoch {card['best_epoch']}" if card["helps"] else
                "no epoch beat the untrained head on validation: the vectors are unchanged")
@@ -535,7 +536,11 @@ def _train_embedder_parser(sub):
     p.add_argument("--patience", type=_bounded(int, 1, 10000), default=5, help="stop after this many epochs "
                    "without a better validation MAP@R")
     p.add_argument("--batch-size", type=_bounded(int, 4, 65536), default=64)
-    p.add_argument("--lr", type=_bounded(float, 1e-8, 1.0), default=1e-4)
+    p.add_argument("--mode", default="head", choices=("head", "finetune"), help="head (default): a projection on "
+                   "the frozen vectors, seconds on a CPU; finetune: the trunk itself on the set's crops (torchvision "
+                   "trunks with .features, e.g. mobilenet_v2; minutes per epoch on a CPU, use a GPU)")
+    p.add_argument("--lr", type=_bounded(float, 1e-8, 1.0), help="default 1e-4 (head), 3e-5 (finetune)")
+    _device(p)
     p.add_argument("--seed", type=_bounded(int, 0, 2 ** 31), default=0)
     p.add_argument("--name", help="model and output embeddings name (default EMBEDDINGS@LOSS)")
     _force(p, "the training")

@@ -133,3 +133,22 @@ def test_run_with_too_few_train_classes_stops_in_one_line_and_keeps_the_embeddin
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "2 train classes; metric learning needs at least 3" in out.stderr.strip().splitlines()[-1]
     assert len(load_embeddings(tmp_path / "run", "full")[0]) == 32  # the stages before it are kept
+
+
+def test_finetune_trains_the_trunk_and_reembeds_with_it(run):
+    from cbir.encoders.backbones import build_backbone
+    from cbir.encoders.stage import EmbedConfig, embed
+    from conftest import MOBILENET
+
+    # small crops keep this a seconds-long test; the trunk and the loop are the real ones
+    embed(EmbedConfig(run=run, mode="gt", backbone="mobilenet_v2", weights=str(MOBILENET), size=64, name="gt64",
+                      workers=0))
+    card = train_embedder(TrainConfig(run=run, embeddings="gt64", mode="finetune", epochs=2, lr=1e-4))
+    assert card["mode"] == "finetune" and card["name"] == "gt64@multisimilarity-ft" and len(card["history"]) == 3
+    weights = run / "models" / "gt64@multisimilarity-ft" / "backbone.pth"
+    build_backbone("mobilenet_v2", str(weights))  # a torchvision state dict: --weights FILE loads it
+    tuned, table, info = load_embeddings(run, "gt64@multisimilarity-ft")
+    frozen, frozen_table, _ = load_embeddings(run, "gt64")
+    assert info["spec"]["weights"] == str(weights.resolve()) and (table.image_id == frozen_table.image_id).all()
+    same = np.allclose(tuned, frozen, atol=1e-4)
+    assert same != card["helps"]  # the best epoch's trunk made the vectors; epoch 0 is the frozen trunk

@@ -60,10 +60,14 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 1e-4
     seed: int = 0
+    mode: str = "head"  # or finetune: the trunk itself, end to end on the set's crops
+    device: str = "auto"  # finetune only (heads train on the CPU in seconds)
     name: str | None = None
     force: bool = False
 
     def __post_init__(self):
+        if self.mode not in ("head", "finetune"):
+            raise CbirError(f"--mode {self.mode}: choose head or finetune")
         if self.loss not in LOSSES:
             raise CbirError(f"--loss {self.loss}: choose from {', '.join(LOSSES)}")
         if self.miner not in MINERS:
@@ -89,7 +93,7 @@ class TrainConfig:
     @property
     def model_name(self) -> str:
         miner = "" if self.used_miner in ("none", AUTO_MINER[self.loss]) else f"-{self.used_miner}"
-        return self.name or f"{self.embeddings}@{self.loss}{miner}"
+        return self.name or f"{self.embeddings}@{self.loss}{miner}{'-ft' if self.mode == 'finetune' else ''}"
 
 
 def build_loss(cfg: TrainConfig, n_classes: int, dim: int):
@@ -146,11 +150,15 @@ def _plural(label: str) -> str:
 
 
 def validation_scores(head: ProjectionHead, x: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    head.eval()
+    return score_vectors(apply_head(head, x), labels)
+
+
+def score_vectors(vectors: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """PML's AccuracyCalculator on the validation part (each item queries the others)."""
     from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
-    head.eval()
-    z = torch.as_tensor(apply_head(head, x))
+    z = torch.nn.functional.normalize(torch.as_tensor(np.array(vectors, np.float32)), dim=1)
     y = torch.as_tensor(labels)
     calc = AccuracyCalculator(include=("mean_average_precision_at_r", "precision_at_1"), k="max_bin_count",
                               device=torch.device("cpu"))
@@ -177,8 +185,9 @@ def _load_checkpoint(path: Path, stamp: str) -> dict | None:
     return state if state.get("stamp") == stamp else None
 
 
-def train_epoch(head, loss_fn, miner, optimizer, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, epoch: int,
-                bar: tqdm) -> float:
+def train_epoch(model, loss_fn, miner, optimizer, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, epoch: int,
+                bar: tqdm, augment=None) -> float:
+    """One pass of class-balanced batches (`augment`: applied to each batch's inputs, e.g. flips of crops)."""
     from pytorch_metric_learning.samplers import MPerClassSampler
 
     torch.manual_seed(cfg.seed + epoch)  # each epoch's batches and dropout depend on (seed, epoch) only:
@@ -187,16 +196,17 @@ def train_epoch(head, loss_fn, miner, optimizer, x: torch.Tensor, y: torch.Tenso
     batch = max(PER_CLASS, min(cfg.batch_size, PER_CLASS * n_classes) // PER_CLASS * PER_CLASS)
     sampler = MPerClassSampler(y.numpy(), PER_CLASS, batch_size=batch, length_before_new_iter=len(y))
     order = torch.as_tensor(list(iter(sampler)))
-    head.train()
+    model.train()
     losses = []
     for start in range(0, len(order) - batch + 1, batch):
         idx = order[start:start + batch]
-        z = head(x[idx])
-        pairs = miner(z, y[idx]) if miner is not None else None
-        loss = loss_fn(z, y[idx], pairs) if pairs is not None else loss_fn(z, y[idx])
+        z = model(x[idx] if augment is None else augment(x[idx]))
+        labels = y[idx].to(z.device)
+        pairs = miner(z, labels) if miner is not None else None
+        loss = loss_fn(z, labels, pairs) if pairs is not None else loss_fn(z, labels)
         optimizer.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(head.parameters(), 5.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         optimizer.step()
         losses.append(float(loss.detach()))
         bar.update(len(idx))
@@ -208,28 +218,79 @@ def train_embedder(cfg: TrainConfig) -> dict:
     with writing(cfg.run) as layout:
         name = cfg.model_name
         x, rows, info, label, how = training_rows(layout, cfg)
-        settings = {k: v for k, v in asdict(cfg).items() if k not in ("run", "force", "name")}
+        settings = {k: v for k, v in asdict(cfg).items() if k not in ("run", "force", "name", "device")}
         inputs = {"embeddings": info["fingerprint"], "settings": settings, "label": label,
                   "miner": cfg.used_miner, "margin": cfg.used_margin}
         model = Artifact(layout, layout.model(name))
         if is_fresh(model, inputs, cfg.force) and Artifact(layout, layout.embeddings(name)).exists():
             return read_json(model.folder() / "card.json")
         stamp = fingerprint(inputs)
-        card = _train(layout, cfg, x, rows, info, stamp)
+        if cfg.mode == "finetune":
+            from .finetune import finetune, write_finetuned_vectors
+
+            card, best = finetune(layout, cfg, rows, info, stamp)
+        else:
+            card = _train(layout, cfg, x, rows, info, stamp)
+            best = torch.load(layout.partial(model.name) / "best.pt", map_location="cpu", weights_only=True)
         card.update(name=name, embeddings=cfg.embeddings, label=label, validation=how, miner=cfg.used_miner,
-                    margin=cfg.used_margin, data_fingerprint=info["fingerprint"])
+                    margin=cfg.used_margin, data_fingerprint=info["fingerprint"], mode=cfg.mode, loss=cfg.loss,
+                    distance=cfg.distance, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size)
         partial = layout.partial(model.name)
+        weights_file = "backbone.pth" if cfg.mode == "finetune" else "head.pt"
         with commit(model, inputs, {layout.embeddings(cfg.embeddings): info["fingerprint"]}) as staged:
-            best = torch.load(partial / "best.pt", map_location="cpu", weights_only=True)
-            torch.save(best, staged.file("head.pt"))
+            torch.save(best, staged.file(weights_file))
             staged.write_json("card.json", card)
             _plot_curves(card["history"], staged.file("curves.png"), name)
             staged.summary.update({k: card[k] for k in ("best_epoch", "baseline", "best", "helps", "seconds")})
-        _write_vectors(layout, cfg.embeddings, name, model)
+        if cfg.mode == "finetune":
+            write_finetuned_vectors(layout, cfg, info, model.folder() / weights_file)
+        else:
+            _write_vectors(layout, cfg.embeddings, name, model)
         import shutil
 
         shutil.rmtree(partial, ignore_errors=True)
         return card
+
+
+def fit(cfg: TrainConfig, layout: RunLayout, stamp: str, model, loss_fn, miner, optimizer, x: torch.Tensor,
+        y: torch.Tensor, validate, best_state, augment=None) -> tuple[list[dict], float]:
+    """The loop both modes share: epoch 0 validates the untouched model, each epoch trains then validates,
+    the best epoch's `best_state()` and a full checkpoint are written atomically, and a rerun resumes from
+    the last finished epoch. Stops at `epochs` or after `patience` epochs without a better MAP@R."""
+    partial = layout.partial(layout.model(cfg.model_name))
+    ckpt = partial / "checkpoint.pt"
+    state = _load_checkpoint(ckpt, stamp)
+    if state:
+        model.load_state_dict(state["model"])
+        loss_fn.load_state_dict(state["loss"])
+        optimizer.load_state_dict(state["optimizer"])
+        history, seconds = state["history"], state["seconds"]
+        log.info("resuming %s after epoch %d", cfg.model_name, len(history) - 1)
+    else:
+        history, seconds = [{"epoch": 0, "loss": float("nan"), **validate()}], 0.0
+        _save_checkpoint(partial / "best.pt", best_state())
+    bar = tqdm(total=cfg.epochs * len(y), initial=(len(history) - 1) * len(y), desc=f"train {cfg.model_name}",
+               unit="item")
+    while len(history) <= cfg.epochs and not _stalled(history, cfg.patience):
+        epoch, start = len(history), time.perf_counter()
+        loss = train_epoch(model, loss_fn, miner, optimizer, x, y, cfg, epoch, bar, augment)
+        history.append({"epoch": epoch, "loss": loss, **validate()})
+        seconds += time.perf_counter() - start
+        if history[-1]["MAP@R"] > max(h["MAP@R"] for h in history[:-1]):
+            _save_checkpoint(partial / "best.pt", best_state())
+        _save_checkpoint(ckpt, {"stamp": stamp, "model": model.state_dict(), "loss": loss_fn.state_dict(),
+                                "optimizer": optimizer.state_dict(), "history": history, "seconds": seconds})
+        log.info("epoch %d: loss %.4f, validation MAP@R %.4f, P@1 %.4f (%.0f s)", epoch, loss,
+                 history[-1]["MAP@R"], history[-1]["P@1"], time.perf_counter() - start)
+    bar.close()
+    return history, seconds
+
+
+def summary_card(history: list[dict], seconds: float, val: np.ndarray, classes: np.ndarray) -> dict:
+    best = max(history, key=lambda h: (h["MAP@R"], -h["epoch"]))
+    return {"history": history, "best_epoch": best["epoch"], "baseline": history[0], "best": best,
+            "helps": best["epoch"] > 0, "seconds": round(seconds, 1), "train_vectors": int((~val).sum()),
+            "validation_vectors": int(val.sum()), "classes": len(classes)}
 
 
 def _train(layout: RunLayout, cfg: TrainConfig, x: np.ndarray, rows: pd.DataFrame, info: dict, stamp: str) -> dict:
@@ -237,7 +298,6 @@ def _train(layout: RunLayout, cfg: TrainConfig, x: np.ndarray, rows: pd.DataFram
     labels = rows.label.to_numpy()
     classes = np.unique(labels[~val])
     y = torch.as_tensor(np.searchsorted(classes, labels[~val]))
-    xt = torch.as_tensor(x[~val])
     dim = cfg.dim or x.shape[1]
     torch.manual_seed(cfg.seed)
     head = ProjectionHead(x.shape[1], dim)
@@ -245,40 +305,10 @@ def _train(layout: RunLayout, cfg: TrainConfig, x: np.ndarray, rows: pd.DataFram
     loss_fn, miner = build_loss(cfg, len(classes), dim)
     optimizer = torch.optim.AdamW(list(head.parameters()) + list(loss_fn.parameters()), lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
-    partial = layout.partial(layout.model(cfg.model_name))
-    ckpt = partial / "checkpoint.pt"
-    state = _load_checkpoint(ckpt, stamp)
-    if state:
-        head.load_state_dict(state["head"])
-        loss_fn.load_state_dict(state["loss"])
-        optimizer.load_state_dict(state["optimizer"])
-        history, seconds = state["history"], state["seconds"]
-        log.info("resuming %s after epoch %d", cfg.model_name, len(history) - 1)
-    else:
-        history = [{"epoch": 0, "loss": float("nan"), **validation_scores(head, x[val], labels[val])}]
-        seconds = 0.0
-        _save_checkpoint(partial / "best.pt", _head_state(head))
-    bar = tqdm(total=cfg.epochs * int((~val).sum()), initial=(len(history) - 1) * int((~val).sum()),
-               desc=f"train {cfg.model_name}", unit="vec")
-    while len(history) <= cfg.epochs and not _stalled(history, cfg.patience):
-        epoch = len(history)
-        start = time.perf_counter()
-        loss = train_epoch(head, loss_fn, miner, optimizer, xt, y, cfg, epoch, bar)
-        history.append({"epoch": epoch, "loss": loss, **validation_scores(head, x[val], labels[val])})
-        seconds += time.perf_counter() - start
-        if history[-1]["MAP@R"] > max(h["MAP@R"] for h in history[:-1]):
-            _save_checkpoint(partial / "best.pt", _head_state(head))
-        _save_checkpoint(ckpt, {"stamp": stamp, "head": head.state_dict(), "loss": loss_fn.state_dict(),
-                                "optimizer": optimizer.state_dict(), "history": history, "seconds": seconds})
-        log.info("epoch %d: loss %.4f, validation MAP@R %.4f, P@1 %.4f", epoch, loss, history[-1]["MAP@R"],
-                 history[-1]["P@1"])
-    bar.close()
-    best = max(history, key=lambda h: (h["MAP@R"], -h["epoch"]))
-    return {"history": history, "best_epoch": best["epoch"], "baseline": history[0], "best": best,
-            "helps": best["epoch"] > 0, "seconds": round(seconds, 1), "train_vectors": int((~val).sum()),
-            "validation_vectors": int(val.sum()), "classes": len(classes), "dim_in": int(x.shape[1]), "dim": dim,
-            "loss": cfg.loss, "distance": cfg.distance, "epochs": cfg.epochs, "lr": cfg.lr,
-            "batch_size": cfg.batch_size, "source_spec": info["spec"]}
+    history, seconds = fit(cfg, layout, stamp, head, loss_fn, miner, optimizer, torch.as_tensor(x[~val]), y,
+                           lambda: validation_scores(head, x[val], labels[val]), lambda: _head_state(head))
+    return {**summary_card(history, seconds, val, classes), "dim_in": int(x.shape[1]), "dim": dim,
+            "source_spec": info["spec"]}
 
 
 def _stalled(history: list[dict], patience: int) -> bool:

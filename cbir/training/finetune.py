@@ -1,0 +1,125 @@
+"""`train-embedder --mode finetune`: the trunk itself trained end to end on the set's crops (train split only),
+with the same losses, miners, sampler, validation rule, checkpoints and epoch choice as the head mode.
+
+The result is a torchvision state dict (`models/NAME/backbone.pth`); the set is then re-embedded with it by
+the ordinary `embed` stage, so its vectors, index, search and page need nothing new. Supported trunks: the
+torchvision classifiers whose trunk is `model.features` (MobileNet, EfficientNet, ConvNeXt, VGG ...).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torchvision
+from tqdm import tqdm
+
+from .. import CbirError
+from ..datasets import load_dataset
+from ..device import resolve_device
+from ..encoders.cnn import CnnEncoder, pool_features
+from ..images import open_photo
+from ..layout import RunLayout
+
+log = logging.getLogger(__name__)
+
+
+class TrainableTrunk(torch.nn.Module):
+    """Normalisation, the trunk and the set's pooling: crops (0-255) in, vectors out."""
+
+    def __init__(self, encoder: CnnEncoder):
+        super().__init__()
+        self.trunk, self.pool = encoder.backbone.trunk, encoder.pool  # unfused: BatchNorm trains
+        self.register_buffer("mean", encoder.mean.cpu())
+        self.register_buffer("std", encoder.std.cpu())
+
+    def forward(self, crops: torch.Tensor) -> torch.Tensor:
+        crops = crops.to(self.mean.device, non_blocking=True).float()
+        return pool_features(self.trunk((crops - self.mean) / self.std), self.pool)
+
+
+def base_encoder(spec: dict) -> CnnEncoder:
+    """The encoder the set was embedded with, rebuilt on the CPU from its spec (weights checked)."""
+    if spec.get("encoder", "cnn") != "cnn" or spec["backbone"].startswith(("timm:", "detector")) or spec["roi"]:
+        raise CbirError(f"--mode finetune: supports torchvision classifier trunks embedded crop by crop; these "
+                        f"vectors come from {spec.get('encoder', 'cnn')}:{spec['backbone']}"
+                        f"{' with --roi' if spec.get('roi') else ''}")
+    from ..encoders.cnn import cnn_encoder
+
+    if not hasattr(torchvision.models.get_model(spec["backbone"], weights=None), "features"):
+        raise CbirError(f"--mode finetune: {spec['backbone']} has no `.features` trunk; use a MobileNet, "
+                        f"EfficientNet, ConvNeXt or VGG backbone")
+    return cnn_encoder(spec, torch.device("cpu"))
+
+
+def decode_crops(layout: RunLayout, rows: pd.DataFrame, encoder: CnnEncoder) -> torch.Tensor:
+    """Every row's crop, decoded once (uint8 [n, 3, s, s]) in the order of `rows`."""
+    data = load_dataset(layout)
+    paths = data.images.set_index("image_id").path
+    out = torch.empty((len(rows), 3, encoder.recipe.size, encoder.recipe.size), dtype=torch.uint8)
+    position = {r: i for i, r in enumerate(rows.index)}
+    for image_id, group in tqdm(rows.groupby("image_id", sort=False), desc="decoding crops", unit="img"):
+        crops, _ = encoder.recipe.inputs(open_photo(data.image_path(paths[image_id])),
+                                         group[["x", "y", "w", "h"]].to_numpy(float))
+        out[[position[r] for r in group.index]] = crops.to(torch.uint8)
+    return out
+
+
+def embed_crops(model: TrainableTrunk, crops: torch.Tensor, batch: int = 32) -> np.ndarray:
+    model.eval()
+    with torch.inference_mode():
+        return torch.cat([model(crops[i:i + batch]).cpu() for i in range(0, len(crops), batch)]).numpy()
+
+
+def flip_some(crops: torch.Tensor) -> torch.Tensor:
+    """Horizontal flips of half the crops, the augmentation (a fresh tensor: the decoded crops stay)."""
+    flip = torch.rand(len(crops)) < 0.5
+    out = crops.clone()
+    out[flip] = out[flip].flip(-1)
+    return out
+
+
+def finetune(layout: RunLayout, cfg, rows: pd.DataFrame, info: dict, stamp: str) -> tuple[dict, dict]:
+    """Train the trunk; returns (card, the best state dict as a torchvision model's, `features.` keys)."""
+    from .stage import build_loss, fit, score_vectors, summary_card
+
+    encoder = base_encoder(info["spec"])
+    device = resolve_device(cfg.device)
+    crops = decode_crops(layout, rows, encoder)
+    val = rows.val.to_numpy().copy()  # writable: torch indexes with it
+    labels = rows.label.to_numpy()
+    classes = np.unique(labels[~val])
+    y = torch.as_tensor(np.searchsorted(classes, labels[~val]))
+    model = TrainableTrunk(encoder).to(device)
+    loss_fn, miner = build_loss(cfg, len(classes), encoder.dim)
+    loss_fn.to(device)  # proxy losses hold parameters
+    optimizer = torch.optim.AdamW(list(model.parameters()) + list(loss_fn.parameters()), lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    history, seconds = fit(cfg, layout, stamp, model, loss_fn, miner, optimizer, crops[~val], y,
+                           lambda: score_vectors(embed_crops(model, crops[val]), labels[val]),
+                           lambda: _features(model), flip_some)
+    partial = layout.partial(layout.model(cfg.model_name))
+    card = {**summary_card(history, seconds, val, classes), "dim": encoder.dim, "backbone": info["spec"]["backbone"],
+            "input_side": encoder.recipe.size, "device": str(device)}
+    return card, torch.load(partial / "best.pt", map_location="cpu", weights_only=True)
+
+
+def _features(model: TrainableTrunk) -> dict:
+    """The trunk's weights under the torchvision model's own key names, so `--weights FILE` loads them."""
+    return {f"features.{k}": v.detach().cpu().clone() for k, v in model.trunk.state_dict().items()}
+
+
+def write_finetuned_vectors(layout: RunLayout, cfg, info: dict, weights: Path) -> None:
+    """Re-embed the source set's rows with the trained trunk through the ordinary `embed` stage."""
+    from dataclasses import fields
+
+    from ..encoders.stage import EmbedConfig, embed
+
+    spec = info["spec"]
+    known = {f.name for f in fields(EmbedConfig)}
+    embed(EmbedConfig(run=layout.root, mode=info["mode"], backbone=spec["backbone"], weights=str(weights),
+                      **{k: spec[k] for k in ("pool", "crop_margin", "crop_resize", "size", "bf16") if k in known},
+                      device=cfg.device, name=cfg.model_name))
