@@ -24,7 +24,7 @@ from cbir.datasets import load_dataset
 from cbir.device import decode_workers, resolve_device
 from cbir.encoders.backbones import build_backbone
 from cbir.encoders.cnn import CnnEncoder
-from cbir.encoders.stage import _Crops, embed_rows, instances
+from cbir.encoders.stage import ImageCrops, embed_rows, instances
 from cbir.encoders.tuning import images_per_second
 from cbir.evaluate import gallery_from
 from cbir.layout import RunLayout
@@ -69,7 +69,7 @@ def speed_row(layout, data, backbone, device, mode: str, a) -> dict:
     for _ in range(a.repeats):  # interleaved, best of each: a shared machine slows runs, never speeds one up
         model = max(model, images_per_second(encoder.trunk, device, encoder.input_side, tuning.batch,
                                              tuning.torch_format))
-        decode = max(decode, decode_rate(_Crops(data, groups, encoder.recipe), 128))
+        decode = max(decode, decode_rate(ImageCrops(data, groups, encoder.recipe), 128))
         stage = max(stage, stage_rate(encoder, rows, data, a.batch_size or tuning.batch, workers))
     limit = 1 / (1 / model + 1 / (decode * per_box * (cores if device.type == "cpu" else 1)))
     return {"backbone": backbone.name, "mode": mode, "boxes": len(rows), "memory_format": tuning.memory_format,

@@ -498,7 +498,7 @@ def cmd_train_embedder(a):
     card = train_embedder(TrainConfig(run=a.run, embeddings=a.embeddings, loss=a.loss, miner=a.miner,
                                       distance=a.distance, margin=a.margin, dim=a.dim, label=a.label, epochs=a.epochs,
                                       patience=a.patience, batch_size=a.batch_size,
-                                      lr=a.lr or (3e-5 if a.mode == "finetune" else 1e-4), seed=a.seed, mode=a.mode,
+                                      lr=a.lr, seed=a.seed, mode=a.mode,
                                       device=a.device, name=a.name, force=a.force))
     base, best = card["baseline"], card["best"]
     verdict = (f"best epoch {card['best_epoch']}" if card["helps"] else

@@ -74,8 +74,7 @@ def set_rows(part: Reduced, data: RunDataset, gallery_ids: np.ndarray, counts: n
     """Rows of one embeddings set: every aggregation (one for whole images) x every relevance definition."""
     sets, present = box_sets(part, gallery_ids)
     queries = query_mask & present
-    q_index = np.flatnonzero(query_mask)
-    exclude = q_index[:, None] == np.arange(len(gallery_ids))[None, :]
+    exclude = own_images(query_mask)
     kind = part.mode
     aggregations = ("image",) if kind == "full" else AGGREGATIONS
     gains = {r: relevance(counts[query_mask], counts, r) for r in RELEVANCE}
@@ -83,9 +82,9 @@ def set_rows(part: Reduced, data: RunDataset, gallery_ids: np.ndarray, counts: n
         log.warning("embeddings %s: %d query images have no vector; they rank the gallery in id order",
                     part.name, int((~present[query_mask]).sum()))
     rows = []
-    q_sets = BoxSets(*_subset(sets, present, queries))
+    q_sets, _ = box_sets(part, gallery_ids[queries])
     for how in aggregations:
-        scores = np.full((len(q_index), len(gallery_ids)), -np.inf)
+        scores = np.full(exclude.shape, -np.inf)
         inner = image_scores(q_sets, sets, "max" if how == "image" else how)
         scores[np.ix_(queries[query_mask], present)] = inner
         for r in RELEVANCE:
@@ -95,20 +94,15 @@ def set_rows(part: Reduced, data: RunDataset, gallery_ids: np.ndarray, counts: n
     return rows
 
 
-def _subset(sets: BoxSets, present: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The boxes of the images of `sets` that are also `wanted` (both masks over the same image list)."""
-    keep = wanted[present]
-    counts = sets.counts
-    rows = np.repeat(keep, counts)
-    kept_counts = counts[keep]
-    return sets.vectors[rows], np.r_[0, np.cumsum(kept_counts)[:-1]].astype(int)
+def own_images(query_mask: np.ndarray) -> np.ndarray:
+    """[n_queries, n_gallery] each query's own image: never ranked (leave-one-out)."""
+    return np.flatnonzero(query_mask)[:, None] == np.arange(len(query_mask))[None, :]
 
 
 def chance_rows(gallery_ids: np.ndarray, counts: np.ndarray, query_mask: np.ndarray) -> list[dict]:
     """What a random order scores (one fixed seed), so each number has its floor beside it."""
-    q_index = np.flatnonzero(query_mask)
-    exclude = q_index[:, None] == np.arange(len(gallery_ids))[None, :]
-    scores = np.random.default_rng(0).random((len(q_index), len(gallery_ids)))
+    exclude = own_images(query_mask)
+    scores = np.random.default_rng(0).random(exclude.shape)
     return [{"embeddings": "random order", "boxes": "-", "aggregation": "-", "relevance": r, "pca": "-", "dim": "-",
              "images": len(gallery_ids),
              **ranking_metrics(scores, relevance(counts[query_mask], counts, r), r == "weighted", exclude)}

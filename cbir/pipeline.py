@@ -37,6 +37,10 @@ class RunConfig:
     train: tuple[TrainConfig, ...] = ()  # heads trained after embedding (`--train-embedder LOSS`), one per mode
 
 
+def _trained(card: dict) -> str:
+    return f"validation MAP@R {card['baseline']['MAP@R']:.3f} → {card['best']['MAP@R']:.3f}"
+
+
 def run_all(cfg: RunConfig) -> list[tuple[str, float, str]]:
     """Run every stage in order; returns (stage, seconds, what happened) for the summary."""
     steps: list[tuple[str, float, str]] = []
@@ -60,8 +64,7 @@ def run_all(cfg: RunConfig) -> list[tuple[str, float, str]]:
         for mode in cfg.modes:
             step(f"embed {mode}", lambda mode=mode: f"{len(embed(replace(cfg.embed, mode=mode))[1])} vectors")
         for train in cfg.train:
-            step(f"train {train.model_name}", lambda train=train: "validation MAP@R {0:.3f} → {1:.3f}".format(
-                *(c["MAP@R"] for c in (lambda card: (card["baseline"], card["best"]))(train_embedder(train)))))
+            step(f"train {train.model_name}", lambda train=train: _trained(train_embedder(train)))
         step(f"index {cfg.index.index_name}", lambda: "{factory} in {store}".format(
             factory=build_index(cfg.index).manifest["factory"], store=cfg.index.store))
         step("evaluate", lambda: f"{len(evaluate(cfg.evaluate).computed)} rows")

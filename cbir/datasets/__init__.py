@@ -11,6 +11,7 @@ A new dataset is one new module with a `DatasetReader`, registered in `READERS`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Protocol
 
@@ -82,9 +83,9 @@ class RunDataset:
     meta: dict
     folder: Path  # the committed dataset artifact (gt_coco.json, captions)
 
-    @property
+    @cached_property
     def categories(self) -> list[dict]:
-        """The dataset's COCO categories, as written into gt_coco.json."""
+        """The dataset's COCO categories, as written into gt_coco.json (read once: the file is MBs on COCO)."""
         return read_json(self.folder / RunLayout.GT_COCO)["categories"]
 
     def image_path(self, path: str) -> Path:

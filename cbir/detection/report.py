@@ -27,11 +27,15 @@ def box_iou_xywh(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / (a[:, 2] * a[:, 3] + b[:, 2] * b[:, 3] - inter)
 
 
-def coco_ap(gt_path: Path, dets: list[dict], image_ids: list[int], category_ids: list[int]) -> dict:
+def load_gt(gt_path: Path) -> COCO:
+    with contextlib.redirect_stdout(io.StringIO()):
+        return COCO(str(gt_path))
+
+
+def coco_ap(gt: COCO, dets: list[dict], image_ids: list[int], category_ids: list[int]) -> dict:
     """pycocotools' bbox AP / AP50 / AP75 over the given images and categories, and AP / AP50 / GT count per
     category (from COCOeval's precision array, area 'all', 100 detections; -1 where a category has no GT)."""
     with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO(str(gt_path))
         if not dets:
             return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "per_category": {}}
         dt = gt.loadRes([{k: d[k] for k in ("image_id", "category_id", "bbox", "score")} for d in dets])
@@ -61,10 +65,11 @@ def detection_quality(layout: RunLayout) -> dict:
     images = data.images[data.images.split.isin(info["splits"])]
     detected = [d for d in dets if d.get("source", "detected") == "detected"]
     categories = [int(c) for c in info["classes"]]
-    gt_path = Path(Artifact(layout, layout.dataset).folder()) / layout.GT_COCO
-    ap = coco_ap(gt_path, detected, images.image_id.tolist(), categories)
+    gt_coco = load_gt(Path(Artifact(layout, layout.dataset).folder()) / layout.GT_COCO)
+    ap = coco_ap(gt_coco, detected, images.image_id.tolist(), categories)
     test_ids = images.image_id[images.split == "test"].tolist()
-    test_ap = coco_ap(gt_path, [d for d in detected if d["image_id"] in set(test_ids)], test_ids, categories) \
+    test_set = set(test_ids)
+    test_ap = coco_ap(gt_coco, [d for d in detected if d["image_id"] in test_set], test_ids, categories) \
         if test_ids and len(test_ids) < len(images) else None
     top = pd.DataFrame(detected).sort_values("score", ascending=False, kind="stable").drop_duplicates("image_id") \
         if detected else pd.DataFrame(columns=["image_id", "bbox"])

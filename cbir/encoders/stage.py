@@ -85,7 +85,7 @@ def instances(layout: RunLayout, data: RunDataset, mode: str) -> tuple[pd.DataFr
     return rows.sort_values(["image_id", "instance"], ignore_index=True), upstream
 
 
-class _Crops(Dataset):
+class ImageCrops(Dataset):
     """One item per image, decoded once in a worker: all of its crops, or the RoI inputs."""
 
     def __init__(self, data: RunDataset, groups: list[pd.DataFrame], recipe: InputRecipe):
@@ -111,7 +111,7 @@ def embed_rows(rows: pd.DataFrame, data: RunDataset, encoder: CnnEncoder, batch_
                progress: tqdm | None = None) -> np.ndarray:
     """Vectors for `rows` (grouped by image, decoded in workers), in the order of `rows`."""
     groups = [g for _, g in rows.groupby("image_id", sort=False)]
-    loader = DataLoader(_Crops(data, groups, encoder.recipe), batch_size=max(1, batch_size),
+    loader = DataLoader(ImageCrops(data, groups, encoder.recipe), batch_size=max(1, batch_size),
                         num_workers=workers, collate_fn=_collate)
     out = []
     for images, boxes in loader:

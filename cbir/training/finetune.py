@@ -21,7 +21,6 @@ from .. import CbirError
 from ..datasets import load_dataset
 from ..device import resolve_device
 from ..encoders.cnn import CnnEncoder, pool_features
-from ..images import open_photo
 from ..layout import RunLayout
 
 log = logging.getLogger(__name__)
@@ -56,16 +55,17 @@ def base_encoder(spec: dict) -> CnnEncoder:
 
 
 def decode_crops(layout: RunLayout, rows: pd.DataFrame, encoder: CnnEncoder) -> torch.Tensor:
-    """Every row's crop, decoded once (uint8 [n, 3, s, s]) in the order of `rows`."""
+    """Every row's crop, decoded once (uint8 [n, 3, s, s]) in the order of `rows`, by the embed stage's own
+    per-image crop reader."""
+    from ..encoders.stage import ImageCrops
+
     data = load_dataset(layout)
-    paths = data.images.set_index("image_id").path
-    out = torch.empty((len(rows), 3, encoder.recipe.size, encoder.recipe.size), dtype=torch.uint8)
-    position = {r: i for i, r in enumerate(rows.index)}
-    for image_id, group in tqdm(rows.groupby("image_id", sort=False), desc="decoding crops", unit="img"):
-        crops, _ = encoder.recipe.inputs(open_photo(data.image_path(paths[image_id])),
-                                         group[["x", "y", "w", "h"]].to_numpy(float))
-        out[[position[r] for r in group.index]] = crops.to(torch.uint8)
-    return out
+    with_paths = rows.join(data.images.set_index("image_id").path, on="image_id")  # the table rows lack paths
+    groups = [g for _, g in with_paths.groupby("image_id", sort=False)]
+    images = ImageCrops(data, groups, encoder.recipe)
+    crops = torch.cat([images[i][0] for i in tqdm(range(len(images)), desc="decoding crops", unit="img")])
+    order = pd.Index(np.concatenate([g.index.to_numpy() for g in groups]))
+    return crops.to(torch.uint8)[torch.as_tensor(order.get_indexer(rows.index))]
 
 
 def embed_crops(model: TrainableTrunk, crops: torch.Tensor, batch: int = 32) -> np.ndarray:

@@ -57,7 +57,7 @@ class TrainConfig:
     epochs: int = 30
     patience: int = 5
     batch_size: int = 64
-    lr: float = 1e-4
+    lr: float | None = None  # default: 1e-4 for a head, 3e-5 for a fine-tuned trunk
     weight_decay: float = 1e-4
     seed: int = 0
     mode: str = "head"  # or finetune: the trunk itself, end to end on the set's crops
@@ -78,6 +78,8 @@ class TrainConfig:
             raise CbirError(f"--loss {self.loss} works on cosine similarity only")
         if self.label not in ("auto", "class", "category"):
             raise CbirError(f"--label {self.label}: choose auto, class or category")
+        if self.lr is None:
+            self.lr = 3e-5 if self.mode == "finetune" else 1e-4
         if min(self.epochs, self.batch_size) < 1 or self.patience < 1 or not self.lr > 0:
             raise CbirError("--epochs, --batch-size and --patience must be at least 1, --lr above 0")
         check_name(self.model_name, "--name")
