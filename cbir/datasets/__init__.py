@@ -20,6 +20,7 @@ import pandas as pd
 from .. import CbirError
 from ..artifacts import Artifact, read_json, read_table
 from ..layout import RunLayout
+from .attributes import Attributes
 
 IMAGE_COLUMNS = ["image_id", "path", "class_id", "class_name", "split", "width", "height", "mode"]
 INSTANCE_COLUMNS = ["image_id", "instance", "category_id", "category", "x", "y", "w", "h"]
@@ -37,6 +38,7 @@ class Tables:
     counts: dict = field(default_factory=dict)  # what the reader skipped by rule (e.g. crowd regions)
     crowd: pd.DataFrame | None = None  # crowd regions (image_id, category_id, x, y, w, h): not objects, but
     # COCOeval must see them so a detection on a crowd is neither a hit nor a false positive
+    attributes: Attributes | None = None  # an attribute vocabulary with per-class (and per-image) values
 
 
 class DatasetReader(Protocol):
@@ -87,6 +89,16 @@ class RunDataset:
     def categories(self) -> list[dict]:
         """The dataset's COCO categories, as written into gt_coco.json (read once: the file is MBs on COCO)."""
         return read_json(self.folder / RunLayout.GT_COCO)["categories"]
+
+    @cached_property
+    def attributes(self) -> Attributes | None:
+        """The attribute vocabulary and values of a dataset that has them (CUB), else None."""
+        names = self.folder / RunLayout.ATTRIBUTES
+        if not names.is_file():
+            return None
+        images = self.folder / RunLayout.IMAGE_ATTRIBUTES
+        return Attributes(read_table(names), read_table(self.folder / RunLayout.CLASS_ATTRIBUTES),
+                          read_table(images) if images.is_file() else None)
 
     def image_path(self, path: str) -> Path:
         p = Path(path)

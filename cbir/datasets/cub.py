@@ -1,4 +1,5 @@
-"""CUB-200-2011 in its official layout: the reader and its splits (Song et al., official, class ranges)."""
+"""CUB-200-2011 in its official layout: the reader and its splits (Song et al., official, class ranges);
+its attribute files, where present, come along (`datasets.attributes`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pandas as pd
 
 from .. import CbirError
 from . import Tables
+from .attributes import attribute_files, read_attributes
 
 COCO_BIRD_ID = 16  # COCO's own id for "bird", so detections score against the GT with pycocotools directly
 ANNOTATION_FILES = {"images": "images.txt", "labels": "image_class_labels.txt", "boxes": "bounding_boxes.txt",
@@ -116,13 +118,16 @@ class CubReader:
         images = df[["image_id", "path", "class_id", "class_name", "is_training"]]
         instances = df[["image_id", "x", "y", "w", "h"]].assign(instance=0, category_id=COCO_BIRD_ID,
                                                                 category="bird")
-        return Tables(images, instances, [{"id": COCO_BIRD_ID, "name": "bird", "supercategory": "animal"}])
+        files = attribute_files(self.root)
+        attributes = read_attributes(files, set(df.class_id)) if files else None
+        return Tables(images, instances, [{"id": COCO_BIRD_ID, "name": "bird", "supercategory": "animal"}],
+                      attributes=attributes)
 
     def assign_split(self, images: pd.DataFrame, split: str) -> pd.Series:
         return assign_split(images, split)
 
     def source_files(self) -> list[Path]:
-        return [self.root / f for f in ANNOTATION_FILES.values()]
+        return [self.root / f for f in ANNOTATION_FILES.values()] + list(attribute_files(self.root).values())
 
     def image_dir(self) -> Path:
         return self.root / "images"

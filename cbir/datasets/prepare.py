@@ -141,6 +141,12 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
             staged.write_json(layout.GT_COCO, gt_coco(images, instances, tables.categories, tables.crowd))
             if tables.captions is not None:
                 staged.write_table(layout.CAPTIONS, tables.captions[tables.captions.image_id.isin(images.image_id)])
+            if tables.attributes is not None:
+                staged.write_table(layout.ATTRIBUTES, tables.attributes.names)
+                staged.write_table(layout.CLASS_ATTRIBUTES, tables.attributes.classes)
+                if tables.attributes.images is not None:
+                    kept = tables.attributes.images.image_id.isin(images.image_id)
+                    staged.write_table(layout.IMAGE_ATTRIBUTES, tables.attributes.images[kept])
             if bad:
                 staged.file(layout.BAD_IMAGES).write_text("\n".join(bad) + "\n")
             staged.summary.update(images=len(images), instances=len(instances), train=counts.get("train", 0),

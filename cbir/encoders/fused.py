@@ -8,10 +8,7 @@ import numpy as np
 import torch
 
 from ..images import Photo
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+from ..vectors import unit_rows as _unit
 
 
 class FusedEncoder:

@@ -20,6 +20,7 @@ from ..detection.results import load_detections
 from ..device import decode_workers, resolve_device
 from ..images import open_photo
 from ..layout import RunLayout, check_name
+from ..vectors import unit_rows
 from .backbones import build_backbone
 from .cnn import CnnEncoder, InputRecipe
 
@@ -145,7 +146,7 @@ def fuse_embeddings(layout: RunLayout, name: str) -> tuple[np.ndarray, pd.DataFr
     blocks = []
     for (vectors, _, _), top in zip(parts, tops):
         block = np.asarray(vectors[top.loc[common, "row"].to_numpy()], np.float32)
-        blocks.append(block / np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12))
+        blocks.append(unit_rows(block))
     vectors = np.concatenate(blocks, 1) / np.sqrt(len(parts))
     table = tops[-1].loc[common].reset_index().drop(columns="row")[parts[-1][1].columns]
     infos = [info for _, _, info in parts]

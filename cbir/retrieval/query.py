@@ -7,6 +7,7 @@ the way the run was built; the CLI's `search`, the page and `index --add` all us
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from ..encoders.stage import load_embeddings
 from ..encoders.weights import relocate
 from ..images import Photo
 from ..layout import RunLayout
+from ..vectors import unit_rows as _unit
 from .rerank import Rerank
 from .saved import SearchIndex, load_index
 
@@ -139,6 +141,39 @@ class Querier:
         self.gt_by_name = {Path(r.path).name: (r.width, r.height, [r.x, r.y, r.w, r.h])
                            for r in gt.drop_duplicates("image_id").itertuples()}
 
+    @cached_property
+    def text(self):
+        """Words → this index's space (a bridged set's text side); a one-line error for other indexes."""
+        from ..training.bridge import TextQuery
+
+        return TextQuery(self.spec)
+
+    @property
+    def has_text(self) -> bool:
+        return bool(self.spec.get("text"))
+
+    def understood(self, text: str) -> tuple[list[str], list[str]]:
+        return self.text.encoder.understood(text)
+
+    def with_text(self, vectors: np.ndarray, text: str | None, weight: float) -> np.ndarray:
+        """Each query vector moved towards the words: unit((1 - w) · unit(v) + w · unit(t)), so w = 0 is the
+        photo alone and w = 1 the words alone, whatever the two vectors' lengths."""
+        if not text:
+            return vectors
+        if not 0 <= weight <= 1:
+            raise CbirError(f"--text-weight {weight}: must lie in [0, 1]")
+        words = _unit(self.text.vectors([text]))
+        return _unit((1 - weight) * _unit(vectors) + weight * words).astype(np.float32)
+
+    def query_text(self, text: str, k: int, filter: str | None = None, rerank: Rerank = Rerank(),
+                   category: str | None = None) -> tuple[list[QueryBox], pd.DataFrame]:
+        """Words alone as the query: one 'box' (source text) whose neighbours are the nearest gallery rows."""
+        if not text.strip():
+            raise CbirError("--text is empty")
+        found = query_vectors(self.si, self.text.vectors([text]), [{"bbox": [], "score": 1.0, "source": "text"}], k,
+                              filter=category_filter(self.category_id(category), filter), rerank=rerank)
+        return found, merged_images(found, k)
+
     @property
     def multi_category(self) -> bool:
         """Whether boxes need their category named (COCO-like runs), or all share one (CUB: bird)."""
@@ -193,24 +228,26 @@ class Querier:
         return self.encoder.encode_batch(photos, [np.array([b["bbox"] for b in bs], float) for bs in boxes])
 
     def query(self, photos: list[Photo], k: int, score: float | None = None, names: list[str | None] | None = None,
-              filter: str | None = None, rerank: Rerank = Rerank(), category: str | None = None
-              ) -> list[tuple[list[QueryBox], pd.DataFrame]]:
+              filter: str | None = None, rerank: Rerank = Rerank(), category: str | None = None,
+              text: str | None = None, text_weight: float = 0.3) -> list[tuple[list[QueryBox], pd.DataFrame]]:
         """Several photos answered together: one detector pass, one encoder pass, one search for all their
         boxes (what concurrent page users and `search --image A B ...` share); per photo (boxes, merged).
-        `category` (a name): query with that kind's boxes only, among that kind's gallery boxes."""
+        `category` (a name): query with that kind's boxes only, among that kind's gallery boxes. `text`: every
+        box's vector moved towards those words by `text_weight` (`with_text`)."""
         category_id = self.category_id(category)
         boxes = self.boxes(photos, score, names, category_id)
         if not any(boxes):
             return [([], pd.DataFrame()) for _ in photos]
         with_boxes = [i for i, bs in enumerate(boxes) if bs]
         vectors = self.vectors([photos[i] for i in with_boxes], [boxes[i] for i in with_boxes])
-        found = query_vectors(self.si, np.concatenate(vectors), [b for bs in boxes for b in bs], k, None,
+        found = query_vectors(self.si, self.with_text(np.concatenate(vectors), text, text_weight),
+                              [b for bs in boxes for b in bs], k, None,
                               category_filter(category_id, filter), rerank)
         per_photo = np.split(np.arange(len(found)), np.cumsum([len(bs) for bs in boxes])[:-1])
         return [([found[i] for i in part], merged_images([found[i] for i in part], k)) for part in per_photo]
 
     def query_id(self, image_id: int, k: int, filter: str | None = None, rerank: Rerank = Rerank(),
-                 category: str | None = None):
+                 category: str | None = None, text: str | None = None, text_weight: float = 0.3):
         """Query with an image already in the run: its stored vectors (of `category` only, when given), itself
         excluded from the results."""
         category_id = self.category_id(category)
@@ -222,6 +259,7 @@ class Querier:
                             f"{self.si.manifest['embeddings']}".replace("no  rows", "no rows"))
         boxes = [{"bbox": [r.x, r.y, r.w, r.h], "score": r.score, "source": r.source, "category_id": r.category_id}
                  for r in table.loc[rows].itertuples()]
-        found = query_vectors(self.si, np.asarray(vectors[rows]), boxes, k, exclude_image=image_id,
+        found = query_vectors(self.si, self.with_text(np.asarray(vectors[rows]), text, text_weight), boxes, k,
+                              exclude_image=image_id,
                               filter=category_filter(category_id, filter), rerank=rerank)
         return found, merged_images(found, k)

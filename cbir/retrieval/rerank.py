@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import CbirError
+from ..vectors import unit_rows as _normalise
 
 METHODS = ("none", "aqe", "dba", "kreciprocal")
 # What `search` and the page turn on: on the CUB sample (MobileNetV2, det, served Flat index, no PCA),
@@ -52,10 +53,6 @@ class Rerank:
 def parse_methods(text: str) -> tuple[Rerank, ...]:
     """--rerank: comma-separated methods (each with its default parameters)."""
     return tuple(Rerank(method=m.strip()) for m in text.split(",") if m.strip()) or (Rerank(),)
-
-
-def _normalise(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def _top(sims: np.ndarray, k: int) -> np.ndarray:

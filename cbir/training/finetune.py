@@ -84,7 +84,7 @@ def flip_some(crops: torch.Tensor) -> torch.Tensor:
 
 def finetune(layout: RunLayout, cfg, rows: pd.DataFrame, info: dict, stamp: str) -> tuple[dict, dict]:
     """Train the trunk; returns (card, the best state dict as a torchvision model's, `features.` keys)."""
-    from .stage import build_loss, fit, score_vectors, summary_card
+    from .stage import build_loss, fit, score_vectors, summary_card, train_epoch
 
     encoder = base_encoder(info["spec"])
     device = resolve_device(cfg.device)
@@ -98,9 +98,12 @@ def finetune(layout: RunLayout, cfg, rows: pd.DataFrame, info: dict, stamp: str)
     loss_fn.to(device)  # proxy losses hold parameters
     optimizer = torch.optim.AdamW(list(model.parameters()) + list(loss_fn.parameters()), lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
-    history, seconds = fit(cfg, layout, stamp, model, loss_fn, miner, optimizer, crops[~val], y,
-                           lambda: score_vectors(embed_crops(model, crops[val]), labels[val]),
-                           lambda: _features(model), flip_some)
+    train_crops = crops[~val]
+    history, seconds = fit(cfg, layout, stamp, model, loss_fn, optimizer,
+                           lambda epoch, bar: train_epoch(model, loss_fn, miner, optimizer, train_crops, y, cfg, epoch,
+                                                          bar, flip_some),
+                           len(y), lambda: score_vectors(embed_crops(model, crops[val]), labels[val]),
+                           lambda: _features(model))
     partial = layout.partial(layout.model(cfg.model_name))
     card = {**summary_card(history, seconds, val, classes), "dim": encoder.dim, "backbone": info["spec"]["backbone"],
             "input_side": encoder.recipe.size, "device": str(device)}

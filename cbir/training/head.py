@@ -31,12 +31,17 @@ class ProjectionHead(nn.Module):
         nn.init.zeros_(self.residual[-1].bias)
 
     def initialise(self, train: np.ndarray) -> None:
-        """Identity when dims match; else the top right-singular vectors of the unit train vectors (padded
-        with random orthonormal rows when there are fewer train vectors than output dims)."""
+        """Identity when dims match; a random isometry into a wider output; else the top right-singular
+        vectors of the unit train vectors (padded with random orthonormal rows when there are fewer train
+        vectors than output dims). Similarities between inputs are kept, or kept as far as the dim allows."""
         dim_out, dim_in = self.projection.weight.shape
         with torch.no_grad():
             if dim_in == dim_out:
                 self.projection.weight.copy_(torch.eye(dim_in))
+                return
+            if dim_out > dim_in:  # a wider output (a 50-d text vector into a 128-d space): an isometry
+                q = torch.linalg.qr(torch.randn(dim_out, dim_in, generator=torch.Generator().manual_seed(0)))[0]
+                self.projection.weight.copy_(q)
                 return
             x = torch.as_tensor(train, dtype=torch.float32)
             _, _, vh = torch.linalg.svd(unit(x), full_matrices=False)

@@ -136,15 +136,23 @@ def training_rows(layout: RunLayout, cfg: TrainConfig) -> tuple[np.ndarray, pd.D
     if len(classes) < 3:
         raise CbirError(f"embeddings {cfg.embeddings}: {len(classes)} train {_plural(label)}; metric learning needs "
                         f"at least 3 (2 to train, 1 to validate)")
-    if not test_labels & set(classes):  # unseen test classes: validate on unseen classes too
-        n_val = max(1, round(VALIDATION_SHARE * len(classes)))
-        held = classes[np.argsort(hash_share(pd.Series(classes), cfg.seed))[:n_val]]
-        val = train.label.isin(held).to_numpy()
-        how = f"class-disjoint: {n_val} of {len(classes)} train {_plural(label)} held out ({', '.join(map(str, held))})"
-    else:
-        val = hash_share(train.image_id, cfg.seed) < VALIDATION_SHARE
-        how = f"image-disjoint: {VALIDATION_SHARE:.0%} of the train images held out ({_plural(label)} recur across splits)"
+    val, how = hold_out(train, test_labels, cfg.seed, _plural(label))
     return np.asarray(vectors[train.index.to_numpy()], np.float32), train.assign(val=val), info, label, how
+
+
+def hold_out(train: pd.DataFrame, test_labels: set, seed: int, labels_are: str) -> tuple[np.ndarray, str]:
+    """The validation mask over train rows (columns label, image_id) and how it was drawn: whole labels
+    when the test split's labels are unseen in training (so validation measures the same thing), else
+    whole images. Drawn by a hash of (seed, id): the same rows whatever the order or subset."""
+    classes = np.array(sorted(set(train.label)))
+    if not test_labels & set(classes):
+        n_val = max(1, round(VALIDATION_SHARE * len(classes)))
+        held = classes[np.argsort(hash_share(pd.Series(classes), seed))[:n_val]]
+        shown = ", ".join(map(str, held[:10])) + (", ..." if n_val > 10 else "")
+        return (train.label.isin(held).to_numpy(),
+                f"class-disjoint: {n_val} of {len(classes)} train {labels_are} held out ({shown})")
+    return (hash_share(train.image_id, seed) < VALIDATION_SHARE,
+            f"image-disjoint: {VALIDATION_SHARE:.0%} of the train images held out ({labels_are} recur across splits)")
 
 
 def _plural(label: str) -> str:
@@ -247,18 +255,20 @@ def train_embedder(cfg: TrainConfig) -> dict:
         if cfg.mode == "finetune":
             write_finetuned_vectors(layout, cfg, info, model.folder() / weights_file)
         else:
-            _write_vectors(layout, cfg.embeddings, name, model)
+            write_head_vectors(layout, cfg.embeddings, name, model)
         import shutil
 
         shutil.rmtree(partial, ignore_errors=True)
         return card
 
 
-def fit(cfg: TrainConfig, layout: RunLayout, stamp: str, model, loss_fn, miner, optimizer, x: torch.Tensor,
-        y: torch.Tensor, validate, best_state, augment=None) -> tuple[list[dict], float]:
-    """The loop both modes share: epoch 0 validates the untouched model, each epoch trains then validates,
-    the best epoch's `best_state()` and a full checkpoint are written atomically, and a rerun resumes from
-    the last finished epoch. Stops at `epochs` or after `patience` epochs without a better MAP@R."""
+def fit(cfg, layout: RunLayout, stamp: str, model, loss_fn, optimizer, run_epoch, items: int, validate,
+        best_state) -> tuple[list[dict], float]:
+    """The loop every trained model shares (heads, fine-tuned trunks, text bridges): epoch 0 validates the
+    untouched model, each epoch trains (`run_epoch(epoch, bar)` → mean loss, advancing the bar by `items`)
+    then validates, the best epoch's `best_state()` and a full checkpoint are written atomically, and a
+    rerun resumes from the last finished epoch. Stops at `cfg.epochs` or after `cfg.patience` epochs
+    without a better validation MAP@R. `cfg` needs model_name, epochs and patience."""
     partial = layout.partial(layout.model(cfg.model_name))
     ckpt = partial / "checkpoint.pt"
     state = _load_checkpoint(ckpt, stamp)
@@ -271,11 +281,11 @@ def fit(cfg: TrainConfig, layout: RunLayout, stamp: str, model, loss_fn, miner, 
     else:
         history, seconds = [{"epoch": 0, "loss": float("nan"), **validate()}], 0.0
         _save_checkpoint(partial / "best.pt", best_state())
-    bar = tqdm(total=cfg.epochs * len(y), initial=(len(history) - 1) * len(y), desc=f"train {cfg.model_name}",
+    bar = tqdm(total=cfg.epochs * items, initial=(len(history) - 1) * items, desc=f"train {cfg.model_name}",
                unit="item")
     while len(history) <= cfg.epochs and not _stalled(history, cfg.patience):
         epoch, start = len(history), time.perf_counter()
-        loss = train_epoch(model, loss_fn, miner, optimizer, x, y, cfg, epoch, bar, augment)
+        loss = run_epoch(epoch, bar)
         history.append({"epoch": epoch, "loss": loss, **validate()})
         seconds += time.perf_counter() - start
         if history[-1]["MAP@R"] > max(h["MAP@R"] for h in history[:-1]):
@@ -307,8 +317,10 @@ def _train(layout: RunLayout, cfg: TrainConfig, x: np.ndarray, rows: pd.DataFram
     loss_fn, miner = build_loss(cfg, len(classes), dim)
     optimizer = torch.optim.AdamW(list(head.parameters()) + list(loss_fn.parameters()), lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
-    history, seconds = fit(cfg, layout, stamp, head, loss_fn, miner, optimizer, torch.as_tensor(x[~val]), y,
-                           lambda: validation_scores(head, x[val], labels[val]), lambda: _head_state(head))
+    x_train = torch.as_tensor(x[~val])
+    history, seconds = fit(cfg, layout, stamp, head, loss_fn, optimizer,
+                           lambda epoch, bar: train_epoch(head, loss_fn, miner, optimizer, x_train, y, cfg, epoch, bar),
+                           len(y), lambda: validation_scores(head, x[val], labels[val]), lambda: _head_state(head))
     return {**summary_card(history, seconds, val, classes), "dim_in": int(x.shape[1]), "dim": dim,
             "source_spec": info["spec"]}
 
@@ -323,19 +335,21 @@ def _head_state(head: ProjectionHead) -> dict:
             "dim_out": head.projection.out_features, "dropout": float(head.residual[2].p)}
 
 
-def _write_vectors(layout: RunLayout, source: str, name: str, model: Artifact) -> None:
-    """Every row of the source set through the best head → embeddings/NAME, with a spec that rebuilds the
-    encoder for new photos (base encoder, then the head)."""
+def write_head_vectors(layout: RunLayout, source: str, name: str, model: Artifact, head_file: str = "head.pt",
+                       text: dict | None = None) -> None:
+    """Every row of the source set through the model's image head → embeddings/NAME, with a spec that
+    rebuilds the encoder for new photos (base encoder, then the head) and, for a text bridge, the `text`
+    side that puts words in the same space."""
     from .head import load_head
 
     vectors, table, info = load_embeddings(layout, source)
-    head_path = model.folder() / "head.pt"
+    head_path = model.folder() / head_file
     head, _ = load_head(head_path)
     projected = apply_head(head, vectors)
     head_fp = file_sha256(head_path)[:16]
     spec = {"encoder": "head", "base": info["spec"], "head": str(head_path), "head_fingerprint": head_fp,
             "backbone": info["spec"]["backbone"], "fingerprint": fingerprint([info["spec"]["fingerprint"], head_fp]),
-            "dim": int(projected.shape[1])}
+            "dim": int(projected.shape[1]), **({"text": text} if text else {})}
     art = Artifact(layout, layout.embeddings(name))
     upstream = {layout.embeddings(source): info["fingerprint"], model.name: model.fingerprint}
     with commit(art, {"head": head_fp, **upstream}, upstream) as staged:

@@ -73,31 +73,63 @@ def neighbour_cards(querier: Querier, rows: list[dict]) -> list[tuple[Image.Imag
     return cards
 
 
-def run_queries(querier: Querier, requests: list[tuple[str | None, float, int, str]]) -> list[tuple[dict, Image.Image | None]]:
-    """The page's one action for a batch of concurrent requests (path, score, k, re-ranking): per request a
-    JSON-able results document (or {"error": message}) and the decoded photo to draw the boxes on. Requests
-    with the same settings go through the detector, the encoder and the store together."""
+def run_queries(querier: Querier, requests: list[tuple]) -> list[tuple[dict, Image.Image | None]]:
+    """The page's one action for a batch of concurrent requests (path, score, k, re-ranking[, words, weight]):
+    per request a JSON-able results document (or {"error": message}) and the decoded photo to draw the boxes
+    on. Requests with the same settings go through the detector, the encoder and the store together; words
+    without a photo are a text query of their own."""
     out: list = [None] * len(requests)
     groups: dict[tuple, list[int]] = {}
     photos = {}
-    for i, (path, score, k, method) in enumerate(requests):
+    for i, (path, score, k, method, *words) in enumerate(requests):
+        text, weight = (words + [None, 0.3])[:2] if words else (None, 0.3)
+        text = (text or "").strip() or None
         try:
+            if not path and text:
+                out[i] = (_text_doc(querier, text, int(k), method), None)
+                continue
             if not path:
-                raise CbirError("upload a photo first")
+                raise CbirError("upload a photo first" + (" or type some words" if querier.has_text else ""))
             photos[i] = open_photo(Path(path), max_pixels=MAX_UPLOAD_PIXELS, decode_pixels=PAGE_DECODE_PIXELS)
-            groups.setdefault((float(score), int(k), method or "none"), []).append(i)
+            groups.setdefault((float(score), int(k), method or "none", text, float(weight)), []).append(i)
         except CbirError as e:
             out[i] = ({"error": str(e)}, None)
-    for (score, k, method), members in groups.items():
+    for (score, k, method, text, weight), members in groups.items():
         start = time.perf_counter()
         answers = querier.query([photos[i] for i in members], k, score=score,
-                                names=[Path(requests[i][0]).name for i in members], rerank=Rerank(method=method))
+                                names=[Path(requests[i][0]).name for i in members], rerank=Rerank(method=method),
+                                text=text, text_weight=weight)
         latency = round((time.perf_counter() - start) * 1000, 1)
         for i, (boxes, merged) in zip(members, answers):
             doc = results_json(Path(requests[i][0]).name, boxes, merged, querier.categories)
-            doc.update(latency_ms=latency, batch=len(members), size=[photos[i].width, photos[i].height])
+            doc.update(latency_ms=latency, batch=len(members), size=[photos[i].width, photos[i].height],
+                       **_words(querier, text, weight))
             out[i] = (doc, photos[i].image)
     return out
+
+
+def _words(querier: Querier, text: str | None, weight: float) -> dict:
+    if not text:
+        return {}
+    known, unknown = querier.understood(text)
+    return {"text": text, "text_weight": weight, "understood": known, "not_understood": unknown}
+
+
+def _text_doc(querier: Querier, text: str, k: int, method: str) -> dict:
+    start = time.perf_counter()
+    boxes, merged = querier.query_text(text, k, rerank=Rerank(method=method or "none"))
+    doc = results_json(f"words {text!r}", boxes, merged, querier.categories)
+    doc.update(latency_ms=round((time.perf_counter() - start) * 1000, 1), batch=1, size=None,
+               **_words(querier, text, 1.0))
+    return doc
+
+
+def words_line(doc: dict) -> str:
+    """What the page says about the words of a query: which the text encoder understood, which not."""
+    if "text" not in doc:
+        return ""
+    line = f"words at weight {doc['text_weight']:.2f} · understood: {', '.join(doc['understood']) or 'nothing'}"
+    return line + (f" · **not understood: {', '.join(doc['not_understood'])}**" if doc["not_understood"] else "")
 
 
 def build_app(querier: Querier, examples: list[str], default_k: int = 10, rerank: str = SERVED_DEFAULT) -> gr.Blocks:
@@ -115,6 +147,10 @@ def build_app(querier: Querier, examples: list[str], default_k: int = 10, rerank
                 score = gr.Slider(0.05, 0.95, value=default_score, step=0.05, label="detection score threshold")
                 k = gr.Slider(1, 30, value=default_k, step=1, label="neighbours (k)")
                 method = gr.Radio(list(METHODS), value=rerank, label=f"re-ranking of each box's top {SHORTLIST}")
+                words = gr.Textbox(label="Words (alone, or moving the photo's boxes towards them)",
+                                   placeholder="a bird with a red crown", visible=querier.has_text)
+                weight = gr.Slider(0.0, 1.0, value=0.3, step=0.05, label="weight of the words beside a photo",
+                                   visible=querier.has_text)
                 button = gr.Button("Search", variant="primary")
                 if examples:
                     gr.Examples(examples=[[e] for e in examples], inputs=[photo], label="Test-split examples")
@@ -137,27 +173,32 @@ def build_app(querier: Querier, examples: list[str], default_k: int = 10, rerank
             if not doc["boxes"]:
                 return doc, image, "**no box of that kind in this photo**", gr.Radio(choices=[], value=None), [], \
                     pd.DataFrame()
+            table = pd.DataFrame([{"rank": i, "image_id": r["image_id"], "class": r["class_name"],
+                                   "similarity": r["similarity"]} for i, r in enumerate(doc["images"], 1)])
+            if doc["size"] is None:  # words alone
+                return (doc, None, f"{words_line(doc)} · query latency **{doc['latency_ms']:.0f} ms**",
+                        gr.Radio(choices=["words"], value="words"),
+                        neighbour_cards(querier, doc["boxes"][0]["neighbours"]), table)
             kind = [f"{b['category']} " if querier.multi_category and b["category"] else "" for b in doc["boxes"]]
             labels = [f"{i} {c}({b['score']:.2f})" if b["source"] == "detected" else
                       f"{i} {BOX_KIND.get(b['source'], '')}" for i, (c, b) in enumerate(zip(kind, doc["boxes"]), 1)]
             names = [f"box {i} · {c}" + BOX_KIND.get(b["source"], f"score {b['score']:.2f}")
                      for i, (c, b) in enumerate(zip(kind, doc["boxes"]), 1)]
-            table = pd.DataFrame([{"rank": i, "image_id": r["image_id"], "class": r["class_name"],
-                                   "similarity": r["similarity"]} for i, r in enumerate(doc["images"], 1)])
             scale = image.width / doc["size"][0]  # boxes are in original pixels, the picture may be reduced
             drawn = [{**b, "box": [v * scale for v in b["box"]]} for b in doc["boxes"]]
             shared = f", answered with {doc['batch'] - 1} other request(s)" if doc["batch"] > 1 else ""
             return (doc, draw_boxes(image, drawn, labels),
                     f"{len(doc['boxes'])} box(es) · query latency **{doc['latency_ms']:.0f} ms** "
-                    f"(detect + embed + search, {doc['size'][0]}×{doc['size'][1]} px{shared})",
+                    f"(detect + embed + search, {doc['size'][0]}×{doc['size'][1]} px{shared})" +
+                    (f"<br>{words_line(doc)}" if "text" in doc else ""),
                     gr.Radio(choices=names, value=names[0]), neighbour_cards(querier, doc["boxes"][0]["neighbours"]),
                     table)
 
-        def search(paths, scores, ks, methods):
+        def search(paths, scores, ks, methods, texts, weights):
             """Batched: Gradio hands over up to MAX_BATCH queued requests at once; one list per output."""
             start = time.perf_counter()
             try:
-                answers = run_queries(querier, list(zip(paths, scores, ks, methods)))
+                answers = run_queries(querier, list(zip(paths, scores, ks, methods, texts, weights)))
             except CbirError as e:
                 answers = [({"error": str(e)}, None)] * len(paths)
             except Exception as e:  # noqa: BLE001 — the page shows a message, never a stack trace
@@ -172,7 +213,7 @@ def build_app(querier: Querier, examples: list[str], default_k: int = 10, rerank
                 return []
             return neighbour_cards(querier, doc["boxes"][index]["neighbours"])
 
-        button.click(search, [photo, score, k, method], [state, boxed, latency, choice, gallery, merged],
+        button.click(search, [photo, score, k, method, words, weight], [state, boxed, latency, choice, gallery, merged],
                      api_name="search", batch=True, max_batch_size=MAX_BATCH, concurrency_limit=1)
         choice.change(select, [state, choice], [gallery], api_name=False)
     # one model, one request batch at a time; past MAX_QUEUE waiting requests a new one is told the page is
