@@ -12,8 +12,10 @@ COCO ?= ../shared/data/coco_sample
 SSD ?= ../shared/weights/coco_ssd_mobilenet_v1_quant
 BACKBONE ?= ../shared/weights/torchvision_mobilenet_v2_features_imagenet.pth
 COCO_RUN ?= runs/coco
+SAMPLE ?= ../shared/data/cub_sample
+SAMPLE_RUN ?= runs/sample
 
-.PHONY: setup demo coco test browser
+.PHONY: setup demo coco text test browser
 
 setup:
 	$(PYTHON) -m pip install -q -e '.[dev]'
@@ -28,6 +30,18 @@ coco: setup
 	cbir train-embedder --run $(COCO_RUN) --embeddings gt   # metric learning on boxes, the category as label
 	cbir train-embedder --run $(COCO_RUN) --embeddings det
 	cbir evaluate-objects --run $(COCO_RUN) --embeddings full,gt,det,gt@multisimilarity,det@multisimilarity
+	for t in glove minilm; do \
+	  cbir train-text --run $(COCO_RUN) --embeddings full --text $$t && \
+	  cbir train-text --run $(COCO_RUN) --embeddings gt --text $$t || exit 1; done   # captions; category names
+	cbir evaluate-text --run $(COCO_RUN)
+
+# text search on the CUB sample (classes 1-10 train, 11-20 test): a bridge per set and text encoder, then the report
+text: setup
+	cbir run --cub $(SAMPLE) --out $(SAMPLE_RUN) --split classes:1-10/11-20 --detections $(SAMPLE)/external_detections/yolov5n_coco_birds.json \
+	  --backbone mobilenet_v2 --weights $(BACKBONE) $(ARGS)
+	for e in gt det; do for t in glove minilm attributes; do \
+	  cbir train-text --run $(SAMPLE_RUN) --embeddings $$e --text $$t || exit 1; done; done
+	cbir evaluate-text --run $(SAMPLE_RUN)
 
 # Debian's chromium drives the page test (never a browser download); installed when we may.
 browser:

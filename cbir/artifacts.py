@@ -11,11 +11,13 @@
 from __future__ import annotations
 
 import fcntl
+import glob
 import hashlib
 import json
 import logging
 import os
 import platform
+import re
 import shutil
 import sys
 import uuid
@@ -33,6 +35,8 @@ from . import CbirError, __version__
 from .layout import META, RunLayout
 
 log = logging.getLogger(__name__)
+
+TOKEN_HEX = 10  # hex digits of a version token: `embeddings/.det@<token>`
 
 
 # ---------------------------------------------------------------- single files
@@ -291,7 +295,7 @@ def commit(artifact: Artifact, inputs: dict, upstream: dict[str, str] | None = N
     layout = artifact.layout
     if not holds_lock(layout):
         raise RuntimeError(f"commit of {artifact.name} without the run lock")
-    token = uuid.uuid4().hex[:10]
+    token = uuid.uuid4().hex[:TOKEN_HEX]
     staging = layout.staging / f"{artifact.name.replace('/', '__')}@{token}"
     staging.mkdir(parents=True)
     staged = Staged(staging)
@@ -321,9 +325,16 @@ def _switch_in(link: Path, staging: Path, token: str) -> None:
     os.symlink(version.name, tmp_link)
     os.replace(tmp_link, link)
     keep = {version.name, previous.name if previous else None}  # a reader may still hold the previous one
-    for old in link.parent.glob(f".{link.name}@*"):
+    for old in _versions(link):
         if old.name not in keep:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _versions(link: Path) -> list[Path]:
+    """The version folders of this artifact only: `.det@<token>`, never those of `det@multisimilarity`,
+    whose names share the prefix."""
+    own = re.compile(rf"\.{re.escape(link.name)}@[0-9a-f]{{{TOKEN_HEX}}}")
+    return [p for p in link.parent.glob(f".{glob.escape(link.name)}@*") if own.fullmatch(p.name)]
 
 
 def remove_artifact(artifact: Artifact) -> None:

@@ -113,6 +113,21 @@ def test_a_crash_between_the_files_of_an_artifact_leaves_the_old_version(mini_ru
     assert not (run / ".staging").exists() or not list((run / ".staging").iterdir())
 
 
+def test_a_new_version_never_removes_an_artifact_whose_name_extends_it(tmp_path):
+    # `det@multisimilarity` (a trained head) and `det` share the prefix `.det@` of their version folders;
+    # rewriting `det` once dropped the head's vectors
+    from cbir.artifacts import Artifact, commit
+
+    layout = RunLayout(tmp_path / "run")
+    with run_lock(layout):
+        for name in ("det@multisimilarity", "det@text-minilm", "det", "det"):
+            with commit(Artifact(layout, layout.embeddings(name)), {"v": name}) as staged:
+                staged.write_json("x.json", {"name": name})
+    for name in ("det@multisimilarity", "det@text-minilm", "det"):
+        assert json.loads((layout.root / "embeddings" / name / "x.json").read_text()) == {"name": name}
+    assert len(list((layout.root / "embeddings").glob(".det@??????????"))) == 2  # current + previous of det
+
+
 def test_rebuilds_keep_added_and_removed_images(mini_run, tmp_path):
     run = copy_run(mini_run, tmp_path / "run")
     build_index(IndexConfig(run=run, embeddings="det", pca=8, factory="Flat"))
