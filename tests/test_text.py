@@ -172,10 +172,30 @@ def test_coco_captions_find_their_photos(tmp_path):
          coco / "captions.json", "--split", "coco_split", "--out", run, "--no-eda")
     _cli("embed", "--run", run, "--mode", "full", "--backbone", "mobilenet_v2", "--weights", MOBILENET)
     out = _cli("train-text", "--run", run, "--embeddings", "full", "--text", "glove", "--epochs", "5")
-    assert "captions pairs" in out.stdout and "class-disjoint" in out.stdout  # photos held out whole
+    assert "captions pairs" in out.stdout and "photo-disjoint" in out.stdout  # photos held out whole
     _cli("evaluate-text", "--run", run)
     result = json.loads((run / "reports" / "text" / "metrics.json").read_text())
     rows = {r["query"]: r for r in result["metrics"]}
     caption, word = rows["caption → its photo"], rows["category word → photos with it"]
     assert caption["queries"] > 100 and caption["R@10"] > caption["chance R@10"]
     assert word["mAP"] > word["chance mAP"]
+
+
+def test_the_page_answers_words_alone_and_with_a_photo(text_run):
+    from gradio_client import Client, handle_file
+
+    from conftest import serve_page
+
+    _cli("index", "--run", text_run, "--embeddings", "det@text-minilm")
+    photo = next((SAMPLE / "images" / "017.Cardinal").iterdir())
+    with serve_page(text_run, "det@text-minilm") as url:
+        client = Client(url, verbose=False)
+        boxed, status, _, gallery, _ = client.predict(None, 0.3, 4, "none", "a bird with a zqxj crown", 0.3,
+                                                      api_name="/search")
+        assert boxed is None and len(gallery) == 4 and "understood: a, bird, with, a, crown" in status
+        assert "not understood: zqxj (z q x j)" in status  # shown as the word pieces MiniLM saw
+        boxed, status, _, gallery, _ = client.predict(handle_file(str(photo)), 0.3, 4, "none", "yellow plumage",
+                                                      0.5, api_name="/search")
+        assert boxed is not None and "words at weight 0.50" in status and len(gallery) == 4
+        _, status, _, _, _ = client.predict(None, 0.3, 4, "none", "", 0.3, api_name="/search")
+        assert "upload a photo first or type some words" in status

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 TEXT_ENCODERS = ("glove", "minilm", "attributes", "hf:NAME")
 WORD = re.compile(r"[a-z0-9]+(?:['-][a-z0-9]+)*")
 EXTRA = "pip install 'cbir[text]'"
+MAX_PIECES = 2  # a word cut into more word pieces than this is most likely unknown to a sentence encoder
 FUNCTION_WORDS = {"a", "an", "the", "with", "and", "of", "bird", "birds", "its", "has"}  # never attributes
 
 
@@ -116,9 +117,16 @@ class TransformerEncoder:
         self.spec = {"text_encoder": name, "dim": self.dim, "fingerprint": f"{name}-{weights}"}
 
     def understood(self, text: str) -> tuple[list[str], list[str]]:
-        pieces = self.tokenizer.tokenize(text)
-        unknown = [w for w in words(text) if self.tokenizer.unk_token in self.tokenizer.tokenize(w)]
-        return [p for p in pieces if p != self.tokenizer.unk_token], unknown
+        """Word pieces cover any word; a word the vocabulary lacks (unknown, or cut into more than
+        MAX_PIECES pieces) is shown with its pieces, as the model saw it."""
+        known, unknown = [], []
+        for w in (part for word in words(text) for part in re.split(r"['-]", word) if part):
+            pieces = self.tokenizer.tokenize(w)
+            if self.tokenizer.unk_token in pieces or len(pieces) > MAX_PIECES:
+                unknown.append(f"{w} ({' '.join(p.lstrip('#') for p in pieces)})")
+            else:
+                known.append(w)
+        return known, unknown
 
     def encode_texts(self, texts: list[str], batch: int = 64) -> np.ndarray:
         out = []

@@ -38,7 +38,7 @@ from .sets import ranking_metrics
 log = logging.getLogger(__name__)
 
 DESCRIPTION_ATTRIBUTES = 5
-TEXT_WEIGHT = 0.3  # the search's default --text-weight
+TEXT_WEIGHTS = (0.3, 0.5)  # the search's default --text-weight, and an even mix
 RECALL_KS = (1, 5, 10)
 
 
@@ -176,22 +176,32 @@ def oracle_row(r: Readout, g: Gallery, data: RunDataset) -> dict:
 
 
 def colour_rows(name: str, g: Gallery, query, r: Readout, names: pd.DataFrame) -> list[dict]:
-    """Each test image queries the others, alone and with a colour phrase at weight TEXT_WEIGHT."""
+    """Each test image queries the others, alone and with a colour phrase at each of TEXT_WEIGHTS: how much
+    of that colour the top 10 show, by the read-out and by their classes' shares."""
     colours = names[names.group == "primary_color"]
     images = unit(g.query)
     exclude = np.eye(len(images), dtype=bool)
-    alone = np.argsort(-np.where(exclude, -np.inf, image_sims(images, g)), axis=1)[:, :10]
+
+    def top10(q: np.ndarray) -> np.ndarray:
+        return np.argsort(-np.where(exclude, -np.inf, image_sims(q, g)), axis=1)[:, :10]
+
+    alone = top10(images)
     rows = []
     for c in colours.itertuples():
-        words = query.vectors([f"a bird with {c.phrase}"])
-        mixed = unit((1 - TEXT_WEIGHT) * images + TEXT_WEIGHT * unit(words))
-        top = np.argsort(-np.where(exclude, -np.inf, image_sims(mixed, g)), axis=1)[:, :10]
+        words = unit(query.vectors([f"a bird with {c.phrase}"]))
         col = c.attribute_id - 1
-        rows.append({"model": name, "colour": c.value, "read-out, image only": float(r.predicted[alone, col].mean()),
-                     "read-out, image + word": float(r.predicted[top, col].mean()),
-                     "class share, image only": float(r.truth[alone, col].mean()),
-                     "class share, image + word": float(r.truth[top, col].mean())})
+        for weight in (0.0,) + TEXT_WEIGHTS:
+            top = alone if weight == 0 else top10(unit((1 - weight) * images + weight * words))
+            rows.append({"model": name, "colour": c.value, "weight": weight,
+                         "read-out": float(r.predicted[top, col].mean()), "class share": float(r.truth[top, col].mean()),
+                         "moved": float((top != alone).any(1).mean())})
     return rows
+
+
+def colour_table(rows: list[dict]) -> pd.DataFrame:
+    """Per model and weight, averaged over the colours: read-out and class share of the top 10."""
+    frame = pd.DataFrame(rows)
+    return frame.groupby(["model", "weight"], sort=False)[["read-out", "class share", "moved"]].mean().reset_index()
 
 
 def evaluate_text(cfg: TextEvalConfig) -> dict:
@@ -258,12 +268,17 @@ def text_markdown(result: dict) -> str:
         parts.append(_table(result["readout"], ["embeddings", "group", "attributes", "AUC attributes", "mean AUC",
                                                "accuracy", "majority accuracy"]) + "\n")
     if result.get("colour"):
+        parts.append("## Image + colour word: how much of the colour the top 10 show (mean over the 15 colours)\n")
+        parts.append("Each test image queries the others, alone (weight 0) and with \"a bird with C plumage\" at "
+                     "the weight shown; *read-out*: the ridge read-out of C for the returned images; *class share*: "
+                     "the share of their classes' images that show C (CUB's labels); *moved*: queries whose top 10 "
+                     "changed.\n")
+        parts.append(colour_table(result["colour"]).to_markdown(index=False, floatfmt=".3f") + "\n")
         colour = pd.DataFrame(result["colour"])
-        mean = colour.groupby("model", sort=False).mean(numeric_only=True).reset_index().assign(colour="(mean)")
-        parts.append(f"## Image + colour word (weight {TEXT_WEIGHT}): how much of the colour the top 10 show\n")
-        parts.append(_table(mean.to_dict("records"), ["model", "colour", "read-out, image only",
-                                                      "read-out, image + word", "class share, image only",
-                                                      "class share, image + word"]) + "\n")
+        shown = next((m for m in colour.model.unique() if "minilm" in m), colour.model.iloc[0])
+        first = colour[colour.model == shown].pivot(index="colour", columns="weight", values="class share")
+        parts.append(f"Class share of C in the top 10, per colour ({shown}; columns: weight):\n")
+        parts.append(first.reset_index().to_markdown(index=False, floatfmt=".3f") + "\n")
     if result.get("descriptions"):
         parts.append("## Class descriptions used as queries\n")
         parts.append("\n".join(f"- class {c}: {s}" for c, s in result["descriptions"].items()) + "\n")

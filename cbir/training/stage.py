@@ -149,8 +149,9 @@ def hold_out(train: pd.DataFrame, test_labels: set, seed: int, labels_are: str) 
         n_val = max(1, round(VALIDATION_SHARE * len(classes)))
         held = classes[np.argsort(hash_share(pd.Series(classes), seed))[:n_val]]
         shown = ", ".join(map(str, held[:10])) + (", ..." if n_val > 10 else "")
+        one = {"classes": "class", "categories": "category", "photos": "photo"}.get(labels_are, "label")
         return (train.label.isin(held).to_numpy(),
-                f"class-disjoint: {n_val} of {len(classes)} train {labels_are} held out ({shown})")
+                f"{one}-disjoint: {n_val} of {len(classes)} train {labels_are} held out ({shown})")
     return (hash_share(train.image_id, seed) < VALIDATION_SHARE,
             f"image-disjoint: {VALIDATION_SHARE:.0%} of the train images held out ({labels_are} recur across splits)")
 
