@@ -14,6 +14,7 @@ BACKBONE ?= ../shared/weights/torchvision_mobilenet_v2_features_imagenet.pth
 COCO_RUN ?= runs/coco
 SAMPLE ?= ../shared/data/cub_sample
 SAMPLE_RUN ?= runs/sample
+TEXT_SPLIT ?= classes:1-10/11-20
 
 .PHONY: setup demo coco text test browser
 
@@ -35,9 +36,9 @@ coco: setup
 	  cbir train-text --run $(COCO_RUN) --embeddings gt --text $$t || exit 1; done   # captions; category names
 	cbir evaluate-text --run $(COCO_RUN)
 
-# text search on the CUB sample (classes 1-10 train, 11-20 test): a bridge per set and text encoder, then the report
+# text search on the CUB sample (classes 1-10 train, 11-20 test unless TEXT_SPLIT): a bridge per set and text encoder, then the report
 text: setup
-	cbir run --cub $(SAMPLE) --out $(SAMPLE_RUN) --split classes:1-10/11-20 --detections $(SAMPLE)/external_detections/yolov5n_coco_birds.json \
+	cbir run --cub $(SAMPLE) --out $(SAMPLE_RUN) --split $(TEXT_SPLIT) --detections $(SAMPLE)/external_detections/yolov5n_coco_birds.json \
 	  --backbone mobilenet_v2 --weights $(BACKBONE) $(ARGS)
 	for e in gt det; do for t in glove minilm attributes; do \
 	  cbir train-text --run $(SAMPLE_RUN) --embeddings $$e --text $$t || exit 1; done; done

@@ -159,7 +159,8 @@ def test_report_beats_chance_and_holds_the_read_out_and_colour_tables(text_run):
                                                                     "attribute vector") in rows
     assert {r["group"] for r in result["readout"]} == {"color", "pattern", "shape", "size"}
     colour = [r for r in result["colour"] if r["model"] == "det@text-minilm"]
-    assert len(colour) == 15
+    assert len(colour) == 45 and {r["weight"] for r in colour} == {0.0, 0.3, 0.5}  # 15 colours x 3 weights
+
     assert "Text → image retrieval" in out.stdout and "class 17:" in out.stdout
 
 

@@ -193,15 +193,14 @@ def colour_rows(name: str, g: Gallery, query, r: Readout, names: pd.DataFrame) -
         for weight in (0.0,) + TEXT_WEIGHTS:
             top = alone if weight == 0 else top10(unit((1 - weight) * images + weight * words))
             rows.append({"model": name, "colour": c.value, "weight": weight,
-                         "read-out": float(r.predicted[top, col].mean()), "class share": float(r.truth[top, col].mean()),
-                         "moved": float((top != alone).any(1).mean())})
+                         "read-out": float(r.predicted[top, col].mean()), "class share": float(r.truth[top, col].mean())})
     return rows
 
 
 def colour_table(rows: list[dict]) -> pd.DataFrame:
     """Per model and weight, averaged over the colours: read-out and class share of the top 10."""
     frame = pd.DataFrame(rows)
-    return frame.groupby(["model", "weight"], sort=False)[["read-out", "class share", "moved"]].mean().reset_index()
+    return frame.groupby(["model", "weight"], sort=False)[["read-out", "class share"]].mean().reset_index()
 
 
 def evaluate_text(cfg: TextEvalConfig) -> dict:
@@ -271,8 +270,7 @@ def text_markdown(result: dict) -> str:
         parts.append("## Image + colour word: how much of the colour the top 10 show (mean over the 15 colours)\n")
         parts.append("Each test image queries the others, alone (weight 0) and with \"a bird with C plumage\" at "
                      "the weight shown; *read-out*: the ridge read-out of C for the returned images; *class share*: "
-                     "the share of their classes' images that show C (CUB's labels); *moved*: queries whose top 10 "
-                     "changed.\n")
+                     "the share of their classes' images that show C (CUB's labels).\n")
         parts.append(colour_table(result["colour"]).to_markdown(index=False, floatfmt=".3f") + "\n")
         colour = pd.DataFrame(result["colour"])
         shown = next((m for m in colour.model.unique() if "minilm" in m), colour.model.iloc[0])

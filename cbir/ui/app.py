@@ -1,5 +1,5 @@
 """Gradio page over `search.Querier`: upload a photo, see every object boxed with its category, pick a box,
-and see its neighbours.
+and see its neighbours; on an index with a text side, type words (alone, or moving the photo's boxes).
 
 The page does no retrieval of its own: it calls the same Querier as `cbir search --image`, so what
 the page shows is what the CLI prints.
@@ -232,6 +232,8 @@ def serve(run: Path, index: str, host: str = "127.0.0.1", port: int = 7860, shar
           use_detector: bool = True, device: str = "auto", weights: str | None = None,
           detector_weights: str | None = None, rerank: str = SERVED_DEFAULT) -> None:
     querier = Querier(run, index, use_detector, device, weights=weights, detector_weights=detector_weights)
+    if querier.has_text:
+        querier.text.vectors(["warm up"])  # load the text encoder now, not on the first visitor's words
     app = build_app(querier, example_photos(querier), rerank=rerank)
     allowed = [str(querier.si.image_dir)] if querier.si.image_dir else []
     app.launch(server_name=host, server_port=port, share=share, allowed_paths=allowed, show_error=True)
