@@ -551,28 +551,32 @@ def _train_embedder_parser(sub):
     p.add_argument("--label", default="auto", choices=("auto", "class", "category"),
                    help="what counts as the same: the image class, or the box category (auto: category for boxes "
                         "of a many-category dataset such as COCO)")
-    p.add_argument("--epochs", type=_bounded(int, 1, 10000), default=30)
-    p.add_argument("--patience", type=_bounded(int, 1, 10000), default=5, help="stop after this many epochs "
-                   "without a better validation MAP@R")
-    p.add_argument("--batch-size", type=_bounded(int, 4, 65536), default=64)
+    _training_loop(p, epochs=30, patience=5, batch=64, min_batch=4, default_name="EMBEDDINGS@LOSS")
     p.add_argument("--mode", default="head", choices=("head", "finetune"), help="head (default): a projection on "
                    "the frozen vectors, seconds on a CPU; finetune: the trunk itself on the set's crops (torchvision "
                    "trunks with .features, e.g. mobilenet_v2; minutes per epoch on a CPU, use a GPU)")
     p.add_argument("--lr", type=_bounded(float, 1e-8, 1.0), help="default 1e-4 (head), 3e-5 (finetune)")
     _device(p)
-    p.add_argument("--seed", type=_bounded(int, 0, 2 ** 31), default=0)
-    p.add_argument("--name", help="model and output embeddings name (default EMBEDDINGS@LOSS)")
-    _force(p, "the training")
     p.set_defaults(func=cmd_train_embedder)
+
+
+def _training_loop(p, epochs: int, patience: int, batch: int, min_batch: int, default_name: str):
+    """The flags of the shared training loop (`training.stage.fit`), with each trainer's own defaults."""
+    p.add_argument("--epochs", type=_bounded(int, 1, 10000), default=epochs, help=f"default {epochs}")
+    p.add_argument("--patience", type=_bounded(int, 1, 10000), default=patience, help="stop after this many epochs "
+                   f"without a better validation MAP@R (default {patience})")
+    p.add_argument("--batch-size", type=_bounded(int, min_batch, 65536), default=batch, help=f"default {batch}")
+    p.add_argument("--seed", type=_bounded(int, 0, 2 ** 31), default=0)
+    p.add_argument("--name", help=f"model and output embeddings name (default {default_name})")
+    _force(p, "the training")
 
 
 def cmd_train_text(a):
     from .training.bridge import BridgeConfig, train_text
 
-    low, _, high = a.attributes.partition("-")
     card = train_text(BridgeConfig(run=a.run, embeddings=a.embeddings, text=a.text, pairs=a.pairs, loss=a.loss,
                                    temperature=a.temperature, margin=a.margin, dim=a.dim, sentences=a.sentences,
-                                   attributes=(int(low), int(high or low)), epochs=a.epochs, patience=a.patience,
+                                   attributes=a.attributes, epochs=a.epochs, patience=a.patience,
                                    batch_size=a.batch_size, lr=a.lr, seed=a.seed, name=a.name, force=a.force))
     base, best = card["baseline"], card["best"]
     print(f"{a.run}/models/{card['name']}: {card['pairs_count']} {card['pairs']} pairs, text {card['text']}, "
@@ -582,11 +586,11 @@ def cmd_train_text(a):
           f"{card['name']}`), then `cbir search --text WORDS`; measure with `cbir evaluate-text --run {a.run}`")
 
 
-def _attribute_range(text: str) -> str:
+def _attribute_range(text: str) -> tuple[int, int]:
     low, _, high = text.partition("-")
     if not (low.isdigit() and (not high or high.isdigit())):
         raise argparse.ArgumentTypeError(f"{text!r}: give N or LOW-HIGH, e.g. 3-7")
-    return text
+    return int(low), int(high or low)
 
 
 def _train_text_parser(sub):
@@ -614,15 +618,10 @@ def _train_text_parser(sub):
     p.add_argument("--dim", type=_bounded(int, 2, 4096), default=128, help="the shared space (default 128)")
     p.add_argument("--sentences", type=_bounded(int, 1, 1000), default=8, help="attribute sentences sampled per "
                    "training image (default 8)")
-    p.add_argument("--attributes", type=_attribute_range, default="3-7", help="attributes per sampled sentence, "
+    p.add_argument("--attributes", type=_attribute_range, default=(3, 7), help="attributes per sampled sentence, "
                    "LOW-HIGH (default 3-7)")
-    p.add_argument("--epochs", type=_bounded(int, 1, 10000), default=40)
-    p.add_argument("--patience", type=_bounded(int, 1, 10000), default=8)
-    p.add_argument("--batch-size", type=_bounded(int, 2, 65536), default=128)
-    p.add_argument("--lr", type=_bounded(float, 1e-8, 1.0), default=1e-3)
-    p.add_argument("--seed", type=_bounded(int, 0, 2 ** 31), default=0)
-    p.add_argument("--name", help="model and output embeddings name (default EMBEDDINGS@text-TEXT)")
-    _force(p, "the training")
+    _training_loop(p, epochs=40, patience=8, batch=128, min_batch=2, default_name="EMBEDDINGS@text-TEXT")
+    p.add_argument("--lr", type=_bounded(float, 1e-8, 1.0), default=1e-3, help="default 1e-3")
     p.set_defaults(func=cmd_train_text)
 
 

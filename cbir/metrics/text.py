@@ -209,9 +209,13 @@ def evaluate_text(cfg: TextEvalConfig) -> dict:
         models = list(cfg.models) or bridges(layout)
         if not models:
             raise CbirError(f"{layout.root}: no text bridge to evaluate; train one with `cbir train-text`")
-        sets = {m: load_embeddings(layout, m) for m in models}
         cards = {m: read_json(Artifact(layout, layout.model(m)).folder("train it with `cbir train-text`") / "card.json")
                  for m in models}
+        not_bridges = [m for m in models if cards[m].get("kind") != "bridge"]
+        if not_bridges:
+            raise CbirError(f"--models {not_bridges[0]}: not a text bridge (made by `cbir train-embedder`?); "
+                            f"bridges of this run: {', '.join(bridges(layout)) or 'none'}")
+        sets = {m: load_embeddings(layout, m) for m in models}
         art = Artifact(layout, layout.report("text"))
         upstream = {layout.embeddings(m): sets[m][2]["fingerprint"] for m in models}
         inputs = {"dataset": data.fingerprint, **upstream}

@@ -39,7 +39,7 @@ from ..encoders.text import AttributeEncoder, TextEncoder, text_encoder
 from ..evaluate import check_no_leak
 from ..layout import RunLayout, check_name
 from .head import ProjectionHead, apply_head, load_head
-from .stage import _plot_curves, fit, hold_out, summary_card, write_head_vectors
+from .stage import _plot_curves, fit, hold_out, step, summary_card, write_head_vectors
 
 log = logging.getLogger(__name__)
 
@@ -279,12 +279,7 @@ def _train(layout: RunLayout, cfg: BridgeConfig, stamp: str, image_x: np.ndarray
             idx = order[start:start + cfg.batch_size]
             if len(idx) < 2:
                 continue
-            loss = both_ways(bridge.text(xt[idx]), bridge.image(xi[idx]), y[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(bridge.parameters(), 5.0)
-            optimizer.step()
-            losses.append(float(loss.detach()))
+            losses.append(step(bridge, optimizer, both_ways(bridge.text(xt[idx]), bridge.image(xi[idx]), y[idx])))
             bar.update(len(idx))
         return float(np.mean(losses)) if losses else float("nan")
 

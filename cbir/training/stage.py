@@ -214,14 +214,18 @@ def train_epoch(model, loss_fn, miner, optimizer, x: torch.Tensor, y: torch.Tens
         z = model(x[idx] if augment is None else augment(x[idx]))
         labels = y[idx].to(z.device)
         pairs = miner(z, labels) if miner is not None else None
-        loss = loss_fn(z, labels, pairs) if pairs is not None else loss_fn(z, labels)
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        optimizer.step()
-        losses.append(float(loss.detach()))
+        losses.append(step(model, optimizer, loss_fn(z, labels, pairs) if pairs is not None else loss_fn(z, labels)))
         bar.update(len(idx))
     return float(np.mean(losses)) if losses else float("nan")
+
+
+def step(model: torch.nn.Module, optimizer, loss: torch.Tensor, clip: float = 5.0) -> float:
+    """One optimiser step on `loss`, gradients clipped (a bad batch cannot blow the weights up)."""
+    optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    return float(loss.detach())
 
 
 def train_embedder(cfg: TrainConfig) -> dict:
