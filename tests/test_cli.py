@@ -25,6 +25,11 @@ def test_every_command_has_useful_help(capsys):
         assert len(text) > 300 and "--" in text, name
 
 
+def test_python_dash_m_cbir_is_the_cbir_command():
+    out = subprocess.run([sys.executable, "-m", "cbir", "--version"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0 and out.stdout.startswith("cbir ")
+
+
 def test_errors_are_one_line_with_exit_code_2(tmp_path):
     out = subprocess.run([sys.executable, "-m", "cbir.cli", "prepare", "--cub", str(tmp_path), "--out",
                           str(tmp_path / "r")], capture_output=True, text=True)
