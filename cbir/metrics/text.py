@@ -25,9 +25,9 @@ import numpy as np
 import pandas as pd
 
 from .. import CbirError
-from ..artifacts import Artifact, commit, is_fresh, read_json, read_table, writing
+from ..artifacts import Artifact, commit, is_fresh, read_json, writing
 from ..datasets import RunDataset, load_dataset
-from ..datasets.attributes import KINDS, strongest_sentence
+from ..datasets.attributes import KINDS
 from ..encoders.stage import load_embeddings
 from ..evaluate import gallery_from
 from ..layout import RunLayout
@@ -60,55 +60,52 @@ def bridges(layout: RunLayout) -> list[str]:
     return names
 
 
-def query_metrics(scores: np.ndarray, gains: np.ndarray, exclude: np.ndarray | None = None) -> dict:
+def query_metrics(scores: np.ndarray, gains: np.ndarray) -> dict:
     """mAP, P@K and recall@K (share of queries with a relevant image in the top K) of [queries, images]
     scores; chance is a random ranking's: mAP ≈ the relevant share, R@K = 1 - C(n - r, K) / C(n, K)."""
-    m = ranking_metrics(scores, gains, graded=False, exclude=exclude)
-    masked = np.where(exclude, -np.inf, scores) if exclude is not None else scores
-    order = np.argsort(-masked, axis=1, kind="stable")
-    hits = np.take_along_axis(gains, order, 1) > 0
-    shares = gains.sum(1) / (gains.shape[1] - (exclude.sum(1) if exclude is not None else 0))
-    out = {"queries": m["queries"], "mAP": m["mAP"], "P@10": m["P@10"], "chance mAP": float(shares.mean())}
+    m = ranking_metrics(scores, gains, graded=False)
+    hits = np.take_along_axis(gains, np.argsort(-scores, axis=1, kind="stable"), 1) > 0
+    n, relevant = gains.shape[1], gains.sum(1)
+    out = {"queries": m["queries"], "mAP": m["mAP"], "P@10": m["P@10"], "chance mAP": float((relevant / n).mean())}
     for k in RECALL_KS:
         out[f"R@{k}"] = float(hits[:, :k].any(1).mean())
-        n, r = gains.shape[1], gains.sum(1)
-        out[f"chance R@{k}"] = float(np.mean([1 - np.prod([(n - ri - j) / (n - j) for j in range(k)])
-                                              for ri in r]))
+        j = np.arange(k)
+        misses = np.prod(np.clip((n - relevant[:, None] - j) / (n - j), 0, None), axis=1)  # C(n-r, K) / C(n, K)
+        out[f"chance R@{k}"] = float((1 - misses).mean())
     return out
 
 
-def text_query(spec: dict):
-    from ..training.bridge import TextQuery
+@dataclass
+class ClassQueries:
+    """The test classes' queries: each one's 5-attribute sentence and its whole share vector (the
+    sentence names what stands out against the train classes' mean)."""
 
-    return TextQuery(spec)
+    classes: list[int]
+    sentences: list[str]
+    shares: np.ndarray
+
+    @classmethod
+    def of(cls, data: RunDataset) -> ClassQueries:
+        a, split = data.attributes, data.images.split
+        train, test = (sorted(set(data.images.class_id[split == s])) for s in ("train", "test"))
+        usual, shares = a.class_matrix(train).mean(0), a.class_matrix(test)
+        return cls(test, [a.strongest_sentence(s, DESCRIPTION_ATTRIBUTES, usual) for s in shares], shares)
 
 
-def class_descriptions(data: RunDataset, train_classes, test_classes) -> tuple[list[str], np.ndarray]:
-    """Each test class's 5-attribute sentence and its whole share vector (usual birds: the train mean)."""
-    a = data.attributes
-    usual = a.class_matrix(train_classes).mean(0)
-    shares = a.class_matrix(test_classes)
-    return [strongest_sentence(a.names, s, DESCRIPTION_ATTRIBUTES, usual) for s in shares], shares
-
-
-def cub_rows(name: str, g: Gallery, query, data: RunDataset, train_classes) -> list[dict]:
-    classes = sorted(set(g.labels))
-    sentences, shares = class_descriptions(data, train_classes, classes)
-    gains = (np.array(classes)[:, None] == g.labels[None]).astype(float)
+def cub_rows(name: str, g: Gallery, query, classes: ClassQueries) -> list[dict]:
+    gains = (np.array(classes.classes)[:, None] == g.labels[None]).astype(float)
     rows = [{"model": name, "query": f"{DESCRIPTION_ATTRIBUTES}-attribute sentence",
-             **query_metrics(image_sims(query.vectors(sentences), g), gains)}]
+             **query_metrics(image_sims(query.vectors(classes.sentences), g), gains)}]
     if query.encoder.spec["text_encoder"] == "attributes":
         rows.append({"model": name, "query": "attribute vector",
-                     **query_metrics(image_sims(query.from_encoded(shares), g), gains)})
+                     **query_metrics(image_sims(query.from_encoded(classes.shares), g), gains)})
     return rows
 
 
 def coco_rows(name: str, g: Gallery, query, data: RunDataset) -> list[dict]:
     rows = []
-    captions_file = data.folder / RunLayout.CAPTIONS
-    if captions_file.is_file():
-        captions = read_table(captions_file)
-        captions = captions[captions.image_id.isin(g.image_ids)]
+    if data.captions is not None:
+        captions = data.captions[data.captions.image_id.isin(g.image_ids)]
         if len(captions):
             gains = (captions.image_id.to_numpy()[:, None] == g.image_ids[None]).astype(float)
             rows.append({"model": name, "query": "caption → its photo",
@@ -117,8 +114,8 @@ def coco_rows(name: str, g: Gallery, query, data: RunDataset) -> list[dict]:
     if len(data.categories) > 1 and len(present):
         names = {int(c["id"]): c["name"] for c in data.categories}
         ids = sorted(set(present.category_id))
-        holds = present.groupby("category_id").image_id.apply(set)
-        gains = np.array([[i in holds[c] for i in g.image_ids] for c in ids], float)
+        holds = present.groupby("category_id").image_id.unique()
+        gains = np.array([np.isin(g.image_ids, holds[c]) for c in ids], float)
         rows.append({"model": name, "query": "category word → photos with it",
                      **query_metrics(image_sims(query.vectors([names[c] for c in ids]), g), gains)})
     return rows
@@ -166,13 +163,11 @@ def readout_rows(r: Readout, names: pd.DataFrame) -> list[dict]:
     return rows
 
 
-def oracle_row(r: Readout, g: Gallery, data: RunDataset) -> dict:
+def oracle_row(r: Readout, g: Gallery, classes: ClassQueries) -> dict:
     """The class's share vector against each test image's predicted shares (cosine), as the issue's oracle."""
-    classes = sorted(set(g.labels))
-    shares = data.attributes.class_matrix(classes)
-    gains = (np.array(classes)[:, None] == g.labels[None]).astype(float)
+    gains = (np.array(classes.classes)[:, None] == g.labels[None]).astype(float)
     return {"model": f"ridge read-out of {r.base} (oracle)", "query": "attribute vector",
-            **query_metrics(unit(shares) @ unit(r.predicted).T, gains)}
+            **query_metrics(unit(classes.shares) @ unit(r.predicted).T, gains)}
 
 
 def colour_rows(name: str, g: Gallery, query, r: Readout, names: pd.DataFrame) -> list[dict]:
@@ -221,18 +216,20 @@ def evaluate_text(cfg: TextEvalConfig) -> dict:
         inputs = {"dataset": data.fingerprint, **upstream}
         if is_fresh(art, inputs, cfg.force):
             return read_json(art.folder() / "metrics.json")
-        train_classes = sorted(set(data.images.class_id[data.images.split == "train"]))
+        from ..training.bridge import TextQuery
+
+        classes = ClassQueries.of(data) if data.attributes is not None else None
         metrics, readouts, colours, oracles = [], {}, [], []
         for m in models:
             vectors, table, info = sets[m]
             g = gallery_from(m, vectors, table, "test")
-            query = text_query(info["spec"])
-            if data.attributes is not None:
+            query = TextQuery(info["spec"])
+            if classes is not None:
                 base = cards[m]["embeddings"]
                 if base not in readouts:
                     readouts[base] = fit_readout(layout, data, base)
-                    oracles.append(oracle_row(*readouts[base], data))
-                metrics += cub_rows(m, g, query, data, train_classes)
+                    oracles.append(oracle_row(*readouts[base], classes))
+                metrics += cub_rows(m, g, query, classes)
                 colours += colour_rows(m, g, query, readouts[base][0], data.attributes.names)
             else:
                 metrics += coco_rows(m, g, query, data)
@@ -240,10 +237,8 @@ def evaluate_text(cfg: TextEvalConfig) -> dict:
                   "readout": [row for r, _ in readouts.values() for row in readout_rows(r, data.attributes.names)],
                   "models": {m: {k: cards[m][k] for k in ("text", "pairs", "embeddings", "validation", "best_epoch",
                                                          "pairs_count", "examples")} for m in models}}
-        if data.attributes is not None:
-            result["descriptions"] = dict(zip(map(int, sorted(set(data.images.class_id[data.images.split == "test"]))),
-                                              class_descriptions(data, train_classes, sorted(
-                                                  set(data.images.class_id[data.images.split == "test"])))[0]))
+        if classes is not None:
+            result["descriptions"] = dict(zip(map(int, classes.classes), classes.sentences))
         with commit(art, inputs, upstream) as staged:
             staged.write_json("metrics.json", result)
             pd.DataFrame(result["metrics"]).to_csv(staged.file(layout.METRICS), index=False)

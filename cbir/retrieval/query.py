@@ -152,8 +152,11 @@ class Querier:
     def has_text(self) -> bool:
         return bool(self.spec.get("text"))
 
-    def understood(self, text: str) -> tuple[list[str], list[str]]:
-        return self.text.encoder.understood(text)
+    def words(self, text: str, weight: float) -> dict:
+        """What a results document says of its words: them, their weight, and which the text encoder
+        understood and which not (the CLI prints it, the page shows it)."""
+        known, unknown = self.text.encoder.understood(text)
+        return {"text": text, "text_weight": weight, "understood": known, "not_understood": unknown}
 
     def with_text(self, vectors: np.ndarray, text: str | None, weight: float) -> np.ndarray:
         """Each query vector moved towards the words: unit((1 - w) · unit(v) + w · unit(t)), so w = 0 is the

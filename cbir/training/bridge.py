@@ -33,13 +33,12 @@ import torch
 from .. import CbirError
 from ..artifacts import Artifact, commit, file_sha256, fingerprint, is_fresh, read_json, writing
 from ..datasets import RunDataset, load_dataset
-from ..datasets.attributes import sample_sentence
 from ..encoders.stage import load_embeddings
 from ..encoders.text import AttributeEncoder, TextEncoder, text_encoder
 from ..evaluate import check_no_leak
 from ..layout import RunLayout, check_name
-from .head import ProjectionHead, apply_head, load_head
-from .stage import _plot_curves, fit, hold_out, step, summary_card, write_head_vectors
+from .head import ProjectionHead, apply_head, load_checked_head
+from .stage import _plot_curves, fit, head_state, hold_out, score_vectors, step, summary_card, write_head_vectors
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +100,7 @@ def used_pairs(cfg: BridgeConfig, data: RunDataset, mode: str) -> str:
         return cfg.pairs
     if data.attributes is not None:
         return "attributes"
-    return "captions" if mode == "full" and (data.folder / RunLayout.CAPTIONS).is_file() else "labels"
+    return "captions" if mode == "full" and data.captions is not None else "labels"
 
 
 def build_pairs(cfg: BridgeConfig, data: RunDataset, table: pd.DataFrame, kind: str) -> Pairs:
@@ -110,21 +109,18 @@ def build_pairs(cfg: BridgeConfig, data: RunDataset, table: pd.DataFrame, kind: 
     if kind == "attributes":
         return _attribute_pairs(cfg, data, train)
     if kind == "captions":
-        path = data.folder / RunLayout.CAPTIONS
-        if not path.is_file():
+        if data.captions is None:
             raise CbirError("--pairs captions: this run's dataset has no captions (prepare it with --captions FILE)")
-        photo = train[train.source == "full"] if "source" in train else train
+        photo = train[train.source == "full"]
         if photo.empty:
             raise CbirError("--pairs captions pairs whole photos with their captions: use --embeddings full")
-        captions = pd.read_parquet(path).merge(photo.reset_index()[["index", "image_id"]], on="image_id")
+        captions = data.captions.merge(photo.reset_index()[["index", "image_id"]], on="image_id")
         return Pairs(captions["index"].to_numpy(), list(captions.caption), captions.image_id.to_numpy(), kind)
     boxes = train[train.category_id > 0]
     if boxes.empty:
         raise CbirError(f"--pairs labels: embeddings {cfg.embeddings} has no boxes with a category")
     names = {int(c["id"]): c["name"] for c in data.categories}
-    reps = len(LABEL_TEMPLATES)
-    rng = np.random.default_rng(cfg.seed)
-    templates = rng.integers(0, reps, len(boxes))
+    templates = np.random.default_rng(cfg.seed).integers(0, len(LABEL_TEMPLATES), len(boxes))
     return Pairs(boxes.index.to_numpy(), [LABEL_TEMPLATES[t].format(names[int(c)]) for t, c in
                                            zip(templates, boxes.category_id)], boxes.category_id.to_numpy(), kind)
 
@@ -136,26 +132,26 @@ def _attribute_pairs(cfg: BridgeConfig, data: RunDataset, train: pd.DataFrame) -
     labelled = train[train.class_id > 0]
     shares = attributes.class_matrix(sorted(set(labelled.class_id)))
     by_class = dict(zip(sorted(set(labelled.class_id)), shares))
-    own = _image_shares(attributes, len(attributes.names))
+    own = _image_shares(attributes)
     rng = np.random.default_rng(cfg.seed)
     rows, texts, labels = [], [], []
     for row, image_id, class_id in zip(labelled.index, labelled.image_id, labelled.class_id):
         base = own.get(int(image_id), by_class[class_id])
         for _ in range(cfg.sentences):
-            text, _ = sample_sentence(attributes.names, base, int(rng.integers(cfg.attributes[0],
-                                                                               cfg.attributes[1] + 1)), rng)
+            text, _ = attributes.sample_sentence(base, int(rng.integers(cfg.attributes[0], cfg.attributes[1] + 1)),
+                                                 rng)
             rows.append(row), texts.append(text), labels.append(class_id)
     return Pairs(np.array(rows), texts, np.array(labels), "attributes")
 
 
-def _image_shares(attributes, n: int) -> dict[int, np.ndarray]:
+def _image_shares(attributes) -> dict[int, np.ndarray]:
     """Each image's own attributes (present and at least 'probably', certainty 3+) where labelled."""
     if attributes.images is None:
         return {}
     sure = attributes.images[(attributes.images.present == 1) & (attributes.images.certainty >= 3)]
     out = {}
     for image_id, group in sure.groupby("image_id"):
-        v = np.zeros(n, np.float32)
+        v = np.zeros(len(attributes.names), np.float32)
         v[group.attribute_id.to_numpy() - 1] = 1.0
         out[int(image_id)] = v
     return out
@@ -194,18 +190,6 @@ def cross_modal_loss(cfg: BridgeConfig):
     return loss, both_ways
 
 
-def cross_scores(text_z: np.ndarray, text_labels: np.ndarray, image_z: np.ndarray, image_labels: np.ndarray
-                 ) -> dict[str, float]:
-    """Texts querying images (PML's AccuracyCalculator): MAP@R and P@1 of the validation part."""
-    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
-
-    calc = AccuracyCalculator(include=("mean_average_precision_at_r", "precision_at_1"), k="max_bin_count",
-                              device=torch.device("cpu"))
-    acc = calc.get_accuracy(torch.as_tensor(text_z), torch.as_tensor(text_labels), torch.as_tensor(image_z),
-                            torch.as_tensor(image_labels), ref_includes_query=False)
-    return {"MAP@R": float(acc["mean_average_precision_at_r"]), "P@1": float(acc["precision_at_1"])}
-
-
 def train_text(cfg: BridgeConfig) -> dict:
     """Train the bridge, keep the epoch with the best validation text → image MAP@R, write both heads and
     the image vectors in the shared space."""
@@ -227,8 +211,7 @@ def train_text(cfg: BridgeConfig) -> dict:
         test_labels = set(_row_labels(table[table.split == "test"], kind))
         val_rows, how = hold_out(train.assign(label=_row_labels(train, kind)), test_labels, cfg.seed,
                                  {"attributes": "classes", "captions": "photos", "labels": "categories"}[kind])
-        val_set = set(train.index[val_rows])
-        val = np.array([r in val_set for r in pairs.rows])
+        val = np.isin(pairs.rows, train.index[val_rows])
         if val.all() or not val.any():
             raise CbirError(f"embeddings {cfg.embeddings}: too few train {kind} pairs to hold out a validation part")
         log.info("%d %s pairs (%d train, %d validation; %s), text encoder %s", len(pairs.texts), kind,
@@ -283,24 +266,20 @@ def _train(layout: RunLayout, cfg: BridgeConfig, stamp: str, image_x: np.ndarray
             bar.update(len(idx))
         return float(np.mean(losses)) if losses else float("nan")
 
+    _, first = np.unique(np.where(val, pairs.rows, -1), return_index=True)
+    val_images = first[val[first]]  # each validation image once, as the texts' reference set
+
     def validate() -> dict:
         bridge.eval()
-        _, first = np.unique(np.where(val, pairs.rows, -1), return_index=True)  # each validation image once
-        first = first[val[first]]
-        return cross_scores(apply_head(bridge.text, text_x[val]), labels[val],
-                            apply_head(bridge.image, image_x[first]), labels[first])
+        return score_vectors(apply_head(bridge.text, text_x[val]), labels[val],
+                             apply_head(bridge.image, image_x[val_images]), labels[val_images])
 
     def best_state() -> dict:
-        return {"image": _head_file(bridge.image), "text": _head_file(bridge.text)}
+        return {"image": head_state(bridge.image), "text": head_state(bridge.text)}
 
     history, seconds = fit(cfg, layout, stamp, bridge, loss_fn, optimizer, run_epoch, len(y), validate, best_state)
     return {**summary_card(history, seconds, val, np.unique(labels[~val])), "dim": cfg.dim,
             "image_dim": int(image_x.shape[1]), "text_dim": int(text_x.shape[1])}
-
-
-def _head_file(head: ProjectionHead) -> dict:
-    return {"state": {k: v.clone() for k, v in head.state_dict().items()}, "dim_in": head.projection.in_features,
-            "dim_out": head.projection.out_features, "dropout": float(head.residual[2].p)}
 
 
 class TextQuery:
@@ -313,12 +292,8 @@ class TextQuery:
         if not text:
             raise CbirError("these vectors have no text side: train one with `cbir train-text --embeddings SET` "
                             "and search the index of its output set")
-        path = Path(text["head"])
-        if not path.is_file() or file_sha256(path)[:16] != text["head_fingerprint"]:
-            raise CbirError(f"{path}: the text head of these vectors is missing or changed; retrain with "
-                            f"`cbir train-text --force`")
+        self.head = load_checked_head(text["head"], text["head_fingerprint"], "train-text")
         self.encoder = text_encoder_from_spec(text)
-        self.head, _ = load_head(path)
 
     def vectors(self, texts: list[str]) -> np.ndarray:
         return apply_head(self.head, self.encoder.encode_texts(texts))

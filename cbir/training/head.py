@@ -91,15 +91,23 @@ class HeadEncoder:
         return np.split(projected.astype(np.float32), np.cumsum([len(v) for v in vectors])[:-1])
 
 
-def head_encoder(spec: dict, device: torch.device, weights: str | None = None) -> HeadEncoder:
+def load_checked_head(path: str | Path, fingerprint: str, trainer: str) -> ProjectionHead:
+    """The head a vector spec names, refused in one line when it is gone or not the one the vectors were
+    made with (`trainer`: the command that makes it again)."""
     from ..artifacts import file_sha256
-    from ..encoders import encoder_from_spec
 
-    path = Path(spec["head"])
+    path = Path(path)
     if not path.is_file():
         raise CbirError(f"{path}: the trained head of these vectors is gone (was the run moved? retrain with "
-                        f"`cbir train-embedder`)")
-    if file_sha256(path)[:16] != spec["head_fingerprint"]:
-        raise CbirError(f"{path}: not the head these vectors were made with (fingerprint differs)")
-    head, _ = load_head(path)
+                        f"`cbir {trainer}`)")
+    if file_sha256(path)[:16] != fingerprint:
+        raise CbirError(f"{path}: not the head these vectors were made with (fingerprint differs; retrain with "
+                        f"`cbir {trainer} --force`)")
+    return load_head(path)[0]
+
+
+def head_encoder(spec: dict, device: torch.device, weights: str | None = None) -> HeadEncoder:
+    from ..encoders import encoder_from_spec
+
+    head = load_checked_head(spec["head"], spec["head_fingerprint"], "train-embedder")
     return HeadEncoder(encoder_from_spec(spec["base"], device, weights), head, spec)

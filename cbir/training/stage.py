@@ -165,15 +165,20 @@ def validation_scores(head: ProjectionHead, x: np.ndarray, labels: np.ndarray) -
     return score_vectors(apply_head(head, x), labels)
 
 
-def score_vectors(vectors: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """PML's AccuracyCalculator on the validation part (each item queries the others)."""
+def score_vectors(vectors: np.ndarray, labels: np.ndarray, reference: np.ndarray | None = None,
+                  reference_labels: np.ndarray | None = None) -> dict[str, float]:
+    """PML's AccuracyCalculator on the validation part: each item queries the others, or, given a
+    `reference` set (a bridge's images for its texts), that set."""
     from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
-    z = torch.nn.functional.normalize(torch.as_tensor(np.array(vectors, np.float32)), dim=1)
-    y = torch.as_tensor(labels)
+    def unit(x):
+        return torch.nn.functional.normalize(torch.as_tensor(np.array(x, np.float32)), dim=1)
+
+    z, y = unit(vectors), torch.as_tensor(labels)
+    ref, ref_y = (z, y) if reference is None else (unit(reference), torch.as_tensor(reference_labels))
     calc = AccuracyCalculator(include=("mean_average_precision_at_r", "precision_at_1"), k="max_bin_count",
                               device=torch.device("cpu"))
-    acc = calc.get_accuracy(z, y, z, y, ref_includes_query=True)
+    acc = calc.get_accuracy(z, y, ref, ref_y, ref_includes_query=reference is None)
     return {"MAP@R": float(acc["mean_average_precision_at_r"]), "P@1": float(acc["precision_at_1"])}
 
 
@@ -325,7 +330,7 @@ def _train(layout: RunLayout, cfg: TrainConfig, x: np.ndarray, rows: pd.DataFram
     x_train = torch.as_tensor(x[~val])
     history, seconds = fit(cfg, layout, stamp, head, loss_fn, optimizer,
                            lambda epoch, bar: train_epoch(head, loss_fn, miner, optimizer, x_train, y, cfg, epoch, bar),
-                           len(y), lambda: validation_scores(head, x[val], labels[val]), lambda: _head_state(head))
+                           len(y), lambda: validation_scores(head, x[val], labels[val]), lambda: head_state(head))
     return {**summary_card(history, seconds, val, classes), "dim_in": int(x.shape[1]), "dim": dim,
             "source_spec": info["spec"]}
 
@@ -335,7 +340,8 @@ def _stalled(history: list[dict], patience: int) -> bool:
     return len(history) - 1 - best >= patience
 
 
-def _head_state(head: ProjectionHead) -> dict:
+def head_state(head: ProjectionHead) -> dict:
+    """What `load_head` reads back: the state and the head's shape."""
     return {"state": head.state_dict(), "dim_in": head.projection.in_features,
             "dim_out": head.projection.out_features, "dropout": float(head.residual[2].p)}
 

@@ -74,15 +74,14 @@ def neighbour_cards(querier: Querier, rows: list[dict]) -> list[tuple[Image.Imag
 
 
 def run_queries(querier: Querier, requests: list[tuple]) -> list[tuple[dict, Image.Image | None]]:
-    """The page's one action for a batch of concurrent requests (path, score, k, re-ranking[, words, weight]):
+    """The page's one action for a batch of concurrent requests (path, score, k, re-ranking, words, weight):
     per request a JSON-able results document (or {"error": message}) and the decoded photo to draw the boxes
     on. Requests with the same settings go through the detector, the encoder and the store together; words
     without a photo are a text query of their own."""
     out: list = [None] * len(requests)
     groups: dict[tuple, list[int]] = {}
     photos = {}
-    for i, (path, score, k, method, *words) in enumerate(requests):
-        text, weight = (words + [None, 0.3])[:2] if words else (None, 0.3)
+    for i, (path, score, k, method, text, weight) in enumerate(requests):
         text = (text or "").strip() or None
         try:
             if not path and text:
@@ -103,16 +102,9 @@ def run_queries(querier: Querier, requests: list[tuple]) -> list[tuple[dict, Ima
         for i, (boxes, merged) in zip(members, answers):
             doc = results_json(Path(requests[i][0]).name, boxes, merged, querier.categories)
             doc.update(latency_ms=latency, batch=len(members), size=[photos[i].width, photos[i].height],
-                       **_words(querier, text, weight))
+                       **(querier.words(text, weight) if text else {}))
             out[i] = (doc, photos[i].image)
     return out
-
-
-def _words(querier: Querier, text: str | None, weight: float) -> dict:
-    if not text:
-        return {}
-    known, unknown = querier.understood(text)
-    return {"text": text, "text_weight": weight, "understood": known, "not_understood": unknown}
 
 
 def _text_doc(querier: Querier, text: str, k: int, method: str) -> dict:
@@ -120,7 +112,7 @@ def _text_doc(querier: Querier, text: str, k: int, method: str) -> dict:
     boxes, merged = querier.query_text(text, k, rerank=Rerank(method=method or "none"))
     doc = results_json(f"words {text!r}", boxes, merged, querier.categories)
     doc.update(latency_ms=round((time.perf_counter() - start) * 1000, 1), batch=1, size=None,
-               **_words(querier, text, 1.0))
+               **querier.words(text, 1.0))
     return doc
 
 
