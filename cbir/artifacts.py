@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import glob
 import hashlib
@@ -119,6 +120,21 @@ def versions() -> dict[str, str]:
 def command_line() -> str:
     return " ".join(["cbir", *sys.argv[1:]]) if Path(sys.argv[0]).name in ("cbir", "cli.py", "__main__.py") \
         else " ".join(sys.argv)
+
+
+FAULT_ADVICE = {errno.ENOSPC: "no space left on the device; free some and rerun",
+                errno.EDQUOT: "disk quota exceeded; free some space and rerun",
+                errno.EROFS: "read-only file system; copy the run somewhere writable (cp -a) and rerun there",
+                errno.EACCES: "permission denied; fix the folder's permissions or copy the run (cp -a) and rerun",
+                errno.EPERM: "operation not permitted; fix the folder's permissions or copy the run and rerun"}
+
+
+def machine_fault(e: OSError, run: Path | None) -> str:
+    """One line for a fault of the machine while a stage works: what, where, what to do. Stages write into
+    staging and switch in whole versions, so what was finished before is still there."""
+    where = e.filename or run or "the run"
+    advice = FAULT_ADVICE.get(e.errno, f"{e.strerror or e}; rerun when it is fixed")
+    return f"{where}: {advice} (finished work is kept; nothing half-written was switched in)"
 
 
 # ---------------------------------------------------------------- one writer per run

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 from . import CbirError, __version__
-from .artifacts import Interrupted
+from .artifacts import Interrupted, machine_fault
+from .device import check_device
 from .images import DEFAULT_MAX_PIXELS
 from .retrieval import check_store
 from .retrieval.reduce import parse_pca
@@ -23,6 +24,28 @@ from .retrieval.rerank import METHODS, SERVED_DEFAULT, SHORTLIST, Rerank, parse_
 log = logging.getLogger("cbir")
 
 DEFAULT_WORKERS = max(1, min(8, (os.cpu_count() or 2) - 1))  # leave a core to the model
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error naming the flag and how to get help (no usage block), and help texts
+    that show each default."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _DefaultsHelp)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+class _DefaultsHelp(argparse.HelpFormatter):
+    """Appends "(default: X)" to a flag's help unless its text already says its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def _or(value, default):
@@ -72,7 +95,8 @@ def _moved_weights(p):
 
 
 def _device(p):
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--device", default="auto", type=_checked(check_device),
+                   help="auto (CUDA when present), cpu, cuda, cuda:N")
 
 
 def _force(p, what: str):
@@ -89,18 +113,19 @@ def _dataset_args(p):
                    "official (train_test_split.txt), or classes:A-B/C-D (e.g. classes:1-10/11-20 for a subset). "
                    "COCO: random:F[:SEED] (default random:0.5: a share F to train, by a hash of each image id) or "
                    "coco_split (train2017 → train, val2017 → test)")
-    p.add_argument("--skip-bad", action="store_true", help="drop undecodable images and empty boxes instead of "
-                   "stopping; they are listed in RUN/dataset/bad_images.txt")
+    p.add_argument("--skip-bad", action="store_true", help="drop bad annotation records, undecodable images and "
+                   "empty boxes instead of stopping; they are listed in RUN/dataset/bad_images.txt (with `run`, also "
+                   "bad entries of --detections, listed in RUN/detections/bad_detections.txt)")
     p.add_argument("--max-pixels", type=_bounded(int, 1), default=DEFAULT_MAX_PIXELS,
                    help=f"refuse photos larger than this (default {DEFAULT_MAX_PIXELS:,}); larger-than-40-Mpx photos "
                         "are decoded reduced, boxes stay in original pixels")
 
 
-def _box_args(p, weights_flag: str = "--weights"):
+def _box_args(p):
     p.add_argument("--detector", default="fasterrcnn_resnet50_fpn",
                    help="fasterrcnn_resnet50_fpn (default), fasterrcnn_resnet50_fpn_v2, fasterrcnn_mobilenet_v3_large_fpn, "
                         "or onnx:PATH (a TF Object Detection API SSD export; needs onnxruntime)")
-    _weights(p, "detector", weights_flag)
+    _weights(p, "detector", "--detector-weights")  # --weights is always the backbone's
     p.add_argument("--labels", help="label file of an ONNX detector (for names; ids are COCO's)")
     p.add_argument("--detections", type=Path, help="import boxes from FILE (COCO results of any detector) instead "
                    "of running one")
@@ -166,16 +191,16 @@ def prepare_config(a, run: Path):
                          workers=_or(a.workers, DEFAULT_WORKERS), force=getattr(a, "force", False))
 
 
-def detect_config(a, run: Path, weights: str):
+def detect_config(a, run: Path):
     from .detection.stage import DetectConfig
 
-    return DetectConfig(run=run, detector=a.detector, weights=weights, labels=a.labels,
+    return DetectConfig(run=run, detector=a.detector, weights=a.detector_weights, labels=a.labels,
                         splits=_csv(getattr(a, "splits", "train,test")), score=a.score,
                         max_per_image=getattr(a, "max_per_image", 10), min_size=a.min_size,
                         batch_size=getattr(a, "detect_batch_size", 4), workers=_or(a.workers, DEFAULT_WORKERS),
                         fallback=a.fallback,
                         categories=_csv(a.categories), detections=a.detections, device=a.device,
-                        force=getattr(a, "force", False))
+                        skip_bad=a.skip_bad, force=getattr(a, "force", False))
 
 
 def embed_config(a, run: Path, mode: str, name: str | None = None):
@@ -229,7 +254,7 @@ def cmd_detect(a):
     from .detection.stage import detect
 
     if not a.evaluate_only:
-        m = detect(detect_config(a, a.run, a.weights)).meta
+        m = detect(detect_config(a, a.run)).meta
         print(f"{a.run}/detections: {m['instances']} instances on {m['images']} images "
               f"({m['sources']}), fallback rate {m['fallback_rate']:.1%}")
     if a.evaluate or a.evaluate_only:
@@ -251,6 +276,9 @@ def _detect_parser(sub):
                    help="images per batch (default 4)")
     _device(p)
     _force(p, "the detection")
+    p.add_argument("--skip-bad", action="store_true", help="--detections: drop unusable entries (malformed, "
+                   "non-finite, empty boxes, scores outside [0, 1], unknown images, duplicates) instead of stopping; "
+                   "they are listed in RUN/detections/bad_detections.txt")
     p.add_argument("--evaluate", action="store_true", help="also score the boxes against the GT → reports/detection")
     p.add_argument("--evaluate-only", action="store_true", help="only write the quality report of existing detections")
     _workers(p)
@@ -659,7 +687,7 @@ def cmd_run(a):
     train = tuple(TrainConfig(run=a.out, embeddings=m, loss=a.train_embedder) for m in modes) \
         if a.train_embedder else ()
     cfg = RunConfig(prepare=prepare_config(a, a.out),
-                    detect=detect_config(a, a.out, a.detector_weights) if "det" in modes else None,
+                    detect=detect_config(a, a.out) if "det" in modes else None,
                     embed=embed_config(a, a.out, modes[0]), modes=modes,
                     index=index_config(a, a.out, index_mode),
                     evaluate=replace(evaluate_config(a, a.out, modes + fused + tuple(t.model_name for t in train)),
@@ -683,7 +711,7 @@ def _run_parser(sub):
                                    "print the comparison. Earlier --add/--remove edits of the index are replayed.")
     _dataset_args(p)
     p.add_argument("--out", required=True, type=Path, help="run directory to create or update")
-    _box_args(p, "--detector-weights")
+    _box_args(p)
     _embedding_args(p)
     p.add_argument("--modes", default="full,gt,det", help="embedding modes to compare (default full,gt,det)")
     _index_args(p)
@@ -737,7 +765,7 @@ def _ui_parser(sub):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cbir", description="Object-detection-based multi-instance image retrieval "
+    parser = Parser(prog="cbir", description="Object-detection-based multi-instance image retrieval "
                                      "on CUB-200-2011 and your own photos. Stages: prepare → detect → embed → "
                                      "index → evaluate / search / ui; `run` chains them; `status` shows a run.")
     parser.add_argument("--version", action="version", version=f"cbir {__version__}")
@@ -802,6 +830,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except CbirError as e:
         print(f"cbir {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the machine, not the input: disk full, read-only, permissions
+        print(f"cbir {args.command}: error: {machine_fault(e, getattr(args, 'run', None) or getattr(args, 'out', None))}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"cbir {args.command}: interrupted; nothing half-written was kept — the run holds what it had before",

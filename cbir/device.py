@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -12,10 +13,16 @@ from . import CbirError
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
-def resolve_device(device: str) -> torch.device:
-    """'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'; anything else is a one-line error."""
+def check_device(device: str) -> str:
+    """The spelling of a device (not whether it is here): checked with the flags, before any work."""
     if not DEVICE_PATTERN.fullmatch(device or ""):
         raise CbirError(f"--device {device!r}: use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'; anything else is a one-line error."""
+    check_device(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda"):
@@ -36,3 +43,15 @@ def decode_workers(device: torch.device) -> int:
     if device.type == "cpu" and cores <= 2:
         return 0
     return max(1, min(8, cores - 1))
+
+
+def batches(loader: Iterable) -> Iterator:
+    """A DataLoader's batches; a decoding worker that dies (the OOM killer, a crash in a codec) becomes one
+    line saying what to do, not torch's traceback. Sharded stages keep what they finished."""
+    try:
+        yield from loader
+    except RuntimeError as e:
+        if "DataLoader worker" not in str(e):
+            raise
+        raise CbirError(f"a decoding worker process died ({str(e).splitlines()[0][:90]}); rerun to resume — "
+                        f"finished shards are kept — with --workers 0 if it recurs (out of memory?)") from None

@@ -102,6 +102,7 @@ class RunLayout:
     IMAGE_ATTRIBUTES = "image_attributes.parquet"
     BAD_IMAGES = "bad_images.txt"
     DETECTIONS = "detections.json"
+    BAD_DETECTIONS = "bad_detections.txt"
     VECTORS = "vectors.npy"
     ROWS = "rows.parquet"
     FAISS = "index.faiss"

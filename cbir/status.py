@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from . import CbirError
 from .artifacts import Artifact, file_sha256
 from .layout import RunLayout
 
@@ -58,6 +59,8 @@ def _describe(meta: dict) -> str:
 
 def run_status(run: Path) -> list[tuple[str, str, str]]:
     """(artifact, state, detail) for the expected artifacts and every other one present."""
+    if not Path(run).is_dir():
+        raise CbirError(f"{run}: no such run folder (make one with `cbir prepare --out {run}`)")
     layout = RunLayout(run)
     names = list(dict.fromkeys(EXPECTED + layout.artifact_names()))
     partial_root = layout.root / ".partial"

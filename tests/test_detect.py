@@ -119,7 +119,7 @@ def test_bad_detection_files(tiny_run, tmp_path):
     good = {"image_id": 1, "category_id": 16, "bbox": [10, 10, 50, 50], "score": 0.9}
     with pytest.raises(CbirError, match="expected a JSON list"):
         detect(DetectConfig(run=tiny_run, detections=_write(tmp_path, {"annotations": []})))
-    with pytest.raises(CbirError, match="entry 0 is not"):
+    with pytest.raises(CbirError, match="entry 0: is not"):
         detect(DetectConfig(run=tiny_run, detections=_write(tmp_path, [{"image_id": 1, "bbox": [1, 2]}])))
     with pytest.raises(CbirError, match="another dataset"):
         detect(DetectConfig(run=tiny_run, detections=_write(tmp_path, [{**good, "image_id": 999999}])))
@@ -128,17 +128,21 @@ def test_bad_detection_files(tiny_run, tmp_path):
         detect(DetectConfig(run=tiny_run, detections=tmp_path / "broken.json"))
 
 
-def test_unknown_nan_negative_and_degenerate_boxes_are_counted(tiny_run, tmp_path):
+def test_bad_entries_stop_the_import_or_are_listed_with_skip_bad(tiny_run, tmp_path):
     good = {"image_id": 1, "category_id": 16, "bbox": [10, 10, 50, 50], "score": 0.9}
-    dets = [good, {**good, "image_id": 999999}, {**good, "bbox": [float("nan"), 1, 2, 3]},
+    dets = [good, {**good, "image_id": 999999}, {**good, "bbox": [float("nan"), 1, 2, 3]}, dict(good),
             {**good, "bbox": [-30, -10, 100, 100]}, {**good, "bbox": [10, 10, 0.2, 40]},
-            {**good, "category_id": 1}]
+            {**good, "category_id": 1}, {**good, "score": 1.5}]
     path = tmp_path / "d.json"
-    path.write_text(json.dumps(dets).replace("NaN", "NaN"))
-    result = detect(DetectConfig(run=tiny_run, detections=path, fallback="none"))
-    counts = result.meta["box_counts"]
-    assert (counts["unknown_image"], counts["non_finite"], counts["degenerate"], counts["other_category"],
-            counts["clipped"]) == (1, 1, 1, 1, 1)
+    path.write_text(json.dumps(dets))
+    with pytest.raises(CbirError, match=r"3 bad detection\(s\), first: .*d.json: entry 2: bbox \[nan"):
+        detect(DetectConfig(run=tiny_run, detections=path, fallback="none"))
+    result = detect(DetectConfig(run=tiny_run, detections=path, fallback="none", skip_bad=True))
+    listed = (tiny_run / "detections" / "bad_detections.txt").read_text().splitlines()
+    assert [line.split(": ")[1] for line in listed] == ["entry 2", "entry 3", "entry 7"]
+    assert result.meta["bad_detections"] == 3
+    counts = result.meta["box_counts"]  # what is left is usable: another image, clipped, too thin, other kinds
+    assert (counts["not_in_run"], counts["degenerate"], counts["other_category"], counts["clipped"]) == (1, 1, 1, 1)
     boxes = sorted(d["bbox"] for d in result.detections)
     assert boxes == [[0.0, 0.0, 70.0, 90.0], [10.0, 10.0, 50.0, 50.0]]
 

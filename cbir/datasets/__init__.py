@@ -24,6 +24,15 @@ from .attributes import Attributes
 
 IMAGE_COLUMNS = ["image_id", "path", "class_id", "class_name", "split", "width", "height", "mode"]
 INSTANCE_COLUMNS = ["image_id", "instance", "category_id", "category", "x", "y", "w", "h"]
+SPLITS = ("train", "test")
+
+
+def check_splits(splits: tuple[str, ...], flag: str) -> tuple[str, ...]:
+    """Split names given on the command line: each one of SPLITS, at least one."""
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown or not splits:
+        raise CbirError(f"{flag} {','.join(splits) or '(empty)'}: use {' and/or '.join(SPLITS)}, comma-separated")
+    return splits
 
 
 @dataclass

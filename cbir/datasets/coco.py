@@ -23,6 +23,7 @@ from pycocotools.coco import COCO
 from .. import CbirError
 from ..artifacts import read_json
 from . import Tables
+from .cub import image_path
 
 NO_OBJECTS = (0, "(no objects)")
 SPLIT_HELP = "random:F[:SEED] (a share F of images to train, by a hash of the image id) or coco_split " \
@@ -44,6 +45,10 @@ def _image_problem(im) -> str | None:
         return f"id {im.get('id')!r} is not an integer"
     if not isinstance(im.get("file_name"), str) or not im["file_name"]:
         return "file_name missing or not a string"
+    try:
+        image_path(im["file_name"])
+    except ValueError as e:
+        return f"file_name {e}"
     if not all(_is_int(im.get(k)) and im[k] > 0 for k in ("width", "height")):
         return f"width/height {im.get('width')!r}x{im.get('height')!r} are not positive integers"
     return None

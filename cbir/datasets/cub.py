@@ -18,6 +18,33 @@ ANNOTATION_FILES = {"images": "images.txt", "labels": "image_class_labels.txt", 
                     "classes": "classes.txt", "official": "train_test_split.txt"}
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not np.isfinite(value):
+        raise ValueError(f"{text} is not a finite number")
+    return value
+
+
+def _size(text: str) -> float:
+    value = _finite(text)
+    if value <= 0:
+        raise ValueError(f"box size {text} is not positive")
+    return value
+
+
+def _flag(text: str) -> int:
+    if text not in ("0", "1"):
+        raise ValueError(f"{text!r} is not 0 or 1")
+    return int(text)
+
+
+def image_path(text: str) -> str:
+    """A path under the image folder, never outside it (an absolute path or one with `..`)."""
+    if Path(text).is_absolute() or ".." in Path(text).parts:
+        raise ValueError(f"{text!r} leaves the image folder")
+    return text
+
+
 def _read_lines(path: Path, columns: list[str], converters: list) -> pd.DataFrame:
     """Parse one whitespace-separated CUB file; a malformed line is an error naming file and line."""
     if not path.exists():
@@ -45,10 +72,11 @@ def _read_lines(path: Path, columns: list[str], converters: list) -> pd.DataFram
 def read_cub(root: Path) -> pd.DataFrame:
     """One row per listed image with class, official split flag and GT box (original image ids kept)."""
     root = Path(root)
-    images = _read_lines(root / ANNOTATION_FILES["images"], ["image_id", "path"], [int, str])
+    images = _read_lines(root / ANNOTATION_FILES["images"], ["image_id", "path"], [int, image_path])
     labels = _read_lines(root / ANNOTATION_FILES["labels"], ["image_id", "class_id"], [int, int])
-    boxes = _read_lines(root / ANNOTATION_FILES["boxes"], ["image_id", "x", "y", "w", "h"], [int] + [float] * 4)
-    official = _read_lines(root / ANNOTATION_FILES["official"], ["image_id", "is_training"], [int, int])
+    boxes = _read_lines(root / ANNOTATION_FILES["boxes"], ["image_id", "x", "y", "w", "h"],
+                       [int, _finite, _finite, _size, _size])
+    official = _read_lines(root / ANNOTATION_FILES["official"], ["image_id", "is_training"], [int, _flag])
     classes = _read_lines(root / ANNOTATION_FILES["classes"], ["class_id", "class_name"], [int, str])
     if images.image_id.duplicated().any():
         raise CbirError(f"{root / ANNOTATION_FILES['images']}: duplicate image id "

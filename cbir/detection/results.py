@@ -15,32 +15,63 @@ from ..layout import RunLayout
 FALLBACKS = ("gt", "full", "none")
 
 
-def read_external(path: Path) -> list[dict]:
-    """Load a COCO results file, refusing anything that is not a list of {image_id, category_id, bbox, score}."""
+def _entry_problem(d, image_ids: set[int]) -> str | None:
+    """Why one COCO result is unusable, or None."""
+    if not (isinstance(d, dict) and {"image_id", "category_id", "bbox", "score"} <= d.keys()):
+        return f"is not {{image_id, category_id, bbox, score}}: {str(d)[:80]}"
+    if not all(isinstance(d[k], int) and not isinstance(d[k], bool) for k in ("image_id", "category_id")):
+        return f"image_id {d['image_id']!r} / category_id {d['category_id']!r} are not integers"
+    box, score = d["bbox"], d["score"]
+    if not (isinstance(box, list) and len(box) == 4 and all(_finite(v) for v in box)):
+        return f"bbox {str(box)[:60]} is not [x, y, w, h] of finite numbers"
+    if box[2] <= 0 or box[3] <= 0:
+        return f"bbox {box} has a zero or negative size"
+    if not (_finite(score) and 0 <= score <= 1):
+        return f"score {score!r} is not a number in [0, 1]"
+    return None
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def read_external(path: Path, image_ids: set[int]) -> tuple[list[dict], list[str]]:
+    """A COCO results file checked entry by entry: the usable entries, and one line per unusable one
+    (malformed, non-finite, empty box, score outside [0, 1], a duplicate). Boxes of images outside the run
+    are usable elsewhere — a file for all of CUB imported into a run of some classes — so they are counted
+    and logged by `clean_boxes`, not refused; a file with none of the run's images is refused."""
     data = read_json(path)
     if not isinstance(data, list):
         raise CbirError(f"{path}: expected a JSON list of COCO results, got {type(data).__name__}")
+    good, problems, seen = [], [], set()
     for i, d in enumerate(data):
-        if not (isinstance(d, dict) and {"image_id", "category_id", "bbox", "score"} <= d.keys()
-                and isinstance(d["bbox"], list) and len(d["bbox"]) == 4
-                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in [*d["bbox"], d["score"]])
-                and isinstance(d["image_id"], int) and isinstance(d["category_id"], int)):
-            raise CbirError(f"{path}: entry {i} is not {{image_id: int, category_id: int, bbox: [x, y, w, h], "
-                            f"score: number}}: {str(d)[:80]}")
-    return data
+        why = _entry_problem(d, image_ids)
+        key = None if why else (d["image_id"], d["category_id"], *d["bbox"], d["score"])
+        if key in seen:
+            why = "duplicates an earlier entry"
+        if why:
+            problems.append(f"{path}: entry {i}: {why}")
+        else:
+            seen.add(key)
+            good.append(d)
+    if data and not any(isinstance(d, dict) and d.get("image_id") in image_ids for d in data):
+        raise CbirError(f"{path}: none of its image ids belong to this run; were these boxes made for another "
+                        f"dataset?")
+    return good, problems
 
 
 def clean_boxes(dets: list[dict], images: pd.DataFrame, keep_ids: set[int], score: float,
-                max_per_image: int) -> tuple[list[dict], dict]:
-    """Keep known images and chosen categories, clip to the image, drop NaN/degenerate boxes; counted."""
+                max_per_image: int, run_ids: set[int]) -> tuple[list[dict], dict]:
+    """Keep the chosen splits' images and categories, clip to the image, drop NaN/degenerate boxes; counted.
+    (An imported file was checked by `read_external`; a detector's own output comes here directly.)"""
     sizes = images.set_index("image_id")[["width", "height"]]
-    counts = {"input": len(dets), "unknown_image": 0, "other_category": 0, "below_score": 0, "non_finite": 0,
-              "degenerate": 0, "clipped": 0, "over_max_per_image": 0}
+    counts = {"input": len(dets), "not_in_run": 0, "other_split": 0, "other_category": 0, "below_score": 0,
+              "non_finite": 0, "degenerate": 0, "clipped": 0, "over_max_per_image": 0}
     kept = []
     for d in dets:
         iid = d["image_id"]
         if iid not in sizes.index:
-            counts["unknown_image"] += 1
+            counts["other_split" if iid in run_ids else "not_in_run"] += 1
             continue
         if d["category_id"] not in keep_ids:
             counts["other_category"] += 1
@@ -70,8 +101,6 @@ def clean_boxes(dets: list[dict], images: pd.DataFrame, keep_ids: set[int], scor
             counts["over_max_per_image"] += 1
         else:
             out.append(d)
-    if counts["input"] and counts["unknown_image"] == counts["input"]:
-        raise CbirError("none of the detections' image ids belong to this run; were they made for another dataset?")
     return out, counts
 
 

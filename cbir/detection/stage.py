@@ -19,8 +19,8 @@ from tqdm import tqdm
 from .. import CbirError
 from ..artifacts import (Artifact, commit, file_sha256, finish_shards, fingerprint, is_fresh, read_json,
                          run_in_shards, writing)
-from ..datasets import RunDataset, load_dataset
-from ..device import resolve_device
+from ..datasets import RunDataset, check_splits, load_dataset
+from ..device import batches, resolve_device
 from ..images import open_photo
 from . import Detector, build_detector
 from .results import FALLBACKS, apply_fallback, clean_boxes, kept_boxes, read_external
@@ -65,6 +65,7 @@ class DetectConfig:
     fallback: str = "gt"
     categories: tuple[str, ...] = ("auto",)  # names to keep; auto = the dataset's own categories
     detections: Path | None = None  # import boxes from another detector instead of running one
+    skip_bad: bool = False  # imported boxes: drop unusable entries (listed in bad_detections.txt) instead of stopping
     device: str = "auto"
     force: bool = False
 
@@ -73,6 +74,7 @@ class DetectConfig:
             raise CbirError(f"--fallback {self.fallback}: choose from {', '.join(FALLBACKS)}")
         if not 0 <= self.score <= 1:
             raise CbirError(f"--score {self.score}: must lie in [0, 1]")
+        check_splits(self.splits, "--splits")
         if self.max_per_image < 1 or self.batch_size < 1 or self.workers < 0:
             raise CbirError("--max-per-image and --batch-size must be at least 1, --workers at least 0")
 
@@ -109,7 +111,7 @@ def detect_images(detector: Detector, data: RunDataset, rows: pd.DataFrame, cfg:
     """Run the detector over `rows`; returns the kept boxes as COCO results and the unreadable images."""
     loader = DataLoader(_Photos(data, rows), batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=_as_list)
     results, errors = [], []
-    for batch in loader:
+    for batch in batches(loader):
         good = [(iid, photo) for iid, photo, err in batch if err is None]
         errors += [{"image_id": iid, "error": err} for iid, _, err in batch if err is not None]
         if good:
@@ -136,19 +138,31 @@ def detect(cfg: DetectConfig) -> DetectResult:
             source = {k: v for k, v in detector.spec.items() if k not in ("weights", "labels")}
         inputs = {"source": {k: v for k, v in source.items() if k != "file"}, "score": cfg.score,
                   "max_per_image": cfg.max_per_image, "fallback": cfg.fallback, "classes": sorted(keep_ids),
-                  "splits": list(cfg.splits), "dataset": data.fingerprint}
+                  "splits": list(cfg.splits), "dataset": data.fingerprint, "skip_bad": cfg.skip_bad}
         art = Artifact(layout, layout.detections)
         if is_fresh(art, inputs, cfg.force):
             folder, meta = art.open()
             return DetectResult(read_json(folder / layout.DETECTIONS), meta["summary"])
+        problems = []
         if detector is None:
-            raw, errors = read_external(Path(cfg.detections)), []
+            raw, problems = read_external(Path(cfg.detections), set(data.images.image_id))
+            errors = []
+            if problems and not cfg.skip_bad:
+                raise CbirError(f"{len(problems)} bad detection(s), first: {problems[0]} (use --skip-bad to continue "
+                                f"without them)")
+            if problems:
+                log.warning("skipped %d bad detection(s); listed in %s", len(problems),
+                            layout.path(f"{layout.detections}/{layout.BAD_DETECTIONS}"))
         else:
             raw, errors = _run_detector(detector, data, images, cfg, set(keep_ids), layout.partial(art.name),
                                         fingerprint(inputs))
         if errors:
             log.warning("%d unreadable image(s) skipped, first: %s", len(errors), errors[0]["error"])
-        dets, counts = clean_boxes(raw, images, set(keep_ids), cfg.score, cfg.max_per_image)
+        dets, counts = clean_boxes(raw, images, set(keep_ids), cfg.score, cfg.max_per_image,
+                                   set(data.images.image_id))
+        if counts["not_in_run"]:
+            log.warning("%d box(es) of %s are for images not in this run (another split range or dataset); left "
+                        "out", counts["not_in_run"], cfg.detections)
         dropped = {k: v for k, v in counts.items() if k not in ("input", "clipped") and v}
         if dropped or counts["clipped"]:
             log.info("boxes: %d in, dropped %s, %d clipped to the image", counts["input"], dropped or "none",
@@ -156,8 +170,11 @@ def detect(cfg: DetectConfig) -> DetectResult:
         gt = data.instances[data.instances.category_id.isin(keep_ids)]
         dets = apply_fallback(dets, images, gt, cfg.fallback, {e["image_id"] for e in errors})
         summary = _summary(dets, images, counts, errors, cfg, keep_ids, detector.spec if detector else source)
+        summary["bad_detections"] = len(problems)
         with commit(art, inputs, {"dataset": data.fingerprint}) as staged:
             staged.file(layout.DETECTIONS).write_text(json.dumps(dets))
+            if problems:
+                staged.file(layout.BAD_DETECTIONS).write_text("\n".join(problems) + "\n")
             staged.summary.update(summary)
         finish_shards(layout.partial(art.name))
         return DetectResult(dets, summary)
@@ -165,11 +182,11 @@ def detect(cfg: DetectConfig) -> DetectResult:
 
 def _run_detector(detector: Detector, data: RunDataset, images: pd.DataFrame, cfg: DetectConfig,
                   keep_ids: set[int], partial: Path, stamp: str) -> tuple[list[dict], list[dict]]:
-    bar = tqdm(total=len(images), desc=f"detect ({detector.spec['detector']})", unit="img")
-    shards = run_in_shards(images, SHARD_IMAGES, partial, stamp,
-                           lambda rows: detect_images(detector, data, rows, cfg, keep_ids, bar),
-                           lambda p, res: p.write_text(json.dumps(res)), lambda p: json.loads(p.read_text()), bar)
-    bar.close()
+    with tqdm(total=len(images), desc=f"detect ({detector.spec['detector']})", unit="img") as bar:
+        shards = run_in_shards(images, SHARD_IMAGES, partial, stamp,
+                               lambda rows: detect_images(detector, data, rows, cfg, keep_ids, bar),
+                               lambda p, res: p.write_text(json.dumps(res)), lambda p: json.loads(p.read_text()),
+                               bar)
     return [d for dets, _ in shards for d in dets], [e for _, errs in shards for e in errs]
 
 

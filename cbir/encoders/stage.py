@@ -17,7 +17,7 @@ from .. import CbirError
 from ..artifacts import Artifact, commit, finish_shards, fingerprint, is_fresh, read_table, run_in_shards, writing
 from ..datasets import RunDataset, load_dataset
 from ..detection.results import load_detections
-from ..device import decode_workers, resolve_device
+from ..device import batches, decode_workers, resolve_device
 from ..images import open_photo
 from ..layout import RunLayout, check_name
 from ..vectors import unit_rows
@@ -115,7 +115,7 @@ def embed_rows(rows: pd.DataFrame, data: RunDataset, encoder: CnnEncoder, batch_
     loader = DataLoader(ImageCrops(data, groups, encoder.recipe), batch_size=max(1, batch_size),
                         num_workers=workers, collate_fn=_collate)
     out = []
-    for images, boxes in loader:
+    for images, boxes in batches(loader):
         out.append(encoder.forward(images, boxes))
         if progress is not None:
             progress.update(sum(len(b) for b in boxes) if boxes is not None else len(images))
@@ -187,7 +187,6 @@ def embed(cfg: EmbedConfig) -> tuple[np.ndarray, pd.DataFrame, dict]:
         if is_fresh(art, inputs, cfg.force):
             return load_embeddings(layout, cfg.output_name)
         stamp = fingerprint(inputs)
-        bar = tqdm(total=len(rows), desc=f"embed {cfg.output_name} ({encoder.backbone.name})", unit="box")
         image_order = rows.image_id.drop_duplicates().to_numpy()
 
         def compute(image_ids):
@@ -200,8 +199,8 @@ def embed(cfg: EmbedConfig) -> tuple[np.ndarray, pd.DataFrame, dict]:
                 np.save(f, array)
 
         partial = layout.partial(art.name)
-        shards = run_in_shards(image_order, SHARD_IMAGES, partial, stamp, compute, save, np.load, bar)
-        bar.close()
+        with tqdm(total=len(rows), desc=f"embed {cfg.output_name} ({encoder.backbone.name})", unit="box") as bar:
+            shards = run_in_shards(image_order, SHARD_IMAGES, partial, stamp, compute, save, np.load, bar)
         vectors = np.concatenate(shards).astype(np.float32)
         if not np.isfinite(vectors).all():
             raise CbirError(f"{cfg.output_name}: the backbone produced NaN/inf features; check the weights file")

@@ -19,6 +19,9 @@ SEARCH_PARAMS = {"efSearch": HNSW_EF_SEARCH, "nprobe": IVF_NPROBE}
 FILE = "index.faiss"
 
 
+PROBE_DIMS = (128, 256, 512, 768, 1024, 1280, 2048)  # a body must build at one of these (PQ needs a divisor)
+
+
 def set_search_params(index, params: dict = SEARCH_PARAMS) -> dict:
     """Apply the search-time knobs the index has (through wrappers); returns those that applied."""
     space, applied = faiss.ParameterSpace(), {}
@@ -60,6 +63,18 @@ class FaissStore:
         self.index, self.factory, self.add_gpu = index, factory, add_gpu
         self.params = set_search_params(index, params if params is not None else SEARCH_PARAMS)
 
+    @staticmethod
+    def check_factory(body: str) -> None:
+        """Refuse, before any work, a factory body FAISS cannot parse at any usual dimension (the vectors'
+        own dimension is known only later; whether it trains is known at the index stage)."""
+        for dim in PROBE_DIMS:
+            try:
+                faiss.index_factory(dim, "IDMap2," + body if not body.startswith("IDMap") else body)
+                return
+            except RuntimeError as e:
+                reason = str(e).splitlines()[-1][:120]
+        raise CbirError(f"--factory {body}: FAISS cannot build it ({reason}); e.g. Flat, HNSW32, IVF1024,SQ8")
+
     @classmethod
     def build(cls, dim: int, factory: str, gpu: str = "off") -> FaissStore:
         """An untrained index; `gpu` also adds the build's vectors on the GPU when one is there."""
@@ -92,7 +107,12 @@ class FaissStore:
                         f"damaged; rebuild it with `cbir index --force`")
 
     def train(self, vectors: np.ndarray) -> None:
-        self.index.train(np.ascontiguousarray(vectors, dtype=np.float32))
+        try:
+            self.index.train(np.ascontiguousarray(vectors, dtype=np.float32))
+        except RuntimeError as e:  # e.g. IVF4096 on 500 train vectors: FAISS needs one per list at least
+            reason = str(e).splitlines()[-1].split("failed: ")[-1][:160]
+            raise CbirError(f"--factory {self.factory}: FAISS cannot train it on {len(vectors)} train vectors "
+                            f"({reason}); use a smaller one (fewer IVF lists, Flat, HNSW32)") from None
 
     def add(self, vectors: np.ndarray, ids: np.ndarray, meta=None) -> None:
         """`meta` (scalar fields) is unused: FAISS holds vectors only, the index's table holds the rest."""

@@ -13,11 +13,12 @@ import pandas as pd
 
 from .. import CbirError
 from ..artifacts import Artifact, is_fresh, writing
-from ..datasets import load_dataset
+from ..datasets import check_splits, load_dataset
 from ..encoders.stage import load_embeddings
 from ..layout import RunLayout, check_name
 from . import check_store, new_store, release_store
 from .ingest import replay_edits
+from .faiss_store import FaissStore
 from .milvus_store import check_factory
 from .reduce import resolve_pca, transform_prefix
 from .saved import SearchIndex, commit_index, load_index
@@ -58,7 +59,10 @@ class IndexConfig:
     def __post_init__(self):
         check_name(self.index_name)
         check_store(self.store)
-        if self.store != "faiss" and self.factory != "auto":
+        check_splits(self.gallery, "--gallery")
+        if self.factory != "auto" and self.store == "faiss":
+            FaissStore.check_factory(self.factory)
+        elif self.factory != "auto":
             check_factory(self.factory, self.store)
         if self.pca is not None and self.pca != "auto" and (not isinstance(self.pca, int) or self.pca < 1):
             raise CbirError(f"--pca {self.pca}: a positive dimension, auto or none")

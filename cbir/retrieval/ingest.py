@@ -92,10 +92,9 @@ def add_photos(run: Path | RunLayout, name: str, paths: list[Path], use_detector
             return 0, []
         stamp = fingerprint({"index": si.manifest, "photos": [str(p) for p in files]})
         partial = layout.partial(f"index/{name}.add")
-        bar = tqdm(total=len(files), desc=f"add photos to {name}", unit="img")
-        shards = run_in_shards(files, SHARD_PHOTOS, partial, stamp, lambda part: _embed_photos(q, part, bar),
-                               _save_shard, _load_shard, bar)
-        bar.close()
+        with tqdm(total=len(files), desc=f"add photos to {name}", unit="img") as bar:
+            shards = run_in_shards(files, SHARD_PHOTOS, partial, stamp, lambda part: _embed_photos(q, part, bar),
+                                   _save_shard, _load_shard, bar)
         vectors = np.concatenate([s[0] for s in shards]) if shards else np.zeros((0, q.encoder.dim), np.float32)
         rows = pd.DataFrame([r for s in shards for r in s[1]], columns=["path", "instance", "x", "y", "w", "h",
                                                                         "source", "score", "category_id"])

@@ -146,7 +146,7 @@ class Querier:
         """Words → this index's space (a bridged set's text side); a one-line error for other indexes."""
         from ..training.bridge import TextQuery
 
-        return TextQuery(self.spec)
+        return TextQuery(self.spec, f"index {self.si.manifest['name']}")
 
     @property
     def has_text(self) -> bool:

@@ -43,9 +43,12 @@ def transform_prefix(pca: int | None, whiten: bool) -> str:
 
 
 def fit_pca_dim(pca: int | None, dim: int, n_train: int) -> int | None:
-    """PCA needs at most min(dim, n_train) components; larger requests are lowered with a warning."""
+    """PCA needs at most min(dim, n_train) components. More than the vectors' dimension is a mistake (an
+    error); more than the train vectors support is lowered with a warning (small samples) and recorded."""
     if not pca:
         return None
+    if pca > dim:
+        raise CbirError(f"--pca {pca}: more than the vectors' dimension ({dim}); use at most {dim}, auto or none")
     top = min(dim, n_train)
     if pca > top:
         log.warning("--pca %d > what %d train vectors of dim %d support; using %d", pca, n_train, dim, top)

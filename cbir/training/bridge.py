@@ -285,13 +285,13 @@ def _train(layout: RunLayout, cfg: BridgeConfig, stamp: str, image_x: np.ndarray
 class TextQuery:
     """Words → the shared space of a bridged embeddings set (its spec's text side), plus what was understood."""
 
-    def __init__(self, spec: dict):
+    def __init__(self, spec: dict, what: str = "these vectors"):
         from ..encoders.text import text_encoder_from_spec
 
         text = spec.get("text")
         if not text:
-            raise CbirError("these vectors have no text side: train one with `cbir train-text --embeddings SET` "
-                            "and search the index of its output set")
+            raise CbirError(f"{what} has no text side: train one with `cbir train-text --embeddings SET` and "
+                            f"search the index of its output set")
         self.head = load_checked_head(text["head"], text["head_fingerprint"], "train-text")
         self.encoder = text_encoder_from_spec(text)
 

@@ -291,20 +291,19 @@ def fit(cfg, layout: RunLayout, stamp: str, model, loss_fn, optimizer, run_epoch
     else:
         history, seconds = [{"epoch": 0, "loss": float("nan"), **validate()}], 0.0
         _save_checkpoint(partial / "best.pt", best_state())
-    bar = tqdm(total=cfg.epochs * items, initial=(len(history) - 1) * items, desc=f"train {cfg.model_name}",
-               unit="item")
-    while len(history) <= cfg.epochs and not _stalled(history, cfg.patience):
-        epoch, start = len(history), time.perf_counter()
-        loss = run_epoch(epoch, bar)
-        history.append({"epoch": epoch, "loss": loss, **validate()})
-        seconds += time.perf_counter() - start
-        if history[-1]["MAP@R"] > max(h["MAP@R"] for h in history[:-1]):
-            _save_checkpoint(partial / "best.pt", best_state())
-        _save_checkpoint(ckpt, {"stamp": stamp, "model": model.state_dict(), "loss": loss_fn.state_dict(),
-                                "optimizer": optimizer.state_dict(), "history": history, "seconds": seconds})
-        log.info("epoch %d: loss %.4f, validation MAP@R %.4f, P@1 %.4f (%.0f s)", epoch, loss,
-                 history[-1]["MAP@R"], history[-1]["P@1"], time.perf_counter() - start)
-    bar.close()
+    with tqdm(total=cfg.epochs * items, initial=(len(history) - 1) * items, desc=f"train {cfg.model_name}",
+              unit="item") as bar:
+        while len(history) <= cfg.epochs and not _stalled(history, cfg.patience):
+            epoch, start = len(history), time.perf_counter()
+            loss = run_epoch(epoch, bar)
+            history.append({"epoch": epoch, "loss": loss, **validate()})
+            seconds += time.perf_counter() - start
+            if history[-1]["MAP@R"] > max(h["MAP@R"] for h in history[:-1]):
+                _save_checkpoint(partial / "best.pt", best_state())
+            _save_checkpoint(ckpt, {"stamp": stamp, "model": model.state_dict(), "loss": loss_fn.state_dict(),
+                                    "optimizer": optimizer.state_dict(), "history": history, "seconds": seconds})
+            log.info("epoch %d: loss %.4f, validation MAP@R %.4f, P@1 %.4f (%.0f s)", epoch, loss,
+                     history[-1]["MAP@R"], history[-1]["P@1"], time.perf_counter() - start)
     return history, seconds
 
 
