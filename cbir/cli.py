@@ -367,9 +367,10 @@ def cmd_search(a):
     rerank = Rerank(method=a.rerank)
     mix = {"text": a.text, "text_weight": a.text_weight}
     if a.image:
-        answers = q.query([open_photo(Path(p)) for p in a.image], a.k, names=[Path(p).name for p in a.image],
-                          filter=a.filter, rerank=rerank, category=a.category, **mix)
-        docs = [results_json(p, boxes, merged, q.categories) for p, (boxes, merged) in zip(a.image, answers)]
+        photos, names = [open_photo(Path(p)) for p in a.image], [Path(p).name for p in a.image]
+        answers = q.query(photos, a.k, names=names, filter=a.filter, rerank=rerank, category=a.category, **mix)
+        docs = [results_json(p, boxes, merged, q.categories, q.own_image(photo, name))
+                for p, photo, name, (boxes, merged) in zip(a.image, photos, names, answers)]
     elif a.query_id is not None:
         docs = [results_json(f"image_id {a.query_id}", *q.query_id(a.query_id, a.k, a.filter, rerank, a.category,
                                                                    **mix), q.categories)]
@@ -385,6 +386,8 @@ def cmd_search(a):
         return
     for doc in docs:
         print(f"# {doc['query']} — {q.detector_note}" + (f"; filter: {a.filter}" if a.filter else ""))
+        if doc["itself"] is not None:
+            print(f"this photo is image {doc['itself']} of the run: it finds itself (rows marked itself)")
         if a.text:
             print(f"words {a.text!r} at weight {doc['text_weight']}: understood {', '.join(doc['understood']) or '-'}"
                   + (f"; not understood: {', '.join(doc['not_understood'])}" if doc["not_understood"] else ""))
@@ -402,8 +405,12 @@ def _table(records: list[dict]) -> str:
 
     if not records:
         return "(no results)"
-    return pd.DataFrame(records)[["similarity", "image_id", "instance", "category", "class_name", "box", "path"]] \
-        .to_string(index=False)
+    table = pd.DataFrame(records)
+    columns = ["similarity", "image_id", "instance", "category", "class_name", "box", "path"]
+    if table.itself.any():
+        table["itself"] = table.itself.map({True: "itself", False: ""})
+        columns.append("itself")
+    return table[columns].to_string(index=False)
 
 
 def _search_parser(sub):
@@ -744,7 +751,7 @@ def cmd_ui(a):
     if a.share:
         log.warning("--share: the page will be reachable from the internet through a gradio.live link")
     serve(a.run, a.index, a.host, a.port, a.share, a.detector != "none", a.device, a.weights, a.detector_weights,
-          a.rerank)
+          a.rerank, a.auth)
 
 
 def _ui_parser(sub):
@@ -756,6 +763,8 @@ def _ui_parser(sub):
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--port", type=_bounded(int, 1, 65535), default=7860)
     p.add_argument("--share", action="store_true", help="also publish a public gradio.live link (off by default)")
+    p.add_argument("--auth", metavar="USER:PASS", help="ask for this login (or set $CBIR_UI_AUTH, which stays out of "
+                   "the process list); use it whenever --host is not loopback or with --share")
     p.add_argument("--detector", default="run", choices=("run", "none"),
                    help="run (the run's detector) or none (whole photo is the query)")
     _rerank_arg(p)

@@ -16,20 +16,20 @@ from conftest import FULL_ANNOTATIONS, MINI_SPLIT, SAMPLE
 
 @pytest.mark.parametrize("split, train, test", [("song", 5864, 5924), ("official", 5994, 5794)])
 def test_split_counts_on_full_annotations(split, train, test):
-    df = read_cub(FULL_ANNOTATIONS)
+    df, _ = read_cub(FULL_ANNOTATIONS)
     assert len(df) == 11788
     counts = assign_split(df, split).value_counts()
     assert (counts["train"], counts["test"]) == (train, test)
 
 
 def test_song_split_is_class_disjoint():
-    df = read_cub(FULL_ANNOTATIONS)
+    df, _ = read_cub(FULL_ANNOTATIONS)
     s = assign_split(df, "song")
     assert df.class_id[s == "train"].max() == 100 and df.class_id[s == "test"].min() == 101
 
 
 def test_subset_keeps_original_ids_and_class_ranges():
-    df = read_cub(SAMPLE)
+    df, _ = read_cub(SAMPLE)
     assert len(df) == 1115 and df.image_id.max() > 1115 - 1  # ids are CUB's own, not renumbered
     s = assign_split(df, "classes:1-10/11-20")
     assert set(df.class_id[s == "train"]) == set(range(1, 11))
@@ -38,12 +38,12 @@ def test_subset_keeps_original_ids_and_class_ranges():
 
 def test_song_split_on_subset_says_use_classes():
     with pytest.raises(CbirError, match="classes:"):
-        assign_split(read_cub(SAMPLE), "song")
+        assign_split(read_cub(SAMPLE)[0], "song")
 
 
 def test_overlapping_class_ranges_rejected():
     with pytest.raises(CbirError, match="both train and test"):
-        assign_split(read_cub(SAMPLE), "classes:1-10/10-20")
+        assign_split(read_cub(SAMPLE)[0], "classes:1-10/10-20")
 
 
 def test_prepare_sample_writes_images_instances_coco_and_eda(sample_run):
@@ -136,6 +136,11 @@ def test_malformed_line_names_file_and_line(mini_copy, tmp_path):
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(CbirError, match=r"bounding_boxes.txt:5: malformed"):
         prepare(PrepareConfig(run=tmp_path / "run", root=mini_copy, split=MINI_SPLIT, workers=1))
+    result = prepare(PrepareConfig(run=tmp_path / "run", root=mini_copy, split=MINI_SPLIT, workers=1, skip_bad=True))
+    assert len(result.bad) == 1 and "bounding_boxes.txt:5: malformed" in result.bad[0]
+    image_id = int(lines[4].split()[0])
+    assert image_id not in set(result.dataset.images.image_id)  # dropped from every table, not half-kept
+    assert len(result.dataset.images) == 31 and (tmp_path / "run/dataset/bad_images.txt").read_text() == result.bad[0] + "\n"
 
 
 def test_missing_annotation_file(mini_copy, tmp_path):
@@ -147,5 +152,5 @@ def test_missing_annotation_file(mini_copy, tmp_path):
 def test_mismatched_annotation_files(mini_copy, tmp_path):
     path = mini_copy / "image_class_labels.txt"
     path.write_text("\n".join(path.read_text().splitlines()[:-1]) + "\n")
-    with pytest.raises(CbirError, match="different set of image ids"):
+    with pytest.raises(CbirError, match="image_class_labels.txt: image id 909 is missing"):
         prepare(PrepareConfig(run=tmp_path / "run", root=mini_copy, split=MINI_SPLIT, workers=1))

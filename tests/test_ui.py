@@ -2,6 +2,8 @@
 
 import os
 import shutil
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -66,16 +68,49 @@ def test_unusual_photos_are_handled(server, tmp_path, make):
         assert Image.open(boxed).size[0] * Image.open(boxed).size[1] <= 12_000_000
 
 
-def test_non_image_gets_a_message_not_a_trace(server, tmp_path):
-    from gradio_client.exceptions import AppError
-
+def test_non_image_and_tiny_photos_get_a_plain_message(server, tmp_path):
     url, _ = server
     bad = tmp_path / "notes.png"
     bad.write_text("this is not a photo")
-    with pytest.raises(AppError) as e:
-        _predict(url, bad)
-    # gradio's Image component decodes before our handler: its message names the file, without a trace
-    assert "cannot identify image file" in str(e.value) and "Traceback" not in str(e.value)
+    tiny = tmp_path / "dot.png"
+    Image.new("RGB", (1, 1)).save(tiny)
+    for path, message in [(bad, "notes.png is not a photo this page can read"), (tiny, "dot.png is 1×1 px: too small")]:
+        boxed, latency, choice, gallery, _ = _predict(url, path)
+        assert message in latency and "Traceback" not in latency and "PIL" not in latency
+        assert boxed is None and gallery == [] and choice["choices"] == []
+
+
+def test_a_gallery_photo_finds_itself_and_says_so(server):
+    url, _ = server
+    _, latency, _, gallery, _ = _predict(url, CARDINAL, k=10)
+    assert "of the gallery: it finds itself" in latency
+    itself = [g["caption"] for g in gallery if g["caption"].startswith("itself: ")]
+    assert len(itself) == 1 and itself[0].startswith("itself: Cardinal · sim ")
+
+
+def test_the_page_serves_no_dataset_file(server):
+    url, run = server
+    for path in (CARDINAL, run / "dataset" / "images.parquet", Path("/etc/hostname")):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"{url}gradio_api/file={path}", timeout=10)
+        assert e.value.code in (403, 404), path
+
+
+def not_a_photo(folder: Path) -> Path:
+    path = folder / "notes.jpg"
+    path.write_text("meeting notes, not a photo\n" * 100)
+    return path
+
+
+def upload_and_search(page, path: Path) -> None:
+    """What a person does: clear the photo box (×) if it holds one, choose a file, press Search."""
+    clear = page.get_by_role("button", name="Clear")
+    if clear.count():
+        clear.first.click()
+        page.wait_for_timeout(500)
+    page.locator("input[type=file]").first.set_input_files(str(path))
+    page.wait_for_timeout(1500)
+    page.get_by_role("button", name="Search").click()
 
 
 @pytest.mark.browser
@@ -91,9 +126,7 @@ def test_page_in_headless_chromium(server, tmp_path):
         page = browser.new_page(viewport={"width": 1400, "height": 1100})
         page.goto(url, wait_until="domcontentloaded")
         page.get_by_role("button", name="Search").wait_for(timeout=60_000)
-        page.locator("input[type=file]").first.set_input_files(str(CARDINAL))
-        page.wait_for_timeout(1500)
-        page.get_by_role("button", name="Search").click()
+        upload_and_search(page, CARDINAL)
         page.get_by_text("query latency").wait_for(timeout=60_000)
         page.get_by_text("Cardinal · sim").first.wait_for(timeout=30_000)
         assert page.get_by_text("box 2 · GT box").count() == 1
@@ -101,5 +134,30 @@ def test_page_in_headless_chromium(server, tmp_path):
         page.wait_for_timeout(1500)
         assert page.get_by_text(" · sim ").count() >= 10
         page.screenshot(path=str(shot), full_page=True)
+        upload_and_search(page, not_a_photo(tmp_path))
+        page.get_by_text("notes.jpg is not a photo this page can read").wait_for(timeout=30_000)
+        big = tmp_path / "big.jpg"  # over the page's 50 MB cap: refused at upload, before the model sees it
+        big.write_bytes(CARDINAL.read_bytes() + bytes(51 * 2 ** 20))
+        page.locator("input[type=file]").first.set_input_files(str(big))
+        page.get_by_text('exceed the maximum allowed size of 50.0 Mb: "big.jpg"').wait_for(timeout=30_000)
+        assert page.get_by_text("Traceback").count() == 0
         browser.close()
     assert Image.open(shot).size[0] >= 1400
+
+
+def test_a_page_beyond_loopback_warns_and_a_bad_login_is_refused(monkeypatch, caplog, tmp_path):
+    from cbir import CbirError
+    from cbir.ui import app
+
+    def stop(*args, **kwargs):
+        raise CbirError("stopped before loading")
+    monkeypatch.setattr(app, "Querier", stop)
+    monkeypatch.delenv(app.AUTH_VARIABLE, raising=False)
+    with pytest.raises(CbirError, match="stopped"):
+        app.serve(tmp_path, "det", host="0.0.0.0")
+    assert "reachable from other machines" in caplog.text and "--auth USER:PASS" in caplog.text
+    with pytest.raises(CbirError, match="USER:PASS"):
+        app.serve(tmp_path, "det", auth="nopassword")
+    assert app.parse_auth("ann:s3cret") == ("ann", "s3cret")
+    monkeypatch.setenv(app.AUTH_VARIABLE, "bob:pw")
+    assert app.parse_auth(None) == ("bob", "pw")

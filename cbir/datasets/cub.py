@@ -45,15 +45,16 @@ def image_path(text: str) -> str:
     return text
 
 
-def _read_lines(path: Path, columns: list[str], converters: list) -> pd.DataFrame:
-    """Parse one whitespace-separated CUB file; a malformed line is an error naming file and line."""
+def _read_lines(path: Path, columns: list[str], converters: list) -> tuple[pd.DataFrame, list[tuple]]:
+    """Parse one whitespace-separated CUB file → (rows, problems); a problem is (the line's image id when
+    it has one, "FILE:LINE: what is wrong") so `prepare --skip-bad` can drop that image everywhere."""
     if not path.exists():
         raise CbirError(f"{path}: missing CUB annotation file")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise CbirError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    rows = []
+    rows, problems = [], []
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -63,37 +64,47 @@ def _read_lines(path: Path, columns: list[str], converters: list) -> pd.DataFram
                 raise ValueError(f"expected {len(columns)} fields, got {len(parts)}")
             rows.append([conv(p) for conv, p in zip(converters, parts)])
         except ValueError as e:
-            raise CbirError(f"{path}:{lineno}: malformed line {line!r} ({e})") from None
+            key = int(parts[0]) if parts and parts[0].isdigit() else None
+            problems.append((key, f"{path}:{lineno}: malformed line {line!r} ({e})"))
     if not rows:
         raise CbirError(f"{path}: empty file")
-    return pd.DataFrame(rows, columns=columns)
+    return pd.DataFrame(rows, columns=columns), problems
 
 
-def read_cub(root: Path) -> pd.DataFrame:
-    """One row per listed image with class, official split flag and GT box (original image ids kept)."""
+def read_cub(root: Path) -> tuple[pd.DataFrame, list[str]]:
+    """One row per listed image with class, official split flag and GT box (original image ids kept), and
+    the problems: malformed lines and images missing from one of the files, each dropping its image."""
     root = Path(root)
-    images = _read_lines(root / ANNOTATION_FILES["images"], ["image_id", "path"], [int, image_path])
-    labels = _read_lines(root / ANNOTATION_FILES["labels"], ["image_id", "class_id"], [int, int])
-    boxes = _read_lines(root / ANNOTATION_FILES["boxes"], ["image_id", "x", "y", "w", "h"],
-                       [int, _finite, _finite, _size, _size])
-    official = _read_lines(root / ANNOTATION_FILES["official"], ["image_id", "is_training"], [int, _flag])
-    classes = _read_lines(root / ANNOTATION_FILES["classes"], ["class_id", "class_name"], [int, str])
-    if images.image_id.duplicated().any():
-        raise CbirError(f"{root / ANNOTATION_FILES['images']}: duplicate image id "
-                        f"{images.image_id[images.image_id.duplicated()].iloc[0]}")
-    df = images
-    for name, other in [("labels", labels), ("boxes", boxes), ("official", official)]:
-        if set(other.image_id) != set(images.image_id):
-            n = len(set(other.image_id) ^ set(images.image_id))
-            raise CbirError(f"{root / ANNOTATION_FILES[name]}: lists a different set of image ids than images.txt "
-                            f"({n} differ)")
-        if other.image_id.duplicated().any():
-            raise CbirError(f"{root / ANNOTATION_FILES[name]}: duplicate image id {other.image_id[other.image_id.duplicated()].iloc[0]}")
-        df = df.merge(other, on="image_id")
-    df = df.merge(classes, on="class_id", how="left")
+    tables, problems = {}, []
+    for name, columns, converters in [("images", ["image_id", "path"], [int, image_path]),
+                                      ("labels", ["image_id", "class_id"], [int, int]),
+                                      ("boxes", ["image_id", "x", "y", "w", "h"], [int, _finite, _finite, _size, _size]),
+                                      ("official", ["image_id", "is_training"], [int, _flag])]:
+        path = root / ANNOTATION_FILES[name]
+        tables[name], found = _read_lines(path, columns, converters)
+        if any(key is None for key, _ in found):  # a line with no image id cannot be dropped alone
+            raise CbirError(next(why for key, why in found if key is None))
+        problems += found
+        duplicated = tables[name].image_id[tables[name].image_id.duplicated()]
+        if len(duplicated):
+            raise CbirError(f"{path}: duplicate image id {duplicated.iloc[0]}")
+    classes, found = _read_lines(root / ANNOTATION_FILES["classes"], ["class_id", "class_name"], [int, str])
+    if found:
+        raise CbirError(found[0][1])
+    bad = {key for key, _ in problems}
+    listed = set(tables["images"].image_id) | bad
+    for name, table in tables.items():
+        path, ids = root / ANNOTATION_FILES[name], set(table.image_id)
+        problems += [(i, f"{path}: image id {i} is missing (images.txt lists it)") for i in sorted(listed - ids - bad)]
+        problems += [(i, f"{path}: image id {i} is not in images.txt") for i in sorted(ids - listed)]
+        bad |= listed - ids
+    df = tables["images"]
+    for name in ("labels", "boxes", "official"):
+        df = df.merge(tables[name], on="image_id")
+    df = df[~df.image_id.isin(bad)].merge(classes, on="class_id", how="left")
     if df.class_name.isna().any():
         raise CbirError(f"{root / ANNOTATION_FILES['classes']}: class id {df.class_id[df.class_name.isna()].iloc[0]} not listed")
-    return df.sort_values("image_id", ignore_index=True)
+    return df.sort_values("image_id", ignore_index=True), [why for _, why in problems]
 
 
 def _parse_ranges(text: str) -> set[int]:
@@ -142,14 +153,14 @@ class CubReader:
         self.root = root
 
     def read(self) -> Tables:
-        df = read_cub(self.root)
+        df, problems = read_cub(self.root)
         images = df[["image_id", "path", "class_id", "class_name", "is_training"]]
         instances = df[["image_id", "x", "y", "w", "h"]].assign(instance=0, category_id=COCO_BIRD_ID,
                                                                 category="bird")
         files = attribute_files(self.root)
         attributes = read_attributes(files, set(df.class_id)) if files else None
         return Tables(images, instances, [{"id": COCO_BIRD_ID, "name": "bird", "supercategory": "animal"}],
-                      attributes=attributes)
+                      problems=problems, attributes=attributes)
 
     def assign_split(self, images: pd.DataFrame, split: str) -> pd.Series:
         return assign_split(images, split)

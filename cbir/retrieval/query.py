@@ -44,8 +44,10 @@ def image_level(rows: pd.DataFrame) -> pd.DataFrame:
     return best.reset_index(drop=True)
 
 
-def result_record(row, categories: dict[int, str]) -> dict:
-    return {"image_id": int(row.image_id), "instance": int(row.instance), "class_id": int(row.class_id),
+def result_record(row, categories: dict[int, str], itself: int | None = None) -> dict:
+    """One gallery row as JSON; `itself` marks the rows of the query photo's own image (a gallery photo
+    given as a query finds itself first, and says so)."""
+    return {"image_id": int(row.image_id), "itself": int(row.image_id) == itself, "instance": int(row.instance), "class_id": int(row.class_id),
             "class_name": row.class_name if isinstance(row.class_name, str) else "",
             "category": categories.get(int(row.category_id), ""),
             "path": row.path if isinstance(row.path, str) else "",
@@ -91,14 +93,16 @@ def merged_images(boxes: list[QueryBox], k: int) -> pd.DataFrame:
     return image_level(pd.concat([q.neighbours for q in boxes], ignore_index=True)).head(k) if boxes else pd.DataFrame()
 
 
-def results_json(query: str, boxes: list[QueryBox], merged: pd.DataFrame, categories: dict[int, str]) -> dict:
-    """One JSON-able document per query photo; `categories` names the COCO ids of boxes and results."""
-    return {"query": query, "boxes": [
+def results_json(query: str, boxes: list[QueryBox], merged: pd.DataFrame, categories: dict[int, str],
+                 itself: int | None = None) -> dict:
+    """One JSON-able document per query photo; `categories` names the COCO ids of boxes and results;
+    `itself`: the run's image id of the query photo when it is one of the run's (else None)."""
+    def records(table):
+        return [result_record(r, categories, itself) for r in table.itertuples()]
+    return {"query": query, "itself": itself, "boxes": [
         {"box": [round(float(v), 1) for v in q.box], "score": round(float(q.score), 4), "source": q.source,
-         "category": categories.get(q.category_id, ""),
-         "neighbours": [result_record(r, categories) for r in q.neighbours.itertuples()],
-         "images": [result_record(r, categories) for r in q.images.itertuples()]} for q in boxes],
-        "images": [result_record(r, categories) for r in merged.itertuples()]}
+         "category": categories.get(q.category_id, ""), "neighbours": records(q.neighbours),
+         "images": records(q.images)} for q in boxes], "images": records(merged)}
 
 
 def run_detector(layout: RunLayout, device, weights: str | None = None):
@@ -138,8 +142,13 @@ class Querier:
         data = load_dataset(self.layout)
         self.categories = {int(c["id"]): c["name"] for c in data.categories}
         gt = data.instances.merge(data.images[["image_id", "path", "width", "height"]], on="image_id")
-        self.gt_by_name = {Path(r.path).name: (r.width, r.height, [r.x, r.y, r.w, r.h])
+        self.run_photos = {Path(r.path).name: (r.width, r.height, [r.x, r.y, r.w, r.h], int(r.image_id))
                            for r in gt.drop_duplicates("image_id").itertuples()}
+
+    def own_image(self, photo: Photo, name: str | None) -> int | None:
+        """The run's image id of a photo that is one of the run's own (same file name and size), else None."""
+        width, height, _, image_id = self.run_photos.get(name, (None, None, None, None))
+        return image_id if (width, height) == (photo.width, photo.height) else None
 
     @cached_property
     def text(self):
@@ -222,8 +231,8 @@ class Querier:
 
     def _fallback(self, photo: Photo, name: str | None) -> list[dict]:
         whole = [{"bbox": [0.0, 0.0, float(photo.width), float(photo.height)], "score": 0.0, "source": "fallback-full"}]
-        width, height, gt = self.gt_by_name.get(name, (None, None, None))
-        if self.si.manifest["mode"] != "full" and (width, height) == (photo.width, photo.height):
+        if self.si.manifest["mode"] != "full" and self.own_image(photo, name) is not None:
+            gt = self.run_photos[name][2]
             whole.append({"bbox": [float(v) for v in gt], "score": 1.0, "source": "gt"})
         return whole
 

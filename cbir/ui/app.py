@@ -8,6 +8,9 @@ the page shows is what the CLI prints.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -17,7 +20,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
 from .. import CbirError
-from ..images import load_rgb, open_photo
+from ..images import Photo, load_rgb, open_photo
 from ..retrieval.query import Querier, results_json
 from ..retrieval.rerank import METHODS, SERVED_DEFAULT, SHORTLIST, Rerank
 
@@ -25,15 +28,47 @@ log = logging.getLogger(__name__)
 
 DETECTED, FALLBACK = (0, 200, 60), (255, 140, 0)
 MAX_UPLOAD_PIXELS = 200_000_000  # larger uploads are refused
+MAX_UPLOAD_MB = 50  # Gradio refuses bigger files before they reach the model
+MIN_SIDE = 16  # smaller photos hold nothing to detect or embed
 PAGE_DECODE_PIXELS = 12_000_000  # uploads are decoded reduced to this for speed; boxes stay in original pixels
 BOX_KIND = {"fallback-full": "whole image", "gt": "GT box"}
 MAX_BATCH = 8  # concurrent requests answered by one detector / encoder / store pass
 CARD_CACHE = 2048  # neighbour thumbnails kept (~100 kB each)
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+AUTH_VARIABLE = "CBIR_UI_AUTH"
 MAX_QUEUE = 32  # requests waiting beyond this get "queue is full" (try again) instead of an unbounded wait
 
 
-def draw_boxes(image: Image.Image, boxes: list[dict], labels: list[str]) -> Image.Image:
-    """Numbered boxes; a fallback (whole-image) box is orange and says so."""
+class PhotoInput(gr.Image):
+    """gr.Image that hands the uploaded file to `open_photo` as it is: Gradio's own preprocessing decodes it
+    first and answers a non-image with PIL's internal error text; ours gives a message a person can read."""
+
+    def get_block_name(self) -> str:
+        return "image"  # the same widget in the browser
+
+    def preprocess(self, payload):
+        return None if payload is None or payload.path is None else str(payload.path)
+
+
+def read_upload(path: Path) -> Photo:
+    """An uploaded photo, or a message saying plainly why it cannot be searched."""
+    try:
+        photo = open_photo(path, max_pixels=MAX_UPLOAD_PIXELS, decode_pixels=PAGE_DECODE_PIXELS)
+    except CbirError as e:
+        reason = str(e).removeprefix(f"{path}: ")
+        if "Mpx exceeds" in reason:
+            raise CbirError(f"{path.name} is too large: {reason.split(' exceeds')[0]}, the page takes photos up to "
+                            f"{MAX_UPLOAD_PIXELS / 1e6:.0f} Mpx") from None
+        raise CbirError(f"{path.name} is not a photo this page can read (JPEG, PNG, WebP, GIF, BMP or TIFF)") from None
+    if min(photo.width, photo.height) < MIN_SIDE:
+        raise CbirError(f"{path.name} is {photo.width}×{photo.height} px: too small to search (at least {MIN_SIDE} px "
+                        f"a side)")
+    return photo
+
+
+def draw_boxes(image: Image.Image, boxes: list[dict], labels: list[str], whole: str = "nothing found - whole image"
+               ) -> Image.Image:
+    """Numbered boxes; a fallback (whole-image) box is orange and says why (`whole`)."""
     out = image.copy()
     draw = ImageDraw.Draw(out)
     width = max(2, round(min(out.size) / 150))
@@ -44,7 +79,7 @@ def draw_boxes(image: Image.Image, boxes: list[dict], labels: list[str]) -> Imag
         colour = FALLBACK if fallback else DETECTED
         inset = width if fallback else 0
         draw.rectangle([x + inset, y + inset, x + w - 1 - inset, y + h - 1 - inset], outline=colour, width=width)
-        text = f"{label.split()[0]} nothing found - whole image" if fallback else label
+        text = f"{label.split()[0]} {whole}" if fallback else label
         tx, ty = x + inset + 2, y + inset + 2
         if fallback:  # bottom-left: the page's caption covers the photo's top-left corner
             ty = y + h - inset - 4 - (draw.textbbox((0, 0), text, font=font)[3])
@@ -69,7 +104,7 @@ def neighbour_cards(querier: Querier, rows: list[dict]) -> list[tuple[Image.Imag
         name = r["class_name"].split(".", 1)[-1].replace("_", " ") or "added photo"
         if querier.multi_category and r["category"]:
             name = r["category"]  # the box's kind says more than its photo's label
-        cards.append((image, f"{name} · sim {r['similarity']:.3f}"))
+        cards.append((image, f"{'itself: ' if r['itself'] else ''}{name} · sim {r['similarity']:.3f}"))
     return cards
 
 
@@ -89,7 +124,7 @@ def run_queries(querier: Querier, requests: list[tuple]) -> list[tuple[dict, Ima
                 continue
             if not path:
                 raise CbirError("upload a photo first" + (" or type some words" if querier.has_text else ""))
-            photos[i] = open_photo(Path(path), max_pixels=MAX_UPLOAD_PIXELS, decode_pixels=PAGE_DECODE_PIXELS)
+            photos[i] = read_upload(Path(path))
             groups.setdefault((float(score), int(k), method or "none", text, float(weight)), []).append(i)
         except CbirError as e:
             out[i] = ({"error": str(e)}, None)
@@ -100,7 +135,8 @@ def run_queries(querier: Querier, requests: list[tuple]) -> list[tuple[dict, Ima
                                 text=text, text_weight=weight)
         latency = round((time.perf_counter() - start) * 1000, 1)
         for i, (boxes, merged) in zip(members, answers):
-            doc = results_json(Path(requests[i][0]).name, boxes, merged, querier.categories)
+            name = Path(requests[i][0]).name
+            doc = results_json(name, boxes, merged, querier.categories, querier.own_image(photos[i], name))
             doc.update(latency_ms=latency, batch=len(members), size=[photos[i].width, photos[i].height],
                        **(querier.words(text, weight) if text else {}))
             out[i] = (doc, photos[i].image)
@@ -126,17 +162,22 @@ def words_line(doc: dict) -> str:
 
 def build_app(querier: Querier, examples: list[str], default_k: int = 10, rerank: str = SERVED_DEFAULT) -> gr.Blocks:
     default_score = float(querier.detect_meta.get("score_threshold", 0.3))
+    whole = "nothing found - whole image" if querier.detector is not None else "whole photo, no detector in this run"
     with gr.Blocks(title="cbir — find similar objects", analytics_enabled=False) as app:
         gr.Markdown(f"# cbir — find similar objects\nIndex **{querier.si.manifest['name']}** "
-                    f"({querier.si.manifest['count']} instances, {querier.spec['backbone']}); {querier.detector_note}.")
+                    f"({querier.si.manifest['count']} instances, {querier.spec['backbone']}); {querier.detector_note}."
+                    f"\n\nPhotos up to {MAX_UPLOAD_MB} MB and {MAX_UPLOAD_PIXELS / 1e6:.0f} Mpx, at least {MIN_SIDE} px "
+                    f"a side: JPEG, PNG, WebP, GIF, BMP or TIFF.")
         state = gr.State({})
         with gr.Row():
             with gr.Column(scale=1):
-                # image_mode None: the upload's own file reaches open_photo (modes, EXIF, huge photos handled
-                # there), not a copy Gradio re-encoded
-                photo = gr.Image(type="filepath", label="Photo", sources=["upload", "clipboard"], height=320,
-                                 image_mode=None)
-                score = gr.Slider(0.05, 0.95, value=default_score, step=0.05, label="detection score threshold")
+                # the upload's own file reaches open_photo (modes, EXIF, huge photos handled there), not a copy
+                # Gradio re-encoded
+                photo = PhotoInput(type="filepath", label="Photo", sources=["upload", "clipboard"], height=320,
+                                   image_mode=None)
+                # without a detector in the loop there is no score to threshold: no slider
+                score = gr.Slider(0.05, 0.95, value=default_score, step=0.05, label="detection score threshold",
+                                  visible=querier.detector is not None)
                 k = gr.Slider(1, 30, value=default_k, step=1, label="neighbours (k)")
                 method = gr.Radio(list(METHODS), value=rerank, label=f"re-ranking of each box's top {SHORTLIST}")
                 words = gr.Textbox(label="Words (alone, or moving the photo's boxes towards them)",
@@ -149,7 +190,7 @@ def build_app(querier: Querier, examples: list[str], default_k: int = 10, rerank
             with gr.Column(scale=2):
                 # JPEG: Gradio re-encodes every picture it returns, and JPEG costs ~4 ms where WebP took ~70 ms
                 # and PNG ~300 ms for a boxed photo and its ten neighbours on 2 cores
-                boxed = gr.Image(label="Boxes found (orange = nothing found, whole image)", interactive=False,
+                boxed = gr.Image(label=f"Boxes found (orange = {whole})", interactive=False,
                                  height=360, format="jpeg")
                 latency = gr.Markdown()
                 choice = gr.Radio(label="Box", choices=[], type="index")
@@ -179,10 +220,12 @@ def build_app(querier: Querier, examples: list[str], default_k: int = 10, rerank
             scale = image.width / doc["size"][0]  # boxes are in original pixels, the picture may be reduced
             drawn = [{**b, "box": [v * scale for v in b["box"]]} for b in doc["boxes"]]
             shared = f", answered with {doc['batch'] - 1} other request(s)" if doc["batch"] > 1 else ""
-            return (doc, draw_boxes(image, drawn, labels),
+            itself = (f"<br>this photo is image {doc['itself']} of the gallery: it finds itself (marked itself)"
+                      if doc["itself"] is not None else "")
+            return (doc, draw_boxes(image, drawn, labels, whole),
                     f"{len(doc['boxes'])} box(es) · query latency **{doc['latency_ms']:.0f} ms** "
                     f"(detect + embed + search, {doc['size'][0]}×{doc['size'][1]} px{shared})" +
-                    (f"<br>{words_line(doc)}" if "text" in doc else ""),
+                    (f"<br>{words_line(doc)}" if "text" in doc else "") + itself,
                     gr.Radio(choices=names, value=names[0]), neighbour_cards(querier, doc["boxes"][0]["neighbours"]),
                     table)
 
@@ -213,19 +256,41 @@ def build_app(querier: Querier, examples: list[str], default_k: int = 10, rerank
     return app.queue(max_size=MAX_QUEUE, default_concurrency_limit=1)
 
 
-def example_photos(querier: Querier, n: int = 4) -> list[str]:
-    """A few test-split photos of different classes, for one-click tries."""
+def example_photos(querier: Querier, folder: Path, n: int = 4) -> list[str]:
+    """A few test-split photos of different classes, for one-click tries, copied into `folder`: the page
+    serves that folder and its own outputs, never the dataset."""
     table = querier.si.table
     test = table[table.split == "test"].drop_duplicates("class_id").head(n)
-    return [str(querier.si.image_path(p)) for p in test.path]
+    copies = []
+    for path in test.path:
+        copies.append(folder / Path(path).name)
+        shutil.copyfile(querier.si.image_path(path), copies[-1])
+    return [str(p) for p in copies]
+
+
+def parse_auth(text: str | None) -> tuple[str, str] | None:
+    """--auth USER:PASS (or $CBIR_UI_AUTH) → Gradio's login pair."""
+    text = text or os.environ.get(AUTH_VARIABLE)
+    if not text:
+        return None
+    user, sep, password = text.partition(":")
+    if not (sep and user and password):
+        raise CbirError(f"--auth / ${AUTH_VARIABLE}: give USER:PASS, both non-empty")
+    return user, password
 
 
 def serve(run: Path, index: str, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
           use_detector: bool = True, device: str = "auto", weights: str | None = None,
-          detector_weights: str | None = None, rerank: str = SERVED_DEFAULT) -> None:
+          detector_weights: str | None = None, rerank: str = SERVED_DEFAULT, auth: str | None = None) -> None:
+    login = parse_auth(auth)
+    if host not in LOOPBACK:
+        log.warning("--host %s: the page is reachable from other machines%s", host,
+                    "" if login else f"; anyone who can reach it can use it — set --auth USER:PASS or ${AUTH_VARIABLE}")
     querier = Querier(run, index, use_detector, device, weights=weights, detector_weights=detector_weights)
     if querier.has_text:
         querier.text.vectors(["warm up"])  # load the text encoder now, not on the first visitor's words
-    app = build_app(querier, example_photos(querier), rerank=rerank)
-    allowed = [str(querier.si.image_dir)] if querier.si.image_dir else []
-    app.launch(server_name=host, server_port=port, share=share, allowed_paths=allowed, show_error=True)
+    with tempfile.TemporaryDirectory(prefix="cbir-ui-") as examples:
+        app = build_app(querier, example_photos(querier, Path(examples)), rerank=rerank)
+        blocked = [str(p) for p in (querier.si.image_dir, querier.layout.root) if p]
+        app.launch(server_name=host, server_port=port, share=share, auth=login, allowed_paths=[examples],
+                   blocked_paths=blocked, max_file_size=f"{MAX_UPLOAD_MB}mb", show_error=True)
