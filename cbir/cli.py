@@ -322,9 +322,12 @@ def cmd_index(a):
     if not name:
         raise CbirError("--embeddings NAME (to build) or --name NAME (to --add / --remove) is required")
     if a.add:
-        added, errors = add_photos(a.run, name, [Path(p) for p in a.add], not a.no_detector, a.moved_weights,
-                                   a.detector_weights)
-        print(f"index {name}: added {added} instance(s); {len(errors)} unreadable photo(s) skipped")
+        added, errors, ids = add_photos(a.run, name, [Path(p) for p in a.add], not a.no_detector, a.moved_weights,
+                                        a.detector_weights)
+        for path, image_id in ids.items():
+            print(f"image_id {image_id}\t{path}")
+        print(f"index {name}: added {added} instance(s) of {len(ids)} photo(s) (image ids above); "
+              f"{len(errors)} unreadable photo(s) skipped")
     elif a.remove:
         print(f"index {name}: removed {remove_images(a.run, name, parse_ids(a.remove))} vector(s)")
     else:

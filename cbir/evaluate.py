@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 REPORT = "retrieval"
 KEY = ["embeddings", "reduction", "pca", "index", "rerank"]
-SHOWN = ["R@1", "R@2", "R@4", "R@8", "P@5", "P@10", "mAP", "MAP@R", "R-precision", "NMI", "recall@10 vs exact"]
+SHOWN = ["R@1", "P@1", "R@2", "R@4", "R@8", "P@5", "P@10", "mAP", "MAP@R", "R-precision", "NMI", "recall@10 vs exact"]
 DEPTH = 100  # ranking depth of approximate searches
 
 
@@ -244,11 +244,12 @@ def evaluate(cfg: EvalConfig) -> Evaluation:
                 staged.copy_from(folder, [p.name for p in folder.glob("*.png")])
             staged.write_table(layout.METRICS, result.metrics)
             staged.write_json("metrics.json", result.metrics.to_dict(orient="records"))
-            staged.file(layout.COMPARISON).write_text(comparison_markdown(result.metrics, layout.root))
             if cfg.plots:
                 from .metrics.plots import write_plots
 
                 write_plots(load_dataset(layout), result, staged.folder)
+            plots = sorted(p.name for p in staged.folder.glob("*.png"))
+            staged.file(layout.COMPARISON).write_text(comparison_markdown(result.metrics, layout.root, plots))
             staged.summary.update(rows=len(result.metrics), computed=len(result.computed))
         return result
 
@@ -260,13 +261,20 @@ def _upstream(layout: RunLayout, metrics: pd.DataFrame) -> dict[str, str]:
     return {n: Artifact(layout, n).fingerprint for n in sorted(names) if Artifact(layout, n).exists()}
 
 
-def comparison_markdown(metrics: pd.DataFrame, run: Path) -> str:
+BLANKS = ("— : not computed for that row. Approximate-index rows (`index` other than exact) score the top of "
+          "each ranking (R@K, P@K, MAP@R) and its recall@10 against exact search; mAP, R-precision and NMI need the "
+          "whole ranking or the vectors themselves and are on the row's exact twin. `recall@10 vs exact` is left "
+          "out on exact rows (1 by definition). Re-ranking reorders each ranking but not the vectors, so re-ranked "
+          "rows have no NMI. P@1 equals R@1: at K=1 both ask whether the first result is relevant.")
+
+
+def comparison_markdown(metrics: pd.DataFrame, run: Path, plots: list[str] = ()) -> str:
     """Two tables: the embeddings and reductions without re-ranking, then each re-ranking beside the row it
-    re-ranks (same embeddings, reduction, PCA and index)."""
+    re-ranks (same embeddings, reduction, PCA and index); what a blank means; links to the plots."""
     shown = [c for c in SHOWN if c in metrics]
     table = metrics[["embeddings", "reduction", "backbone", "pca", "dim", "index", "rerank", "images"] + shown].copy()
     for c in shown:
-        table[c] = table[c].map(lambda v: "" if pd.isna(v) else f"{v:.3f}")
+        table[c] = table[c].map(lambda v: "—" if pd.isna(v) else f"{v:.3f}")
     plain = table.rerank == "none"
     reranked_keys = table.loc[~plain, ["embeddings", "reduction", "pca", "index"]].drop_duplicates()
     with_base = table.merge(reranked_keys, on=["embeddings", "reduction", "pca", "index"])  # plain + re-ranked
@@ -285,6 +293,9 @@ def comparison_markdown(metrics: pd.DataFrame, run: Path) -> str:
                   "Each re-ranked row below the row it re-ranks. `refit` rows re-rank the whole test gallery; "
                   "`served` rows re-rank each query's shortlist from the store (its top 100), as `search` and the "
                   "page do.", "", with_base.to_markdown(index=False), ""]
+    parts += [BLANKS, ""]
+    if plots:
+        parts += ["## Plots", "", *[f"- [{name}]({name})" for name in plots], ""]
     return "\n".join(parts)
 
 

@@ -78,7 +78,7 @@ def milvus_run(mini_run, tmp_path):
 def test_edits_keep_ids_filter_selects_and_a_new_process_answers_the_same(milvus_run, tmp_path):
     run = milvus_run
     photo = sorted((MINI / "images" / "014.Indigo_Bunting").glob("*.jpg"))[0]
-    added, errors = add_photos(run, "mv", [photo], use_detector=False)
+    added, errors, _ = add_photos(run, "mv", [photo], use_detector=False)
     assert added == 1 and errors == []
     si = load_index(run, "mv")
     victim = int(si.table[si.table.split == "train"].image_id.iloc[0])

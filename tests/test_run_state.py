@@ -135,12 +135,13 @@ def test_rebuilds_keep_added_and_removed_images(mini_run, tmp_path):
     new.mkdir()
     photo = sorted((MINI / "images" / "014.Indigo_Bunting").glob("*.jpg"))[1]
     Image.open(photo).save(new / "a.jpg")
-    added, _ = add_photos(run, "det", [new], use_detector=False)
+    added, _, ids = add_photos(run, "det", [new], use_detector=False)
     victim = int(load_index(run, "det").table.query("split == 'test'").image_id.iloc[0])
     remove_images(run, "det", [victim])
     before = load_index(run, "det")
     added_rows = before.table[before.table.split == "added"]
     assert added == len(added_rows) == 1
+    assert ids == {str(new / "a.jpg"): int(added_rows.image_id.iloc[0])}  # what `index --add` prints
     # the same settings again (what `cbir run` does): fresh, nothing dropped
     again = build_index(IndexConfig(run=run, embeddings="det", pca=8, factory="Flat"))
     assert again.table.index.equals(before.table.index)

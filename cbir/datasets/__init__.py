@@ -27,6 +27,12 @@ INSTANCE_COLUMNS = ["image_id", "instance", "category_id", "category", "x", "y",
 SPLITS = ("train", "test")
 
 
+def short_name(class_name: str) -> str:
+    """A class name as people read it: '017.Cardinal' → 'Cardinal', 'Black_footed_Albatross' → 'Black footed
+    Albatross' (CUB's folder-style names; others pass unchanged)."""
+    return class_name.split(".", 1)[-1].replace("_", " ")
+
+
 def check_splits(splits: tuple[str, ...], flag: str) -> tuple[str, ...]:
     """Split names given on the command line: each one of SPLITS, at least one."""
     unknown = [s for s in splits if s not in SPLITS]

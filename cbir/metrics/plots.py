@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 from sklearn.decomposition import PCA  # noqa: E402
 from sklearn.manifold import TSNE  # noqa: E402
 
-from ..datasets import RunDataset  # noqa: E402
+from ..datasets import RunDataset, short_name  # noqa: E402
 from ..images import load_rgb  # noqa: E402
 from .ranking import Gallery, image_sims  # noqa: E402
 
@@ -43,8 +43,8 @@ def pr_curves(curves: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
-def embedding_map(name: str, gallery, path: Path, seed: int = 0) -> Path:
-    """t-SNE and PCA (and UMAP when installed) of the test query vectors, coloured by class."""
+def embedding_map(name: str, gallery, path: Path, class_names: dict[int, str], seed: int = 0) -> Path:
+    """t-SNE and PCA (and UMAP when installed) of the test query vectors, coloured by class (named)."""
     methods = {"PCA": PCA(2, random_state=seed),
                "t-SNE": TSNE(2, init="pca", perplexity=min(30, max(5, len(gallery.query) // 10)), random_state=seed)}
     try:
@@ -62,7 +62,8 @@ def embedding_map(name: str, gallery, path: Path, seed: int = 0) -> Path:
         ax.scatter(xy[:, 0], xy[:, 1], c=[colour[c] for c in gallery.labels], s=9, alpha=0.85)
         ax.set(title=f"{title} — {name}", xticks=[], yticks=[])
     if len(classes) <= 20:
-        handles = [plt.Line2D([], [], marker="o", ls="", color=colour[c], label=str(c)) for c in classes]
+        handles = [plt.Line2D([], [], marker="o", ls="", color=colour[c], label=short_name(class_names.get(c, str(c))))
+                   for c in classes]
         fig.legend(handles=handles, title="class", loc="center right", fontsize=8)
         fig.subplots_adjust(right=0.88)
     fig.suptitle(f"Test embeddings ({len(gallery.query)} images, {len(classes)} classes)")
@@ -118,6 +119,7 @@ def qualitative_grid(data: RunDataset, name: str, gallery: Gallery, path: Path, 
 def write_plots(data: RunDataset, result, folder: Path) -> list[Path]:
     """PR curves of every computed row, and per embeddings set its 2-D maps and top-10 grid."""
     out = [pr_curves(result.curves, folder / "pr_curves.png")]
+    names = dict(zip(data.images.class_id, data.images.class_name))
     seen = set()
     for key, gallery in result.galleries.items():
         name = key.split(" (")[0]
@@ -125,6 +127,6 @@ def write_plots(data: RunDataset, result, folder: Path) -> list[Path]:
             continue
         seen.add(name)
         slug = name.replace("+", "_")
-        out.append(embedding_map(key, gallery, folder / f"embedding_map_{slug}.png"))
+        out.append(embedding_map(key, gallery, folder / f"embedding_map_{slug}.png", names))
         out.append(qualitative_grid(data, key, gallery, folder / f"grid_{slug}.png"))
     return out

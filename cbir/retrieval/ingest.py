@@ -79,9 +79,10 @@ def add_rows(si: SearchIndex, vectors: np.ndarray, rows: pd.DataFrame) -> np.nda
 
 
 def add_photos(run: Path | RunLayout, name: str, paths: list[Path], use_detector: bool = True,
-               weights: str | None = None, detector_weights: str | None = None) -> tuple[int, list[str]]:
+               weights: str | None = None, detector_weights: str | None = None) -> tuple[int, list[str], dict[str, int]]:
     """Detect → embed → add new photos to a saved index, in resumable shards; image ids continue after the
-    run's, a photo already in the index (same absolute path) is skipped. Returns (instances, errors)."""
+    run's, a photo already in the index (same absolute path) is skipped. Returns (instances, errors, the
+    image id given to each added photo), so a user can find, filter or --remove them later."""
     with writing(run) as layout:
         q = Querier(layout, name, use_detector, gpu="off", weights=weights, detector_weights=detector_weights,
                     repair=True)
@@ -89,7 +90,7 @@ def add_photos(run: Path | RunLayout, name: str, paths: list[Path], use_detector
         known = set(si.table.path[si.table.split == "added"])
         files = [p for p in photo_files(paths) if str(p) not in known]
         if not files:
-            return 0, []
+            return 0, [], {}
         stamp = fingerprint({"index": si.manifest, "photos": [str(p) for p in files]})
         partial = layout.partial(f"index/{name}.add")
         with tqdm(total=len(files), desc=f"add photos to {name}", unit="img") as bar:
@@ -111,7 +112,7 @@ def add_photos(run: Path | RunLayout, name: str, paths: list[Path], use_detector
                                          "instances": len(rows)})
             commit_index(layout, si, si.manifest["upstream"])
         finish_shards(partial)
-        return len(rows), errors
+        return len(rows), errors, image_ids if len(rows) else {}
 
 
 def remove_images(run: Path | RunLayout, name: str, image_ids: list[int]) -> int:

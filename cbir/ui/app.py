@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .. import CbirError
 from ..images import Photo, load_rgb, open_photo
+from ..datasets import short_name
 from ..retrieval.query import Querier, results_json
 from ..retrieval.rerank import METHODS, SERVED_DEFAULT, SHORTLIST, Rerank
 
@@ -39,15 +40,13 @@ AUTH_VARIABLE = "CBIR_UI_AUTH"
 MAX_QUEUE = 32  # requests waiting beyond this get "queue is full" (try again) instead of an unbounded wait
 
 
-class PhotoInput(gr.Image):
+def photo_input(**kwargs) -> gr.Image:
     """gr.Image that hands the uploaded file to `open_photo` as it is: Gradio's own preprocessing decodes it
-    first and answers a non-image with PIL's internal error text; ours gives a message a person can read."""
-
-    def get_block_name(self) -> str:
-        return "image"  # the same widget in the browser
-
-    def preprocess(self, payload):
-        return None if payload is None or payload.path is None else str(payload.path)
+    first and answers a non-image with PIL's internal error text; ours gives a message a person can read.
+    (Set on the instance: a gr.Image subclass makes Gradio write a .pyi stub beside this module.)"""
+    image = gr.Image(type="filepath", **kwargs)
+    image.preprocess = lambda payload: None if payload is None or payload.path is None else str(payload.path)
+    return image
 
 
 def read_upload(path: Path) -> Photo:
@@ -101,7 +100,7 @@ def neighbour_cards(querier: Querier, rows: list[dict]) -> list[tuple[Image.Imag
     cards = []
     for r in rows:
         image = card_image(querier.si.image_path(r["path"]), tuple(r["box"]), r["source"], r["image_id"])
-        name = r["class_name"].split(".", 1)[-1].replace("_", " ") or "added photo"
+        name = short_name(r["class_name"]) or "added photo"
         if querier.multi_category and r["category"]:
             name = r["category"]  # the box's kind says more than its photo's label
         cards.append((image, f"{'itself: ' if r['itself'] else ''}{name} · sim {r['similarity']:.3f}"))
@@ -173,8 +172,7 @@ def build_app(querier: Querier, examples: list[str], default_k: int = 10, rerank
             with gr.Column(scale=1):
                 # the upload's own file reaches open_photo (modes, EXIF, huge photos handled there), not a copy
                 # Gradio re-encoded
-                photo = PhotoInput(type="filepath", label="Photo", sources=["upload", "clipboard"], height=320,
-                                   image_mode=None)
+                photo = photo_input(label="Photo", sources=["upload", "clipboard"], height=320, image_mode=None)
                 # without a detector in the loop there is no score to threshold: no slider
                 score = gr.Slider(0.05, 0.95, value=default_score, step=0.05, label="detection score threshold",
                                   visible=querier.detector is not None)
