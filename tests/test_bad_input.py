@@ -136,6 +136,7 @@ ANNOTATIONS = [
     Case("cub-not-utf8", PREPARE, "classes.txt", {"cub": cub(classes=lambda l: l[:-1] + ["200 caf\udce9"])}),
     Case("cub-path-escapes-root", PREPARE, "images.txt:1", {"cub": cub(images=replace_line(1, "1 ../../../etc/passwd"))}),
     Case("cub-missing-image", PREPARE, "Nope.jpg", {"cub": cub(images=replace_line(1, "1 001.Black_footed_Albatross/Nope.jpg"))}),
+    Case("cub-images-folder-missing", PREPARE, "images", {"cub": lambda ctx: (cub_root(ctx.tmp) / "images").unlink()}),
     Case("cub-root-missing", "prepare --cub {tmp}/nowhere --out {run} --no-eda", "nowhere"),
     Case("cub-root-is-a-file", "prepare --cub {tmp}/file.txt --out {run} --no-eda", "file.txt", {"file.txt": b"x"}),
     Case("split-overlap", PREPARE.replace(MINI_SPLIT, "classes:1-10/5-20"), "classes:1-10/5-20", {"cub": cub()}),
@@ -186,6 +187,7 @@ DETECTIONS = [
     Case("dets-all-unknown", DETECT, "dets.json", {"dets.json": detections(lambda d: [x.update(image_id=x["image_id"] + 10 ** 6) for x in d])}),
     Case("dets-duplicate-entry", DETECT, "entry 1", {"dets.json": detections(lambda d: d.insert(1, dict(d[0])))}),
     Case("dets-category-a-string", DETECT, "entry 0", {"dets.json": detections(set_key((0, "category_id"), "bird"))}),
+    Case("dets-empty-file", DETECT, "dets.json", {"dets.json": b""}),
     Case("dets-file-missing", "detect --run {run} --detections {tmp}/none.json", "none.json"),
     Case("dets-unknown-category-flag", DETECT + " --categories dragon", "dragon", {"dets.json": detections(lambda d: None)}),
 ]
@@ -252,6 +254,7 @@ FLAGS = [
     Case("train-name-escapes", "train-embedder --run {run} --embeddings det --name ../m", "../m"),
     Case("train-text-unknown-encoder", "train-text --run {run} --embeddings det --text bogus", "bogus"),
     Case("evaluate-text-no-bridge", "evaluate-text --run {run}", "train-text"),
+    Case("ui-auth-malformed", "ui --run {run} --index det --auth nopassword", "--auth"),
     Case("port-out-of-range", "ui --run {run} --index det --port 99999", "--port"),
     Case("ui-index-missing", "ui --run {run} --index nosuch --port 7999", "nosuch"),
     Case("run-folder-missing", "status --run {tmp}/norun", "norun"),
@@ -339,6 +342,7 @@ class Outcome:
     code: int | None
     stderr: str
     trace: str = ""
+    stdout: str = ""
 
     @property
     def lines(self) -> list[str]:
@@ -349,16 +353,16 @@ class Outcome:
 
 def attempt(argv: list[str]) -> Outcome:
     """Run the CLI in this process (as `cbir ARGV`), capturing stderr; an exception out of main is a traceback."""
-    err = io.StringIO()
+    err, out = io.StringIO(), io.StringIO()
     code, trace = None, ""
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
         try:
             code = main(argv)
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1
         except BaseException:  # noqa: BLE001 — exactly what the corpus exists to catch
             trace = traceback.format_exc()
-    return Outcome(code, err.getvalue(), trace)
+    return Outcome(code, err.getvalue(), trace, out.getvalue())
 
 
 @pytest.fixture(scope="module")
@@ -413,3 +417,77 @@ def test_bad_input_gets_one_line_and_changes_nothing(case: Case, corpus_run, pri
     assert len(outcome.lines) == 1, f"not one line: {outcome.stderr[-800:]!r}"
     assert case.culprit.lower() in outcome.lines[0].lower(), f"culprit {case.culprit!r} not named: {outcome.lines[0]}"
     assert "Traceback" not in outcome.stderr
+
+
+# ---------------------------------------------------------------- unusual but good input: a correct result
+
+def photo(mode: str = "RGB", size=(320, 240), fmt: str = "PNG", exif_orientation: int | None = None) -> Callable:
+    """A real CUB photo in another mode, size or orientation."""
+    def make(ctx):
+        image = Image.open(PHOTO).convert(mode if mode != "I;16" else "L").resize(size)
+        if mode == "I;16":
+            image = Image.fromarray(np.asarray(image, np.uint16) * 257)
+        out = io.BytesIO()
+        exif = Image.Exif()
+        if exif_orientation:
+            exif[0x0112] = exif_orientation
+        image.save(out, fmt, **({"exif": exif} if exif_orientation else {}))
+        return out.getvalue()
+    return make
+
+
+@dataclass
+class Good:
+    """Unusual input that must give a correct result: exit 0 and `check(outcome, ctx)` holds."""
+
+    id: str
+    argv: str
+    check: Callable
+    files: dict[str, bytes | Callable] = field(default_factory=dict)
+
+
+def searched(size: tuple[int, int]):
+    """The photo was searched whole (this run imports its boxes) at its upright size, and found neighbours."""
+    def check(outcome, ctx):
+        doc = json.loads(outcome.stdout)
+        assert doc["boxes"][0]["box"] == [0.0, 0.0, float(size[0]), float(size[1])]
+        assert len(doc["boxes"][0]["neighbours"]) == 3
+    return check
+
+
+def listed(file: str, what: str):
+    def check(outcome, ctx):
+        assert what in (ctx.tmp / "new" / file).read_text()
+    return check
+
+
+SEARCH = "search --run {run} --index det --image {tmp}/p --json --k 3"
+GOOD = [
+    Good("greyscale", SEARCH, searched((320, 240)), {"p": photo("L")}),
+    Good("cmyk-jpeg", SEARCH, searched((320, 240)), {"p": photo("CMYK", fmt="JPEG")}),
+    Good("rgba", SEARCH, searched((320, 240)), {"p": photo("RGBA")}),
+    Good("palette", SEARCH, searched((320, 240)), {"p": photo("P")}),
+    Good("16-bit", SEARCH, searched((320, 240)), {"p": photo("I;16")}),
+    Good("exif-rotated", SEARCH, searched((240, 320)), {"p": photo(fmt="JPEG", exif_orientation=6)}),
+    Good("one-pixel", SEARCH, searched((1, 1)), {"p": photo(size=(1, 1))}),
+    Good("huge-48-mpx", SEARCH, searched((8000, 6000)), {"p": photo(size=(8000, 6000), fmt="JPEG")}),
+    Good("skip-bad-annotation", "prepare --cub {cub} --out {tmp}/new --split " + MINI_SPLIT + " --workers 1 --no-eda "
+         "--skip-bad", listed("dataset/bad_images.txt", "bounding_boxes.txt:1"),
+         {"cub": cub(bounding_boxes=replace_line(1, "1 nan 27 325 304"))}),
+    Good("box-outside-is-clipped", "prepare --cub {cub} --out {tmp}/new --split " + MINI_SPLIT + " --workers 1 --no-eda",
+         lambda outcome, ctx: "1 boxes clipped" in outcome.stdout,
+         {"cub": cub(bounding_boxes=replace_line(1, "1 60 27 5000 304"))}),
+]
+
+
+@pytest.mark.parametrize("case", GOOD, ids=[c.id for c in GOOD])
+def test_unusual_good_input_gives_a_correct_result(case: Good, corpus_run, tmp_path):
+    ctx = Context(corpus_run, tmp_path)
+    for name, content in case.files.items():
+        made = content(ctx) if callable(content) else content
+        if isinstance(made, bytes):
+            (tmp_path / name).write_bytes(made)
+    outcome = attempt(ctx.fill(case.argv))
+    assert not outcome.trace, outcome.trace[-1500:]
+    assert outcome.code == 0, outcome.stderr[-800:]
+    assert case.check(outcome, ctx) is not False

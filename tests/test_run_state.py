@@ -264,3 +264,12 @@ def test_status_of_a_fresh_prepare_lists_what_is_missing(tmp_path):
     out = _cli("status", "--run", run).stdout
     assert "dataset" in out and "missing" in out
     assert len(load_dataset(RunLayout(run)).images) == 32
+
+
+def test_artifacts_are_readable_by_a_second_user_of_a_shared_run(mini_run):
+    """Files follow the user's umask (022 here: 0644), never a private 0600 of temp files."""
+    mask = os.umask(0)
+    os.umask(mask)
+    files = [p for p in mini_run.rglob("*") if p.is_file() and not p.is_symlink() and p.name != ".lock"]
+    assert files and all(p.stat().st_mode & 0o777 == 0o666 & ~mask for p in files), \
+        [(str(p), oct(p.stat().st_mode)) for p in files if p.stat().st_mode & 0o777 != 0o666 & ~mask][:3]
