@@ -23,6 +23,20 @@ def test_every_command_has_useful_help(capsys):
         assert e.value.code == 0
         text = capsys.readouterr().out
         assert len(text) > 300 and "--" in text, name
+    with pytest.raises(SystemExit) as e:
+        main(["index", "--run", "r", "--pca", "abc"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("cbir index: error: argument --pca:") and "usage" not in err
+
+
+def test_every_flag_with_a_default_shows_it_in_help():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            if action.option_strings and action.default not in (None, False, "==SUPPRESS==") and action.help:
+                assert "default" in command._get_formatter()._expand_help(action), (name, action.option_strings)
 
 
 def test_python_dash_m_cbir_is_the_cbir_command():

@@ -100,7 +100,10 @@ def test_saved_index_reloads_and_extends_identically(run, tmp_path):
     assert before["boxes"][0]["source"] == "fallback-full"  # imported boxes: the whole photo is the query
     first = before["boxes"][0]["neighbours"][0]
     assert set(first) == {"image_id", "instance", "class_id", "class_name", "path", "box", "source", "similarity",
-                          "category"}
+                          "category", "itself"}
+    own = pd.read_parquet(run / "dataset" / "images.parquet").query("path.str.endswith(@photo.name)").image_id
+    assert before["itself"] == int(own.iloc[0])  # a photo of the run: its own rows are marked
+    assert all(n["itself"] == (n["image_id"] == before["itself"]) for n in before["boxes"][0]["neighbours"])
     new = tmp_path / "new"
     new.mkdir()
     shutil.copy(sorted((MINI / "images" / "014.Indigo_Bunting").glob("*.jpg"))[0], new / "a.jpg")
@@ -198,7 +201,10 @@ def test_pca_auto_chooses_as_documented():
     eigen = np.sort(np.linalg.eigvalsh(np.cov(x, rowvar=False)))[::-1]
     kept = np.cumsum(eigen) / eigen.sum()
     assert kept[used - 1] >= AUTO_VARIANCE > kept[used - 2]  # the smallest such dimension
-    assert resolve_pca(512, isotropic) == (64, "512 requested, lowered to 64 (dim 64, 4000 train vectors)")
+    few = isotropic[:40]  # more than the train vectors support: lowered and said; more than the dimension: refused
+    assert resolve_pca(50, few) == (40, "50 requested, lowered to 40 (dim 64, 40 train vectors)")
+    with pytest.raises(CbirError, match=r"--pca 512: more than the vectors' dimension \(64\)"):
+        resolve_pca(512, isotropic)
 
 
 def test_photos_answered_together_equal_photos_answered_alone(run):
