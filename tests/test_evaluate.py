@@ -131,7 +131,9 @@ def test_evaluate_writes_reports_and_scores_an_approximate_index(mini_run, tmp_p
     for name in ("metrics.csv", "comparison.md", "pr_curves.png", "embedding_map_det.png", "grid_det.png",
                  "grid_full_det.png"):
         assert (reports / name).stat().st_size > 0
-    assert "| full+det" in (reports / "comparison.md").read_text()
+    comparison = (reports / "comparison.md").read_text()
+    assert "| full+det" in comparison and "|   P@1 |" in comparison and "— : not computed" in comparison
+    assert "- [pr_curves.png](pr_curves.png)" in comparison and "- [grid_det.png](grid_det.png)" in comparison
 
 
 def test_a_narrower_evaluate_keeps_the_other_rows(mini_run, tmp_path):
