@@ -20,8 +20,8 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
 from .. import CbirError
-from ..images import Photo, load_rgb, open_photo
 from ..datasets import short_name
+from ..images import Photo, load_rgb, open_photo
 from ..retrieval.query import Querier, results_json
 from ..retrieval.rerank import METHODS, SERVED_DEFAULT, SHORTLIST, Rerank
 
