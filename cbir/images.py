@@ -44,6 +44,10 @@ class Photo:
         return np.asarray(boxes, float).reshape(-1, 4) * self.scale
 
 
+class PhotoTooLarge(CbirError):
+    """A photo over the pixel limit (a decompression-bomb guard): callers with their own limit say so."""
+
+
 def upright_size(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int, str]:
     """(width, height, mode) of the upright photo from its header alone; refuses over `max_pixels`."""
     try:
@@ -54,7 +58,7 @@ def upright_size(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int,
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise CbirError(f"{path}: cannot decode image ({e})") from None
     if width * height > max_pixels:
-        raise CbirError(f"{path}: {width}x{height} = {width * height / 1e6:.0f} Mpx exceeds --max-pixels "
+        raise PhotoTooLarge(f"{path}: {width}x{height} = {width * height / 1e6:.0f} Mpx exceeds --max-pixels "
                         f"{max_pixels / 1e6:.0f} Mpx; raise --max-pixels or downscale the photo")
     return (height, width, mode) if orientation in _TRANSPOSED else (width, height, mode)
 

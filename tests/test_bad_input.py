@@ -109,12 +109,6 @@ def set_key(path: tuple, value) -> Callable:
     return edit
 
 
-def image_bytes(size=(64, 48), fmt="JPEG", mode="RGB") -> bytes:
-    out = io.BytesIO()
-    Image.new(mode, size, 128).save(out, fmt)
-    return out.getvalue()
-
-
 PREPARE = "prepare --cub {cub} --out {run} --split " + MINI_SPLIT + " --workers 1 --no-eda"
 PREPARE_COCO = "prepare --coco {coco} --images {images} --out {run} --workers 1 --no-eda"
 DETECT = "detect --run {run} --detections {tmp}/dets.json"

@@ -10,6 +10,7 @@ A new dataset is one new module with a `DatasetReader`, registered in `READERS`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -25,6 +26,18 @@ from .attributes import Attributes
 IMAGE_COLUMNS = ["image_id", "path", "class_id", "class_name", "split", "width", "height", "mode"]
 INSTANCE_COLUMNS = ["image_id", "instance", "category_id", "category", "x", "y", "w", "h"]
 SPLITS = ("train", "test")
+
+
+def finite_number(v) -> bool:
+    """A JSON number that is a real value: not a bool, not NaN or infinite (COCO files and results)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def relative_image_path(text: str) -> str:
+    """An image path under the image folder, never outside it (absolute, or with `..`); ValueError else."""
+    if Path(text).is_absolute() or ".." in Path(text).parts:
+        raise ValueError(f"{text!r} leaves the image folder")
+    return text
 
 
 def short_name(class_name: str) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import math
 import re
 from pathlib import Path
 
@@ -22,16 +21,11 @@ from pycocotools.coco import COCO
 
 from .. import CbirError
 from ..artifacts import read_json
-from . import Tables
-from .cub import image_path
+from . import Tables, finite_number, relative_image_path
 
 NO_OBJECTS = (0, "(no objects)")
 SPLIT_HELP = "random:F[:SEED] (a share F of images to train, by a hash of the image id) or coco_split " \
              "(the images' coco_split field: train2017 → train, val2017 → test)"
-
-
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _is_int(v) -> bool:
@@ -46,7 +40,7 @@ def _image_problem(im) -> str | None:
     if not isinstance(im.get("file_name"), str) or not im["file_name"]:
         return "file_name missing or not a string"
     try:
-        image_path(im["file_name"])
+        relative_image_path(im["file_name"])
     except ValueError as e:
         return f"file_name {e}"
     if not all(_is_int(im.get(k)) and im[k] > 0 for k in ("width", "height")):
@@ -64,7 +58,7 @@ def _annotation_problem(a, images: set[int], categories: set[int]) -> str | None
     if a.get("category_id") not in categories:
         return f"category_id {a.get('category_id')!r} is not in categories"
     box = a.get("bbox")
-    if not (isinstance(box, list) and len(box) == 4 and all(_number(v) for v in box)):
+    if not (isinstance(box, list) and len(box) == 4 and all(finite_number(v) for v in box)):
         return f"bbox {str(box)[:60]} is not [x, y, w, h] of finite numbers"
     if box[2] <= 0 or box[3] <= 0:
         return f"bbox {box} has a zero or negative size"

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .. import CbirError
-from . import Tables
+from . import Tables, relative_image_path
 from .attributes import attribute_files, read_attributes
 
 COCO_BIRD_ID = 16  # COCO's own id for "bird", so detections score against the GT with pycocotools directly
@@ -36,13 +36,6 @@ def _flag(text: str) -> int:
     if text not in ("0", "1"):
         raise ValueError(f"{text!r} is not 0 or 1")
     return int(text)
-
-
-def image_path(text: str) -> str:
-    """A path under the image folder, never outside it (an absolute path or one with `..`)."""
-    if Path(text).is_absolute() or ".." in Path(text).parts:
-        raise ValueError(f"{text!r} leaves the image folder")
-    return text
 
 
 def _read_lines(path: Path, columns: list[str], converters: list) -> tuple[pd.DataFrame, list[tuple]]:
@@ -76,7 +69,7 @@ def read_cub(root: Path) -> tuple[pd.DataFrame, list[str]]:
     the problems: malformed lines and images missing from one of the files, each dropping its image."""
     root = Path(root)
     tables, problems = {}, []
-    for name, columns, converters in [("images", ["image_id", "path"], [int, image_path]),
+    for name, columns, converters in [("images", ["image_id", "path"], [int, relative_image_path]),
                                       ("labels", ["image_id", "class_id"], [int, int]),
                                       ("boxes", ["image_id", "x", "y", "w", "h"], [int, _finite, _finite, _size, _size]),
                                       ("official", ["image_id", "is_training"], [int, _flag])]:

@@ -10,29 +10,26 @@ import pandas as pd
 
 from .. import CbirError
 from ..artifacts import Artifact, read_json
+from ..datasets import finite_number
 from ..layout import RunLayout
 
 FALLBACKS = ("gt", "full", "none")
 
 
-def _entry_problem(d, image_ids: set[int]) -> str | None:
+def _entry_problem(d) -> str | None:
     """Why one COCO result is unusable, or None."""
     if not (isinstance(d, dict) and {"image_id", "category_id", "bbox", "score"} <= d.keys()):
         return f"is not {{image_id, category_id, bbox, score}}: {str(d)[:80]}"
     if not all(isinstance(d[k], int) and not isinstance(d[k], bool) for k in ("image_id", "category_id")):
         return f"image_id {d['image_id']!r} / category_id {d['category_id']!r} are not integers"
     box, score = d["bbox"], d["score"]
-    if not (isinstance(box, list) and len(box) == 4 and all(_finite(v) for v in box)):
+    if not (isinstance(box, list) and len(box) == 4 and all(finite_number(v) for v in box)):
         return f"bbox {str(box)[:60]} is not [x, y, w, h] of finite numbers"
     if box[2] <= 0 or box[3] <= 0:
         return f"bbox {box} has a zero or negative size"
-    if not (_finite(score) and 0 <= score <= 1):
+    if not (finite_number(score) and 0 <= score <= 1):
         return f"score {score!r} is not a number in [0, 1]"
     return None
-
-
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def read_external(path: Path, image_ids: set[int]) -> tuple[list[dict], list[str]]:
@@ -45,7 +42,7 @@ def read_external(path: Path, image_ids: set[int]) -> tuple[list[dict], list[str
         raise CbirError(f"{path}: expected a JSON list of COCO results, got {type(data).__name__}")
     good, problems, seen = [], [], set()
     for i, d in enumerate(data):
-        why = _entry_problem(d, image_ids)
+        why = _entry_problem(d)
         key = None if why else (d["image_id"], d["category_id"], *d["bbox"], d["score"])
         if key in seen:
             why = "duplicates an earlier entry"

@@ -143,9 +143,9 @@ def detect(cfg: DetectConfig) -> DetectResult:
         if is_fresh(art, inputs, cfg.force):
             folder, meta = art.open()
             return DetectResult(read_json(folder / layout.DETECTIONS), meta["summary"])
-        problems = []
+        problems, run_ids = [], set(data.images.image_id)
         if detector is None:
-            raw, problems = read_external(Path(cfg.detections), set(data.images.image_id))
+            raw, problems = read_external(Path(cfg.detections), run_ids)
             errors = []
             if problems and not cfg.skip_bad:
                 raise CbirError(f"{len(problems)} bad detection(s), first: {problems[0]} (use --skip-bad to continue "
@@ -158,8 +158,7 @@ def detect(cfg: DetectConfig) -> DetectResult:
                                         fingerprint(inputs))
         if errors:
             log.warning("%d unreadable image(s) skipped, first: %s", len(errors), errors[0]["error"])
-        dets, counts = clean_boxes(raw, images, set(keep_ids), cfg.score, cfg.max_per_image,
-                                   set(data.images.image_id))
+        dets, counts = clean_boxes(raw, images, set(keep_ids), cfg.score, cfg.max_per_image, run_ids)
         if counts["not_in_run"]:
             log.warning("%d box(es) of %s are for images not in this run (another split range or dataset); left "
                         "out", counts["not_in_run"], cfg.detections)

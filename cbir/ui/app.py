@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .. import CbirError
 from ..datasets import short_name
-from ..images import Photo, load_rgb, open_photo
+from ..images import Photo, PhotoTooLarge, load_rgb, open_photo
 from ..retrieval.query import Querier, results_json
 from ..retrieval.rerank import METHODS, SERVED_DEFAULT, SHORTLIST, Rerank
 
@@ -32,6 +32,7 @@ MAX_UPLOAD_PIXELS = 200_000_000  # larger uploads are refused
 MAX_UPLOAD_MB = 50  # Gradio refuses bigger files before they reach the model
 MIN_SIDE = 16  # smaller photos hold nothing to detect or embed
 PAGE_DECODE_PIXELS = 12_000_000  # uploads are decoded reduced to this for speed; boxes stay in original pixels
+NOTHING_FOUND = "nothing found - whole image"  # a detector found nothing: the whole photo stood in
 BOX_KIND = {"fallback-full": "whole image", "gt": "GT box"}
 MAX_BATCH = 8  # concurrent requests answered by one detector / encoder / store pass
 CARD_CACHE = 2048  # neighbour thumbnails kept (~100 kB each)
@@ -53,11 +54,10 @@ def read_upload(path: Path) -> Photo:
     """An uploaded photo, or a message saying plainly why it cannot be searched."""
     try:
         photo = open_photo(path, max_pixels=MAX_UPLOAD_PIXELS, decode_pixels=PAGE_DECODE_PIXELS)
-    except CbirError as e:
-        reason = str(e).removeprefix(f"{path}: ")
-        if "Mpx exceeds" in reason:
-            raise CbirError(f"{path.name} is too large: {reason.split(' exceeds')[0]}, the page takes photos up to "
-                            f"{MAX_UPLOAD_PIXELS / 1e6:.0f} Mpx") from None
+    except PhotoTooLarge:
+        raise CbirError(f"{path.name} is too large: the page takes photos up to {MAX_UPLOAD_PIXELS / 1e6:.0f} Mpx") \
+            from None
+    except CbirError:
         raise CbirError(f"{path.name} is not a photo this page can read (JPEG, PNG, WebP, GIF, BMP or TIFF)") from None
     if min(photo.width, photo.height) < MIN_SIDE:
         raise CbirError(f"{path.name} is {photo.width}×{photo.height} px: too small to search (at least {MIN_SIDE} px "
@@ -65,8 +65,7 @@ def read_upload(path: Path) -> Photo:
     return photo
 
 
-def draw_boxes(image: Image.Image, boxes: list[dict], labels: list[str], whole: str = "nothing found - whole image"
-               ) -> Image.Image:
+def draw_boxes(image: Image.Image, boxes: list[dict], labels: list[str], whole: str = NOTHING_FOUND) -> Image.Image:
     """Numbered boxes; a fallback (whole-image) box is orange and says why (`whole`)."""
     out = image.copy()
     draw = ImageDraw.Draw(out)
@@ -161,7 +160,7 @@ def words_line(doc: dict) -> str:
 
 def build_app(querier: Querier, examples: list[str], default_k: int = 10, rerank: str = SERVED_DEFAULT) -> gr.Blocks:
     default_score = float(querier.detect_meta.get("score_threshold", 0.3))
-    whole = "nothing found - whole image" if querier.detector is not None else "whole photo, no detector in this run"
+    whole = NOTHING_FOUND if querier.detector is not None else "whole photo, no detector in this run"
     with gr.Blocks(title="cbir — find similar objects", analytics_enabled=False) as app:
         gr.Markdown(f"# cbir — find similar objects\nIndex **{querier.si.manifest['name']}** "
                     f"({querier.si.manifest['count']} instances, {querier.spec['backbone']}); {querier.detector_note}."
