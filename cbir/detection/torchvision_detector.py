@@ -46,7 +46,7 @@ class TorchvisionDetector:
         if min_size != "auto" and not str(min_size).isdigit():
             raise CbirError(f"--min-size {min_size}: 'auto' or a number of pixels")
         enum = weights_enum(name)
-        resolved = resolve_weights(name, weights, enum)
+        resolved = resolve_weights(name, weights, enum, "--detector-weights")
         torch.manual_seed(0)
         model = torchvision.models.get_model(name, weights=None, weights_backbone=None,
                                              num_classes=len(enum.DEFAULT.meta["categories"]),

@@ -50,22 +50,23 @@ def weights_file(path: Path) -> ResolvedWeights:
     return ResolvedWeights(str(path.absolute()), path.absolute(), file_sha256(path)[:16])
 
 
-def resolve_weights(model_name: str, spec: str, weights_enum=None) -> ResolvedWeights:
-    """`spec` is 'none', a file path, or a torchvision weights name of `weights_enum`."""
+def resolve_weights(model_name: str, spec: str, weights_enum=None, flag: str = "--weights") -> ResolvedWeights:
+    """`spec` is 'none', a file path, or a torchvision weights name of `weights_enum`; `flag` is the option
+    that gave it (--weights for backbones, --detector-weights for detectors), named in every message."""
     if spec.lower() == "none":
-        log.warning("=" * 70 + "\n%s: RANDOM WEIGHTS (--weights none) — outputs are meaningless, for plumbing tests only\n"
-                    + "=" * 70, model_name)
+        log.warning("=" * 70 + "\n%s: RANDOM WEIGHTS (%s none) — outputs are meaningless, for plumbing tests only\n"
+                    + "=" * 70, model_name, flag)
         return ResolvedWeights("none", None, "random-init-seed0")
     path = Path(spec).expanduser()
     if path.suffix in FILE_SUFFIXES or path.exists() or os.sep in spec:
         return weights_file(path)
     if weights_enum is None:
-        raise CbirError(f"{model_name}: no torchvision weights enum; pass --weights PATH to a state_dict file")
+        raise CbirError(f"{model_name}: no torchvision weights enum; pass {flag} PATH to a state_dict file")
     try:
         weights = weights_enum[spec] if spec != "DEFAULT" else weights_enum.DEFAULT
     except KeyError:
         names = ", ".join(w.name for w in weights_enum)
-        raise CbirError(f"--weights {spec}: not a weights name of {model_name} (known: DEFAULT, {names}) nor a file") from None
+        raise CbirError(f"{flag} {spec}: not a weights name of {model_name} (known: DEFAULT, {names}) nor a file") from None
     filename = Path(weights.url).name
     candidates = ([Path(os.environ[WEIGHTS_ENV]) / filename] if os.environ.get(WEIGHTS_ENV) else []) + [_hub_file(filename)]
     for candidate in candidates:
@@ -77,8 +78,8 @@ def resolve_weights(model_name: str, spec: str, weights_enum=None) -> ResolvedWe
         torch.hub.load_state_dict_from_url(weights.url, progress=True, check_hash=True)
     except Exception as e:  # noqa: BLE001 — any network failure gets the same how-to line
         raise CbirError(f"{model_name} weights {filename} not found and download failed ({type(e).__name__}); "
-                        f"put the file in ${WEIGHTS_ENV} or {_hub_file(filename).parent}, or pass its path with --weights "
-                        f"(--detector-weights in `cbir run`); --weights none: random init for plumbing tests") from None
+                        f"put the file in ${WEIGHTS_ENV} or {_hub_file(filename).parent}, or pass its path with {flag} "
+                        f"(or {flag} none: random init, for plumbing tests)") from None
     return ResolvedWeights(weights.name, _hub_file(filename), file_sha256(_hub_file(filename))[:16])
 
 
