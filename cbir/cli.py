@@ -597,6 +597,73 @@ def _train_embedder_parser(sub):
     p.set_defaults(func=cmd_train_embedder)
 
 
+def cmd_train_detector(a):
+    from .detection.training import TrainDetectorConfig, train_detector
+
+    card = train_detector(TrainDetectorConfig(
+        run=a.run, coco=a.coco, images=a.images, trunk=a.trunk, trunk_weights=a.trunk_weights,
+        detector_weights=a.detector_weights, trainable_layers=a.trainable_layers, min_size=a.min_size,
+        max_size=a.max_size, epochs=a.epochs, batch_size=a.batch_size, optimizer=a.optimizer, lr=a.lr,
+        warmup=a.warmup, validation=a.validation, max_images=a.max_images, workers=a.workers, device=a.device,
+        seed=a.seed, name=a.name, force=a.force))
+    v, data = card["validation"], card["data"]
+    print(f"{a.run}/models/{card['name']}: {card['architecture']}, {card['trainable_layers']} trunk stage(s) trained, "
+          f"{card['epochs']} epochs on {data['train_images']} photos at {card['input_size']['eval_short_side']} px, "
+          f"{card['seconds'] / 60:.1f} min on {card['device']}; validation ({data['validation_images']} held-out photos) "
+          f"AP {v['AP']:.3f}, AP50 {v['AP50']:.3f}, top-box hit {v['top_box_hit']:.1%}")
+    print(f"use it: `cbir detect --run {a.run} --detector {a.run}/models/{card['name']} --force`, then embed, index "
+          f"and `cbir ui` (the page boxes new photos with it)")
+
+
+def _train_detector_parser(sub):
+    from .detection.frcnn import TRUNKS
+    from .detection.training import JITTER, RECIPES, VALIDATION_SHARE
+
+    cpu, gpu = RECIPES["cpu"], RECIPES["cuda"]
+    p = sub.add_parser("train-detector", help="fine-tune a torchvision Faster R-CNN (FPN over an ImageNet trunk) on "
+                       "the run's train boxes or a COCO file → RUN/models/NAME",
+                       description="Train a Faster R-CNN on COCO-format boxes: the run's train split (CUB: one "
+                                   "category, bird) or --coco INSTANCES.json --images DIR. Flips and scale jitter, "
+                                   "orientation-grouped batches, a one-cycle schedule with warm-up, clipped "
+                                   "gradients, AMP on CUDA; a held-out share of the photos is scored with COCOeval "
+                                   "every epoch. Checkpoints every epoch: rerun the same command to resume after a "
+                                   "kill. Defaults by device: CPU {c[size]} px, {c[epochs]} epochs, batch "
+                                   "{c[batch_size]}; CUDA {g[size]} px, {g[epochs]} epochs, batch {g[batch_size]}."
+                                   .format(c=cpu, g=gpu))
+    _run_arg(p)
+    p.add_argument("--coco", type=Path, help="a COCO instances file to train on instead of the run's train split")
+    p.add_argument("--images", type=Path, help="the image folder of --coco")
+    p.add_argument("--trunk", default="mobilenet_v2", choices=TRUNKS)
+    p.add_argument("--trunk-weights", default="DEFAULT", help="ImageNet weights of the trunk: DEFAULT / a torchvision "
+                   "weights name (looked up in $CBIR_WEIGHTS_DIR, the torch hub cache, then downloaded), a state_dict "
+                   "PATH, or 'none' (random, plumbing only)")
+    p.add_argument("--detector-weights", help="resnet50 only: start from COCO Faster R-CNN weights (DEFAULT or PATH) "
+                   "instead of the ImageNet trunk")
+    p.add_argument("--trainable-layers", type=_bounded(int, 0, 6), help="trunk stages trained, from the top; 0 keeps "
+                   f"the ImageNet trunk frozen, so --backbone detector embeddings stay the trunk's (default "
+                   f"{cpu['trainable_layers']})")
+    p.add_argument("--min-size", type=_bounded(int, 32, 4096), help="short side at evaluation; training draws it from "
+                   f"{', '.join(f'{f:g}x' for f in JITTER)} of it (default: {cpu['size']} on CPU, {gpu['size']} on CUDA)")
+    p.add_argument("--max-size", type=_bounded(int, 32, 8192), help="long-side cap (default 2x --min-size)")
+    p.add_argument("--epochs", type=_bounded(int, 1, 1000), help=f"default {cpu['epochs']} on CPU, {gpu['epochs']} on CUDA")
+    p.add_argument("--batch-size", type=_bounded(int, 1, 256), help=f"photos per step (default {cpu['batch_size']} on "
+                   f"CPU, {gpu['batch_size']} on CUDA)")
+    p.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
+    p.add_argument("--lr", type=_bounded(float, 1e-8, 10.0), help="peak learning rate (default 0.01 per 4 photos for "
+                   "SGD, 1e-4 for AdamW)")
+    p.add_argument("--warmup", type=_bounded(float, 0, 0.99), default=0.1, help="share of the steps spent warming up")
+    p.add_argument("--validation", type=_bounded(float, 0.01, 0.9), default=VALIDATION_SHARE,
+                   help="share of the photos held out and scored every epoch")
+    p.add_argument("--max-images", type=_bounded(int, 2, 10 ** 9), help="train on at most this many photos (a fixed "
+                   "hash-drawn subset)")
+    p.add_argument("--workers", type=_bounded(int, 0, 64), default=1, help="decoding processes")
+    p.add_argument("--seed", type=_bounded(int, 0, 2 ** 31), default=0)
+    p.add_argument("--name", help="model name (default detector-TRUNK)")
+    _force(p, "the training")
+    _device(p)
+    p.set_defaults(func=cmd_train_detector)
+
+
 def _training_loop(p, epochs: int, patience: int, batch: int, min_batch: int, default_name: str):
     """The flags of the shared training loop (`training.stage.fit`), with each trainer's own defaults."""
     p.add_argument("--epochs", type=_bounded(int, 1, 10000), default=epochs, help=f"default {epochs}")
@@ -819,7 +886,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_status)
 
     for register in (_detect_parser, _embed_parser, _index_parser, _search_parser, _evaluate_parser,
-                     _evaluate_objects_parser, _compare_methods_parser, _train_embedder_parser, _train_text_parser,
+                     _evaluate_objects_parser, _compare_methods_parser, _train_embedder_parser, _train_detector_parser,
+                     _train_text_parser,
                      _evaluate_text_parser, _run_parser, _ui_parser):
         register(sub)
     return parser

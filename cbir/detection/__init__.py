@@ -8,6 +8,7 @@ A new detector is one new module with a builder registered in `build_detector`.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -24,13 +25,19 @@ class Detector(Protocol):
 
 def build_detector(name: str, weights: str, *, device: torch.device, min_size: str = "auto",
                    score_floor: float = 0.05, labels: str | None = None) -> Detector:
-    """'fasterrcnn_*' (torchvision builders, weights API) or 'onnx:PATH' (onnxruntime)."""
+    """'fasterrcnn_*' (torchvision builders, weights API), 'onnx:PATH' (onnxruntime), or the folder or
+    detector.pt of a `cbir train-detector` model."""
     if name.startswith("onnx:"):
         from .onnx_detector import OnnxDetector
 
         return OnnxDetector(name[5:], labels)
     from .torchvision_detector import DETECTORS, TorchvisionDetector
 
+    if name not in DETECTORS and (name.endswith(".pt") or "/" in name or Path(name).exists()):
+        from .frcnn import TrainedDetector
+
+        return TrainedDetector(name, device=device, min_size=min_size, score_floor=score_floor)
+
     if name not in DETECTORS:
-        raise CbirError(f"--detector {name}: unknown; choose from {', '.join(DETECTORS)} or onnx:PATH")
+        raise CbirError(f"--detector {name}: unknown; choose from {', '.join(DETECTORS)}, onnx:PATH or a train-detector model folder")
     return TorchvisionDetector(name, weights, device=device, min_size=min_size, score_floor=score_floor)

@@ -71,22 +71,27 @@ def detection_quality(layout: RunLayout) -> dict:
     test_set = set(test_ids)
     test_ap = coco_ap(gt_coco, [d for d in detected if d["image_id"] in test_set], test_ids, categories) \
         if test_ids and len(test_ids) < len(images) else None
+    gt = data.instances[data.instances.category_id.isin(categories)]
+    per_image, has_box = top_box_iou(detected, gt, images.image_id)
+    return {**ap, "test": test_ap, "images": len(images), "detector": info["detector"], "score_threshold": info["score_threshold"],
+            "share_with_box": round(float(has_box.mean()), 4),
+            "top_box_iou50_rate": round(float((per_image >= 0.5).mean()), 4),
+            "median_top_box_iou": round(float(np.median(per_image[has_box])) if has_box.any() else 0.0, 4),
+            "fallback_rate": info["fallback_rate"], "instances": info["instances"],
+            "images_with_several_instances": info["images_with_several_instances"]}
+
+
+def top_box_iou(detected: list[dict], gt: pd.DataFrame, image_ids: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Per image of `image_ids`: the best IoU of its top-scoring box with its GT boxes (0 without a box),
+    and whether it has a box at all — the numbers that say how often the box we embed is the object."""
     top = pd.DataFrame(detected).sort_values("score", ascending=False, kind="stable").drop_duplicates("image_id") \
         if detected else pd.DataFrame(columns=["image_id", "bbox"])
-    gt = data.instances[data.instances.category_id.isin(categories)]
     pairs = top[["image_id", "bbox"]].merge(gt, on="image_id")
     iou = pd.Series(dtype=float)
     if len(pairs):
         pairs["iou"] = box_iou_xywh(np.array(pairs.bbox.tolist(), float), pairs[["x", "y", "w", "h"]].to_numpy(float))
         iou = pairs.groupby("image_id").iou.max()
-    has_box = images.image_id.isin(top.image_id)
-    per_image = iou.reindex(images.image_id).fillna(0.0).to_numpy()
-    return {**ap, "test": test_ap, "images": len(images), "detector": info["detector"], "score_threshold": info["score_threshold"],
-            "share_with_box": round(float(has_box.mean()), 4),
-            "top_box_iou50_rate": round(float((per_image >= 0.5).mean()), 4),
-            "median_top_box_iou": round(float(np.median(per_image[has_box.to_numpy()])) if has_box.any() else 0.0, 4),
-            "fallback_rate": info["fallback_rate"], "instances": info["instances"],
-            "images_with_several_instances": info["images_with_several_instances"]}
+    return iou.reindex(image_ids).fillna(0.0).to_numpy(), image_ids.isin(top.image_id).to_numpy()
 
 
 def category_markdown(per_category: dict, test: dict | None = None) -> str:

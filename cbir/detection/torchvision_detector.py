@@ -12,6 +12,7 @@ from torchvision.transforms.functional import pil_to_tensor
 from .. import CbirError
 from ..encoders.weights import load_partial, load_state_dict, resolve_weights, weights_enum
 from ..images import Photo
+from .frcnn import to_results
 
 DETECTORS = ("fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", "fasterrcnn_mobilenet_v3_large_fpn")
 NATIVE_BOUNDS = (224, 1024)  # --min-size auto keeps the photo's own short side inside these bounds
@@ -64,11 +65,4 @@ class TorchvisionDetector:
     def detect(self, photos: list[Photo]) -> list[list[dict]]:
         with torch.inference_mode():
             outputs = self.model([pil_to_tensor(p.image).to(self.device).float().div_(255) for p in photos])
-        found = []
-        for photo, out in zip(photos, outputs):
-            boxes = out["boxes"].cpu().double() * photo.scale
-            found.append([{"category_id": int(c), "score": round(float(s), 5),
-                           "bbox": [round(float(b[0]), 2), round(float(b[1]), 2), round(float(b[2] - b[0]), 2),
-                                    round(float(b[3] - b[1]), 2)]}
-                          for b, c, s in zip(boxes, out["labels"].tolist(), out["scores"].tolist())])
-        return found
+        return to_results(outputs, photos, range(len(coco_categories())))  # torchvision's label k is COCO id k

@@ -7,17 +7,17 @@ and is part of its fingerprint, so vectors of different models or preprocessing 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
 
 from .. import CbirError
-from .weights import ResolvedWeights, load_partial, load_state_dict, resolve_weights, weights_enum
+from .weights import ResolvedWeights, load_partial, load_state_dict, resolve_weights, weights_enum, weights_file
 
 # ---------------------------------------------------------------- embedding backbones
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -62,18 +62,26 @@ def _probe(trunk: nn.Module, size: int) -> tuple[int, int]:
 
 
 def _detector_trunk(weights: str, detector: str) -> tuple[nn.Module, ResolvedWeights, Preprocess]:
-    """The ResNet-50 body of the run's Faster R-CNN, with the detector's weights (backbone.body.*)."""
-    resolved = resolve_weights(detector, weights, weights_enum(detector))
+    """The trunk of a Faster R-CNN (`backbone.body.*`): torchvision's ResNet-50 one with the detector's weights,
+    or a `cbir train-detector` checkpoint's (`detector` 'trained:TRUNK', `weights` the checkpoint)."""
+    trained = detector.startswith("trained:")
+    resolved = weights_file(Path(weights)) if trained else resolve_weights(detector, weights, weights_enum(detector))
+    arch = detector.partition(":")[2] if trained else "resnet50"
     torch.manual_seed(0)
-    resnet = torchvision.models.resnet50(weights=None)
+    model = torchvision.models.get_model(arch, weights=None)
     if resolved.path is not None:
+        from ..detection.frcnn import read_checkpoint
+
+        state = read_checkpoint(resolved.path)["state_dict"] if trained else load_state_dict(resolved.path)
         prefix = "backbone.body."
-        sd = {k[len(prefix):]: v for k, v in load_state_dict(resolved.path).items() if k.startswith(prefix)}
+        sd = {("features." if hasattr(model, "features") else "") + k[len(prefix):]: v
+              for k, v in state.items() if k.startswith(prefix)}
         if not sd:
-            raise CbirError(f"{resolved.path}: has no {prefix}* keys; is it a Faster R-CNN ResNet-50 checkpoint?")
-        load_partial(resnet, sd, resolved.path, head_prefixes=("fc.",))
-    t = torchvision.models.ResNet50_Weights.DEFAULT.transforms()
-    return _torchvision_trunk(resnet, "resnet50"), resolved, Preprocess(t.crop_size[0], t.resize_size[0], IMAGENET_MEAN, IMAGENET_STD)
+            raise CbirError(f"{resolved.path}: has no {prefix}* keys; is it a Faster R-CNN checkpoint?")
+        load_partial(model, sd, resolved.path, head_prefixes=("fc.", "classifier."))
+    t = weights_enum(arch).DEFAULT.transforms()
+    return _torchvision_trunk(model, arch), resolved, Preprocess(t.crop_size[0], t.resize_size[0], tuple(t.mean),
+                                                                 tuple(t.std))
 
 
 def _timm_trunk(name: str, weights: str) -> tuple[nn.Module, ResolvedWeights, Preprocess]:

@@ -159,14 +159,19 @@ def fuse_embeddings(layout: RunLayout, name: str) -> tuple[np.ndarray, pd.DataFr
     return vectors, table, info
 
 
-def _detector_name(layout: RunLayout) -> str:
+def run_detector_trunk(layout: RunLayout, weights: str) -> tuple[str, str]:
+    """(detector, weights) for `--backbone detector`: the run's own detector when it has a trunk (a torchvision
+    Faster R-CNN, or a trained one, whose checkpoint holds the weights), else the ResNet-50 Faster R-CNN."""
     meta = Artifact(layout, layout.detections).meta()
-    detector = meta["inputs"].get("detector") if meta else None
-    return detector if detector and detector.startswith("fasterrcnn") else "fasterrcnn_resnet50_fpn"
+    detector = meta["summary"].get("detector", "") if meta else ""
+    if detector.startswith("trained:"):
+        return detector, weights if weights != "DEFAULT" else meta["summary"]["weights"]
+    return (detector if detector.startswith("fasterrcnn") else "fasterrcnn_resnet50_fpn"), weights
 
 
 def build_encoder(cfg: EmbedConfig, layout: RunLayout) -> CnnEncoder:
-    backbone = build_backbone(cfg.backbone, cfg.weights, _detector_name(layout))
+    detector, weights = run_detector_trunk(layout, cfg.weights) if cfg.backbone == "detector" else (None, cfg.weights)
+    backbone = build_backbone(cfg.backbone, weights, detector or "fasterrcnn_resnet50_fpn")
     return CnnEncoder(backbone, resolve_device(cfg.device), pool=cfg.pool, crop_margin=cfg.crop_margin,
                       crop_resize=cfg.crop_resize, size=cfg.size, roi=cfg.roi, bf16=cfg.bf16)
 

@@ -1,0 +1,146 @@
+"""train-detector: real CUB photos lower the loss and give a checkpoint every command loads; a killed run
+resumes where it was and ends where an unbroken one does; broken checkpoints get one line; the trained
+trunk feeds `--backbone detector`."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+
+from cbir.cli import main
+from cbir.datasets import load_dataset
+from cbir.detection import build_detector
+from cbir.detection import training
+from cbir.detection.frcnn import FORMAT, build_model, read_checkpoint
+from cbir.detection.training import TrainDetectorConfig, train_detector
+from cbir.images import open_photo
+from cbir.layout import RunLayout
+from conftest import MOBILENET, copy_run
+
+TINY = {"min_size": 128, "batch_size": 4, "workers": 0, "trunk_weights": str(MOBILENET)}
+
+
+@pytest.fixture(scope="module")
+def trained(mini_run, tmp_path_factory):
+    """The mini sample's train photos, 4 epochs at 128 px (about 20 s on 2 cores)."""
+    run = copy_run(mini_run, tmp_path_factory.mktemp("det") / "run")
+    card = train_detector(TrainDetectorConfig(run=run, epochs=4, **TINY))
+    return run, card
+
+
+def test_training_lowers_the_loss_and_writes_a_loadable_checkpoint(trained):
+    run, card = trained
+    losses = [h["loss"] for h in card["history"]]
+    assert len(losses) == 4 and losses[-1] < 0.8 * losses[0], losses
+    assert card["data"]["train_images"] + card["data"]["validation_images"] == \
+        int((load_dataset(RunLayout(run)).images.split == "train").sum())  # the train split only, all of it
+    assert card["categories"] == [{"id": 16, "name": "bird"}]  # COCO's id, as prepare writes it and card["trainable_layers"] == 3
+    folder = run / "models" / card["name"]
+    assert {"detector.pt", "card.json", "curves.png", "meta.json"} <= {p.name for p in folder.iterdir()}
+    ckpt = read_checkpoint(folder)
+    assert ckpt["format"] == FORMAT and ckpt["build"]["eval_size"] == 128
+    detector = build_detector(str(folder), "DEFAULT", device=torch.device("cpu"), score_floor=0.0)
+    data = load_dataset(RunLayout(run))
+    photo = open_photo(data.image_path(data.images.path[0]))
+    found = detector.detect([photo])[0]
+    assert found and {d["category_id"] for d in found} == {16}
+    assert all(0 <= d["bbox"][0] and d["bbox"][0] + d["bbox"][2] <= photo.width + 0.01 for d in found)
+    assert detector.spec["weights_fingerprint"] == card["weights_file_sha256"]
+
+
+def test_the_same_command_again_is_a_noop(trained, caplog):
+    caplog.set_level(logging.INFO)
+    run, card = trained
+    assert train_detector(TrainDetectorConfig(run=run, epochs=4, **TINY))["seconds"] == card["seconds"]
+    assert "up to date" in caplog.text
+
+
+def test_a_killed_run_resumes_after_its_last_epoch_and_ends_as_an_unbroken_one(mini_run, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO)
+    cfg = {**TINY, "epochs": 2, "max_images": 8, "min_size": 96}
+    unbroken = train_detector(TrainDetectorConfig(run=copy_run(mini_run, tmp_path / "a"), **cfg))
+    run = copy_run(mini_run, tmp_path / "b")
+    real, calls = training.validate, []
+
+    def killed_in_epoch_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "validate", killed_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        train_detector(TrainDetectorConfig(run=run, **cfg))
+    assert not (run / "models").exists() or not any((run / "models").iterdir())
+    monkeypatch.setattr(training, "validate", real)
+    resumed = train_detector(TrainDetectorConfig(run=run, **cfg))
+    assert "resuming models/detector-mobilenet_v2 after epoch 1 of 2" in caplog.text
+    for a, b in zip(unbroken["history"], resumed["history"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) and a["AP50"] == pytest.approx(b["AP50"], abs=1e-3)
+
+
+def _one_line(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cbir ")]
+    assert len(err) == 1 and "Traceback" not in err[0]
+    return err[0]
+
+
+def test_broken_or_foreign_checkpoints_get_one_line(trained, tmp_path, capsys):
+    run, card = trained
+    good = run / "models" / card["name"] / "detector.pt"
+    cases = {"truncated.pt": good.read_bytes()[:100_000], "garbage.pt": b"\x00not a checkpoint" * 1000}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    torch.save({"conv.weight": torch.zeros(3)}, tmp_path / "foreign.pt")
+    ckpt = torch.load(good, weights_only=True)
+    ckpt["build"] = {**ckpt["build"], "trunk": "mobilenet_v3_large"}  # the weights no longer fit
+    torch.save(ckpt, tmp_path / "mismatched.pt")
+    expected = {"truncated.pt": "not a loadable checkpoint", "garbage.pt": "not a loadable checkpoint",
+                "foreign.pt": "not a cbir train-detector checkpoint", "mismatched.pt": "do not fit",
+                "missing.pt": "no such file"}
+    for name, words in expected.items():
+        line = _one_line(capsys, ["detect", "--run", str(run), "--detector", str(tmp_path / name), "--force"])
+        assert name in line and words in line, line
+
+
+def test_bad_training_flags_get_one_line(mini_run, capsys):
+    assert "resnet50 has 5 stages; choose 0-5" in _one_line(
+        capsys, ["train-detector", "--run", str(mini_run), "--trainable-layers", "6", "--trunk", "resnet50"])
+    assert "COCO Faster R-CNN weights exist for --trunk resnet50" in _one_line(
+        capsys, ["train-detector", "--run", str(mini_run), "--detector-weights", "DEFAULT"])
+    assert "--coco and --images go together" in _one_line(capsys, ["train-detector", "--run", str(mini_run), "--coco",
+                                                                   "x.json"])
+
+
+def test_trained_trunk_is_what_backbone_detector_embeds(trained, tmp_path):
+    """With a trained detector's boxes, `--backbone detector` embeds with that detector's own trunk."""
+    from cbir.detection.stage import DetectConfig, detect
+    from cbir.encoders.backbones import build_backbone
+    from cbir.encoders.stage import EmbedConfig, embed
+
+    src, card = trained
+    run = copy_run(src, tmp_path / "run")
+    folder = run / "models" / card["name"]
+    detect(DetectConfig(run=run, detector=str(folder), score=0.05, workers=0, force=True))
+    _, _, info = embed(EmbedConfig(run=run, mode="det", backbone="detector", workers=0))
+    assert info["spec"]["backbone"] == "detector:trained:mobilenet_v2"
+    trunk = build_backbone("detector", str(folder / "detector.pt"), "trained:mobilenet_v2").trunk
+    state = read_checkpoint(folder)["state_dict"]
+    assert torch.equal(trunk[17].conv[0][0].weight, state["backbone.body.17.conv.0.0.weight"])
+    assert not torch.equal(trunk[17].conv[0][0].weight, torch.load(MOBILENET, weights_only=True)[
+        "features.17.conv.0.0.weight"])  # trained (3 stages): not the ImageNet trunk any more
+    shutil.rmtree(run)
+
+
+def test_a_frozen_trunk_stays_the_imagenet_trunk():
+    state = torch.load(MOBILENET, weights_only=True)
+    build = {"trunk": "mobilenet_v2", "trainable_layers": 0, "num_classes": 2, "train_sizes": [128],
+             "eval_size": 128, "max_size": 256, "proposals": training.PROPOSALS}
+    model = build_model(build, state)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and not any(n.startswith("backbone.body.") for n in trainable)
+    assert torch.equal(model.backbone.body["18"][0].weight, state["features.18.0.weight"])
