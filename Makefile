@@ -16,13 +16,30 @@ SAMPLE ?= ../shared/data/cub_sample
 SAMPLE_RUN ?= runs/sample
 TEXT_SPLIT ?= classes:1-10/11-20
 
-.PHONY: setup demo coco text test browser
+.PHONY: setup demo detector coco text test browser
 
 setup:
 	$(PYTHON) -m pip install -q -e '.[dev]'
 
+# offline by default with a real detector: the COCO-trained ONNX SSD when it is there (birds only, at the TF Object
+# Detection API's own 0.5 display threshold), else the boxes shipped beside the photos, else torchvision's Faster R-CNN
+DEMO_BOXES ?= $(if $(wildcard $(SSD).onnx),--detector onnx:$(SSD).onnx --labels $(SSD).labels.txt --categories bird --score 0.5,$(if $(wildcard $(CUB)/external_detections.json),--detections $(CUB)/external_detections.json))
+DEMO_BACKBONE ?= $(if $(wildcard $(BACKBONE)),--backbone mobilenet_v2 --weights $(BACKBONE))
+
 demo: setup
-	cbir run --cub $(CUB) --out $(RUN) --split $(SPLIT) $(ARGS)
+	cbir run --cub $(CUB) --out $(RUN) --split $(SPLIT) $(DEMO_BOXES) $(DEMO_BACKBONE) $(ARGS)
+
+# train the detector on the CUB sample's classes 1-10 (trunk trained, then frozen), then every detector side by side
+DET_RUN ?= runs/det
+detector: setup
+	cbir prepare --cub $(SAMPLE) --split classes:1-10/11-20 --out $(DET_RUN)
+	cbir train-detector --run $(DET_RUN) --trunk mobilenet_v2 --trunk-weights $(BACKBONE)
+	cbir train-detector --run $(DET_RUN) --trunk mobilenet_v2 --trunk-weights $(BACKBONE) --trainable-layers 0 \
+	  --name detector-mobilenet_v2-frozen
+	$(PYTHON) benchmarks/detectors.py --cub $(SAMPLE) --out $(DET_RUN)-compare --backbone mobilenet_v2 --weights $(BACKBONE) \
+	  --source trained=$(DET_RUN)/models/detector-mobilenet_v2 --source frozen=$(DET_RUN)/models/detector-mobilenet_v2-frozen \
+	  --source yolov5n=external:$(SAMPLE)/external_detections/yolov5n_coco_birds.json --source ssd=onnx:$(SSD).onnx \
+	  --own-trunk trained
 
 coco: setup
 	cbir run --coco $(COCO)/instances.json --images $(COCO)/images --captions $(COCO)/captions.json \

@@ -196,8 +196,11 @@ class Querier:
         if self.si.manifest["mode"] == "full":
             return "index of whole images: the whole photo is the query"
         if self.detector is None:
+            how = ("" if self.detect_meta.get("detector") != "external" else
+                   f"; to box new photos, train one (`cbir train-detector --run {self.layout.root}`) or take an ONNX "
+                   f"one, redo `cbir detect --run {self.layout.root} --detector MODEL --force`, embed and index")
             return ("no detector for new photos (imported boxes or --detector none): the whole photo is the query, "
-                    "plus its GT box when the photo is one of the run's")
+                    "plus its GT box when the photo is one of the run's" + how)
         return f"boxes from {self.detect_meta['detector']} ({Path(self.detect_meta['weights']).name})"
 
     def category_id(self, name: str | None) -> int | None:
