@@ -124,7 +124,8 @@ def _dataset_args(p):
 def _box_args(p):
     p.add_argument("--detector", default="fasterrcnn_resnet50_fpn",
                    help="fasterrcnn_resnet50_fpn (default), fasterrcnn_resnet50_fpn_v2, fasterrcnn_mobilenet_v3_large_fpn, "
-                        "or onnx:PATH (a TF Object Detection API SSD export; needs onnxruntime)")
+                        "a `cbir train-detector` model folder (RUN/models/NAME), or onnx:PATH (a TF Object Detection "
+                        "API SSD or torchvision export; needs onnxruntime)")
     _weights(p, "detector", "--detector-weights")  # --weights is always the backbone's
     p.add_argument("--labels", help="label file of an ONNX detector (for names; ids are COCO's)")
     p.add_argument("--detections", type=Path, help="import boxes from FILE (COCO results of any detector) instead "
@@ -136,7 +137,8 @@ def _box_args(p):
                    help="comma-separated category names to keep, e.g. person,dog (default auto: the dataset's own "
                         "categories — CUB: bird, COCO: all)")
     p.add_argument("--min-size", default="auto", help="short side fed to a torchvision detector: auto = the photo's "
-                   "own (clamped to 224-1024 px, ~2.5x faster on CUB), or pixels (torchvision's default is 800)")
+                   "own (clamped to 224-1024 px, ~2.5x faster on CUB; a trained detector: its training size), or "
+                   "pixels (torchvision's default is 800)")
 
 
 def _embedding_args(p):

@@ -25,6 +25,8 @@ FULL_ANNOTATIONS = SHARED / "data" / "cub_annotations_full"
 MOBILENET = SHARED / "weights" / "torchvision_mobilenet_v2_features_imagenet.pth"
 EFFICIENTNET = SHARED / "weights" / "timm_tf_efficientnet_lite0_from_57934424.pth"
 EXTERNAL = SAMPLE / "external_detections" / "yolov5n_coco_birds.json"
+SSD = SHARED / "weights" / "coco_ssd_mobilenet_v1_quant.onnx"
+SSD_LABELS = SSD.with_suffix(".labels.txt")
 MINI = REPO / "examples" / "cub_mini"
 MINI_SPLIT = "classes:1-10/11-20"
 

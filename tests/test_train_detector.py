@@ -25,10 +25,9 @@ TINY = {"min_size": 128, "batch_size": 4, "workers": 0, "trunk_weights": str(MOB
 
 @pytest.fixture(scope="module")
 def trained(mini_run, tmp_path_factory):
-    """The mini sample's train photos, 4 epochs at 128 px (about 20 s on 2 cores)."""
+    """The mini sample's train photos (real CUB), 4 epochs at 128 px: (run, card)."""
     run = copy_run(mini_run, tmp_path_factory.mktemp("det") / "run")
-    card = train_detector(TrainDetectorConfig(run=run, epochs=4, **TINY))
-    return run, card
+    return run, train_detector(TrainDetectorConfig(run=run, epochs=4, **TINY))
 
 
 def test_training_lowers_the_loss_and_writes_a_loadable_checkpoint(trained):
@@ -116,15 +115,15 @@ def test_bad_training_flags_get_one_line(mini_run, capsys):
                                                                    "x.json"])
 
 
-def test_trained_trunk_is_what_backbone_detector_embeds(trained, tmp_path):
+def test_trained_trunk_is_what_backbone_detector_embeds_and_the_query_side_rebuilds_the_detector(trained, tmp_path):
     """With a trained detector's boxes, `--backbone detector` embeds with that detector's own trunk."""
     from cbir.detection.stage import DetectConfig, detect
     from cbir.encoders.backbones import build_backbone
     from cbir.encoders.stage import EmbedConfig, embed
 
     src, card = trained
+    folder = src / "models" / card["name"]
     run = copy_run(src, tmp_path / "run")
-    folder = run / "models" / card["name"]
     detect(DetectConfig(run=run, detector=str(folder), score=0.05, workers=0, force=True))
     _, _, info = embed(EmbedConfig(run=run, mode="det", backbone="detector", workers=0))
     assert info["spec"]["backbone"] == "detector:trained:mobilenet_v2"
@@ -133,6 +132,12 @@ def test_trained_trunk_is_what_backbone_detector_embeds(trained, tmp_path):
     assert torch.equal(trunk[17].conv[0][0].weight, state["backbone.body.17.conv.0.0.weight"])
     assert not torch.equal(trunk[17].conv[0][0].weight, torch.load(MOBILENET, weights_only=True)[
         "features.17.conv.0.0.weight"])  # trained (3 stages): not the ImageNet trunk any more
+    from cbir.retrieval.index import IndexConfig, build_index
+    from cbir.retrieval.query import Querier
+
+    build_index(IndexConfig(run=run, embeddings="det", factory="Flat", pca=8))
+    querier = Querier(run, "det")  # what search and the page load: the run's own detector, fingerprint checked
+    assert querier.detector.spec["detector"] == "trained:mobilenet_v2" and "detector-mobilenet_v2" in querier.detector_note
     shutil.rmtree(run)
 
 

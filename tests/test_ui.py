@@ -10,12 +10,14 @@ import pytest
 from PIL import Image
 
 from cbir.retrieval.index import IndexConfig, build_index
-from conftest import MINI, predict as _predict, serve_page
+from conftest import MINI, MOBILENET, SSD, SSD_LABELS, predict as _predict, serve_page
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 CARDINAL = sorted((MINI / "images" / "017.Cardinal").glob("*.jpg"))[0]
+# a test photo of each class in which the SSD sees one bird at score >= 0.5 (its other boxes score below)
+BUNTING = MINI / "images" / "014.Indigo_Bunting" / "Indigo_Bunting_0028_12335.jpg"
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +122,7 @@ def test_page_in_headless_chromium(server, tmp_path):
     from playwright.sync_api import sync_playwright
 
     url, _ = server
-    shot = Path(os.environ.get("CBIR_UI_SCREENSHOT", tmp_path / "ui.png"))
+    shot = tmp_path / "ui.png"
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1100})
@@ -140,6 +142,77 @@ def test_page_in_headless_chromium(server, tmp_path):
         big.write_bytes(CARDINAL.read_bytes() + bytes(51 * 2 ** 20))
         page.locator("input[type=file]").first.set_input_files(str(big))
         page.get_by_text('exceed the maximum allowed size of 50.0 Mb: "big.jpg"').wait_for(timeout=30_000)
+        assert page.get_by_text("Traceback").count() == 0
+        browser.close()
+    assert Image.open(shot).size[0] >= 1400
+
+
+@pytest.fixture(scope="module")
+def detector_server(mini_run, tmp_path_factory):
+    """The mini sample boxed by the real COCO-trained ONNX SSD (birds, score >= 0.5), served with it in the loop."""
+    pytest.importorskip("onnxruntime")
+    from cbir.detection.stage import DetectConfig, detect
+    from cbir.encoders.stage import EmbedConfig, embed
+
+    run = tmp_path_factory.mktemp("ui-detector") / "run"
+    shutil.copytree(mini_run, run, symlinks=True)
+    detect(DetectConfig(run=run, detector=f"onnx:{SSD}", labels=str(SSD_LABELS), categories=("bird",), score=0.5,
+                        workers=0, force=True))
+    embed(EmbedConfig(run=run, mode="det", backbone="mobilenet_v2", weights=str(MOBILENET), workers=0))
+    build_index(IndexConfig(run=run, embeddings="det", pca=16, factory="Flat"))
+    with serve_page(run, "det", detector="run") as url:
+        yield url, run
+
+
+def collage(folder: Path, left: Path, right: Path) -> Path:
+    """Two CUB photos side by side: one upload, two birds."""
+    a, b = Image.open(left).convert("RGB"), Image.open(right).convert("RGB")
+    canvas = Image.new("RGB", (a.width + b.width, max(a.height, b.height)), "white")
+    canvas.paste(a, (0, 0))
+    canvas.paste(b, (a.width, 0))
+    path = folder / "two_birds.jpg"
+    canvas.save(path, quality=92)
+    return path
+
+
+def test_a_detector_in_the_loop_boxes_each_bird_of_a_new_photo(detector_server, tmp_path):
+    url, _ = detector_server
+    for path, birds in [(CARDINAL, 1), (collage(tmp_path, CARDINAL, BUNTING), 2)]:
+        _, latency, choice, gallery, merged = _predict(url, path, k=5, score=0.5)  # the run's own threshold, the page default
+        names = [c[0] for c in choice["choices"]]
+        assert len(names) == birds and all(" · score " in n for n in names), names
+        assert len(gallery) == 5 and "boxes from onnx:" in _page_text(url)
+
+
+def _page_text(url: str) -> str:
+    return urllib.request.urlopen(url, timeout=10).read().decode()
+
+
+@pytest.mark.browser
+def test_page_with_a_detector_in_headless_chromium(detector_server, tmp_path):
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium); .ci/run installs it")
+    from playwright.sync_api import sync_playwright
+
+    url, _ = detector_server
+    shot = Path(os.environ.get("CBIR_UI_SCREENSHOT", tmp_path / "ui.png"))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.goto(url, wait_until="domcontentloaded")
+        page.get_by_role("button", name="Search").wait_for(timeout=60_000)
+        page.get_by_text("boxes from onnx:").first.wait_for(timeout=30_000)
+        upload_and_search(page, CARDINAL)
+        page.get_by_text("box 1 · score").wait_for(timeout=60_000)
+        page.get_by_text("Cardinal · sim").first.wait_for(timeout=30_000)
+        assert page.get_by_text("box 2 · ").count() == 0
+        upload_and_search(page, collage(tmp_path, CARDINAL, BUNTING))
+        page.get_by_text("box 2 · score").wait_for(timeout=60_000)
+        assert page.get_by_text("box 3 · ").count() == 0 and page.get_by_text("box 1 · score").count() == 1
+        page.get_by_text("box 2 · score").click()
+        page.wait_for_timeout(1500)
+        assert page.get_by_text(" · sim ").count() >= 10  # each box's neighbours, and the merged table
+        page.screenshot(path=str(shot), full_page=True)
         assert page.get_by_text("Traceback").count() == 0
         browser.close()
     assert Image.open(shot).size[0] >= 1400

@@ -201,7 +201,9 @@ class Querier:
                    f"one, redo `cbir detect --run {self.layout.root} --detector MODEL --force`, embed and index")
             return ("no detector for new photos (imported boxes or --detector none): the whole photo is the query, "
                     "plus its GT box when the photo is one of the run's" + how)
-        return f"boxes from {self.detect_meta['detector']} ({Path(self.detect_meta['weights']).name})"
+        weights = Path(self.detect_meta["weights"])
+        shown = weights.parent.name if self.detect_meta["detector"].startswith("trained:") else weights.name
+        return f"boxes from {self.detect_meta['detector']} ({shown})"
 
     def category_id(self, name: str | None) -> int | None:
         """The COCO id of a category name of this run (None for None); a one-line error for others."""
