@@ -99,6 +99,12 @@ def _device(p):
                    help="auto (CUDA when present), cpu, cuda, cuda:N")
 
 
+def _query_detector(p):
+    p.add_argument("--detector", default="run", help="what boxes new photos: run (the detector that boxed the run), "
+                   "none (the whole photo is the query), a train-detector model folder, onnx:PATH (its .labels.txt "
+                   "beside it) or a torchvision detector name — e.g. a trained detector for a run of imported boxes")
+
+
 def _force(p, what: str):
     p.add_argument("--force", action="store_true", help=f"redo {what} even when its inputs are unchanged")
 
@@ -368,7 +374,8 @@ def cmd_search(a):
 
     if not (a.image or a.query_id is not None or a.text):
         raise CbirError("give --image PHOTO, --query-id ID or --text WORDS (or a photo or id with words)")
-    q = Querier(a.run, a.index, not a.no_detector, weights=a.weights, detector_weights=a.detector_weights)
+    q = Querier(a.run, a.index, "none" if a.no_detector else a.detector, weights=a.weights,
+                detector_weights=a.detector_weights)
     rerank = Rerank(method=a.rerank)
     mix = {"text": a.text, "text_weight": a.text_weight}
     if a.image:
@@ -440,7 +447,8 @@ def _search_parser(sub):
     p.add_argument("--filter", metavar="EXPR", help="search only rows matching a Milvus-style expression over id, "
                    "image_id, instance, class_id, category_id, split, source, score, path — e.g. \"split == 'test' "
                    "and class_id in [1, 2]\" (==, !=, <, <=, >, >=, in, not in, and, or, not; any store)")
-    p.add_argument("--no-detector", action="store_true", help="query with the whole photo, no detection")
+    p.add_argument("--no-detector", action="store_true", help="query with the whole photo, no detection (= --detector none)")
+    _query_detector(p)
     p.add_argument("--category", metavar="NAME", help="reverse search for one kind, e.g. person: query with the "
                    "photo's boxes of that category only, among the gallery's boxes of it")
     _rerank_arg(p)
@@ -822,7 +830,7 @@ def cmd_ui(a):
 
     if a.share:
         log.warning("--share: the page will be reachable from the internet through a gradio.live link")
-    serve(a.run, a.index, a.host, a.port, a.share, a.detector != "none", a.device, a.weights, a.detector_weights,
+    serve(a.run, a.index, a.host, a.port, a.share, a.detector, a.device, a.weights, a.detector_weights,
           a.rerank, a.auth)
 
 
@@ -837,8 +845,7 @@ def _ui_parser(sub):
     p.add_argument("--share", action="store_true", help="also publish a public gradio.live link (off by default)")
     p.add_argument("--auth", metavar="USER:PASS", help="ask for this login (or set $CBIR_UI_AUTH, which stays out of "
                    "the process list); use it whenever --host is not loopback or with --share")
-    p.add_argument("--detector", default="run", choices=("run", "none"),
-                   help="run (the run's detector) or none (whole photo is the query)")
+    _query_detector(p)
     _rerank_arg(p)
     _device(p)
     _moved_weights(p)

@@ -166,7 +166,7 @@ def test_index_from_another_backbone_is_refused(run, tmp_path):
 def test_querier_matches_stored_vectors_for_a_run_photo(run):
     """A photo of the run, queried by file, gets the same vector the embed stage stored for its GT box."""
     build_index(IndexConfig(run=run, embeddings="gt", pca=16, factory="Flat"))
-    q = Querier(run, "gt", use_detector=False)
+    q = Querier(run, "gt", detector="none")
     split = pd.read_parquet(run / "dataset" / "images.parquet")
     row = split.iloc[20]
     photo = open_photo(MINI / "images" / row.path)
@@ -211,7 +211,7 @@ def test_photos_answered_together_equal_photos_answered_alone(run):
     """Concurrent page requests and `search --image A B C` share one encoder and one store pass; the answers
     must not depend on the company a photo keeps (padding, batch order, per-photo box counts)."""
     build_index(IndexConfig(run=run, embeddings="gt", name="batch", pca=16, factory="Flat"))
-    q = Querier(run, "batch", use_detector=False)
+    q = Querier(run, "batch", detector="none")
     paths = [sorted((MINI / "images" / c).glob("*.jpg"))[0] for c in ("001.Black_footed_Albatross", "017.Cardinal",
                                                                        "014.Indigo_Bunting")]
     photos = [open_photo(p) for p in paths]
@@ -238,7 +238,7 @@ def test_fused_index_is_served_in_its_own_space(run):
     si = build_index(IndexConfig(run=run, embeddings="full+gt", name="fused", pca=None, factory="Flat"))
     assert si.manifest["mode"] == "full+gt" and si.manifest["embedding_spec"]["encoder"] == "fused"
     assert set(si.manifest["upstream"]) == {"embeddings/full", "embeddings/gt"}
-    q = Querier(run, "fused", use_detector=False)
+    q = Querier(run, "fused", detector="none")
     row = pd.read_parquet(run / "dataset" / "images.parquet").iloc[20]
     per_box, _ = q.query([open_photo(MINI / "images" / row.path)], 3, names=[row.path.rsplit("/", 1)[1]])[0]
     assert [b.source for b in per_box] == ["fallback-full", "gt"]

@@ -92,7 +92,7 @@ def test_the_trained_encoder_reproduces_stored_vectors_for_a_query(run):
 
     train_embedder(TrainConfig(run=run, embeddings="full", epochs=2, label="class"))
     build_index(IndexConfig(run=run, embeddings="full@multisimilarity", pca=None, factory="Flat"))
-    q = Querier(run, "full@multisimilarity", use_detector=False)
+    q = Querier(run, "full@multisimilarity", detector="none")
     vectors, table, _ = load_embeddings(run, "full@multisimilarity")
     row = table[table.split == "test"].iloc[0]
     data = load_dataset(RunLayout(run))

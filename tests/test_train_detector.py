@@ -149,3 +149,18 @@ def test_a_frozen_trunk_stays_the_imagenet_trunk():
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and not any(n.startswith("backbone.body.") for n in trainable)
     assert torch.equal(model.backbone.body["18"][0].weight, state["features.18.0.weight"])
+
+
+def test_a_run_of_imported_boxes_answers_new_photos_with_a_trained_detector(trained, mini_run, tmp_path):
+    from cbir.retrieval.index import IndexConfig, build_index
+    from cbir.retrieval.query import Querier
+
+    src, card = trained
+    run = copy_run(mini_run, tmp_path / "run")  # boxes imported from YOLOv5n: no detector of its own
+    build_index(IndexConfig(run=run, embeddings="det", factory="Flat", pca=8))
+    assert Querier(run, "det").detector is None
+    querier = Querier(run, "det", detector=str(src / "models" / card["name"]))
+    data = load_dataset(RunLayout(run))
+    boxes = querier.boxes([open_photo(data.image_path(data.images.path[0]))], score=0.0)[0]
+    assert boxes and all(b["source"] == "detected" for b in boxes)
+    assert "boxes from trained:mobilenet_v2 (detector-mobilenet_v2)" in querier.detector_note

@@ -84,7 +84,7 @@ def add_photos(run: Path | RunLayout, name: str, paths: list[Path], use_detector
     run's, a photo already in the index (same absolute path) is skipped. Returns (instances, errors, the
     image id given to each added photo), so a user can find, filter or --remove them later."""
     with writing(run) as layout:
-        q = Querier(layout, name, use_detector, gpu="off", weights=weights, detector_weights=detector_weights,
+        q = Querier(layout, name, "run" if use_detector else "none", gpu="off", weights=weights, detector_weights=detector_weights,
                     repair=True)
         si = q.si
         known = set(si.table.path[si.table.split == "added"])

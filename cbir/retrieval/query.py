@@ -116,7 +116,8 @@ def run_detector(layout: RunLayout, device, weights: str | None = None):
     if info["detector"] == "external":
         return None, info
     path = relocate(info["weights"], info["weights_fingerprint"], weights)
-    name = f"onnx:{path}" if info["detector"].startswith("onnx:") else info["detector"]
+    kind = info["detector"].partition(":")[0]
+    name = {"onnx": f"onnx:{path}", "trained": path}.get(kind, info["detector"])  # a model file, or a torchvision name
     detector = build_detector(name, path, device=device, min_size=info.get("min_size", "auto"),
                               score_floor=min(info["score_threshold"], 0.05), labels=info.get("labels"))
     if detector.spec["weights_fingerprint"] != info["weights_fingerprint"]:
@@ -125,10 +126,23 @@ def run_detector(layout: RunLayout, device, weights: str | None = None):
     return detector, info
 
 
+def other_detector(layout: RunLayout, name: str, device, weights: str | None, categories: list[dict]):
+    """A detector for new photos other than the one that boxed the gallery (e.g. a trained one in a run of
+    imported boxes): the run's score threshold and box limit, the run's categories; an ONNX model's label file
+    is the `.labels.txt` beside it."""
+    meta = Artifact(layout, layout.detections).meta()
+    run = meta["summary"] if meta else {}
+    labels = Path(name[5:]).with_suffix(".labels.txt") if name.startswith("onnx:") else None
+    detector = build_detector(name, weights or "DEFAULT", device=device, score_floor=0.05,
+                              labels=str(labels) if labels and labels.is_file() else None)
+    return detector, {"score_threshold": run.get("score_threshold", 0.3), "max_per_image": run.get("max_per_image", 10),
+                      "classes": run.get("classes", {str(c["id"]): c["name"] for c in categories}), **detector.spec}
+
+
 class Querier:
     """Index, encoder and (optionally) detector loaded once; answers photos the way the run was built."""
 
-    def __init__(self, run: Path | RunLayout, index_name: str, use_detector: bool = True, device: str = "auto",
+    def __init__(self, run: Path | RunLayout, index_name: str, detector: str = "run", device: str = "auto",
                  gpu: str = "auto", weights: str | None = None, detector_weights: str | None = None,
                  repair: bool = False):
         self.layout = run if isinstance(run, RunLayout) else RunLayout(run)
@@ -137,9 +151,12 @@ class Querier:
         self.device = resolve_device(device)
         self.encoder = encoder_from_spec(self.spec, self.device, weights)
         self.detector, self.detect_meta = None, {}
-        if use_detector and self.si.manifest["mode"] != "full":
-            self.detector, self.detect_meta = run_detector(self.layout, self.device, detector_weights)
         data = load_dataset(self.layout)
+        if detector == "run" and self.si.manifest["mode"] != "full":
+            self.detector, self.detect_meta = run_detector(self.layout, self.device, detector_weights)
+        elif detector != "none" and self.si.manifest["mode"] != "full":
+            self.detector, self.detect_meta = other_detector(self.layout, detector, self.device, detector_weights,
+                                                             data.categories)
         self.categories = {int(c["id"]): c["name"] for c in data.categories}
         gt = data.instances.merge(data.images[["image_id", "path", "width", "height"]], on="image_id")
         self.run_photos = {Path(r.path).name: (r.width, r.height, [r.x, r.y, r.w, r.h], int(r.image_id))

@@ -277,13 +277,13 @@ def parse_auth(text: str | None) -> tuple[str, str] | None:
 
 
 def serve(run: Path, index: str, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
-          use_detector: bool = True, device: str = "auto", weights: str | None = None,
+          detector: str = "run", device: str = "auto", weights: str | None = None,
           detector_weights: str | None = None, rerank: str = SERVED_DEFAULT, auth: str | None = None) -> None:
     login = parse_auth(auth)
     if host not in LOOPBACK:
         log.warning("--host %s: the page is reachable from other machines%s", host,
                     "" if login else f"; anyone who can reach it can use it — set --auth USER:PASS or ${AUTH_VARIABLE}")
-    querier = Querier(run, index, use_detector, device, weights=weights, detector_weights=detector_weights)
+    querier = Querier(run, index, detector, device, weights=weights, detector_weights=detector_weights)
     if querier.has_text:
         querier.text.vectors(["warm up"])  # load the text encoder now, not on the first visitor's words
     with tempfile.TemporaryDirectory(prefix="cbir-ui-") as examples:
