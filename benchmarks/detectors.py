@@ -11,7 +11,7 @@ as the ceiling), each detector in its own run prepared identically.
 A source is NAME=MODEL_FOLDER (a train-detector model), NAME=onnx:PATH (labels from PATH's .labels.txt
 beside it when present) or NAME=external:RESULTS.json (imported boxes). With `--own-trunk`, a trained
 detector's boxes are also embedded by its own trunk (`--backbone detector`). Every stage is the package's
-own, so the numbers are what `cbir run` would print. Results → benchmarks/results/detectors_<device>.{md,json}.
+own, so the numbers are what `cbir run` would print, and a rerun with one more source only does that source's work. Results → benchmarks/results/detectors_<device>.{md,json}.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 from pathlib import Path
 
 import torch
@@ -47,8 +46,8 @@ def detect_config(run: Path, source: str, score: float, device: str) -> DetectCo
 
 def retrieval(run: Path, names: tuple[str, ...]) -> dict:
     """R@1 and MAP@R of each embeddings set (PCA 'auto' fitted on train classes, exact search, no re-ranking)."""
-    table = evaluate(EvalConfig(run=run, embeddings=names, rerank=(Rerank(),), plots=False)).computed
-    table = table[(table["index"] == "exact") & (table["rerank"] == "none")]
+    table = evaluate(EvalConfig(run=run, embeddings=names, rerank=(Rerank(),), plots=False)).metrics
+    table = table[(table["index"] == "exact") & (table["rerank"] == "none") & (table["reduction"] == "refit")]
     return {r.embeddings: {"R@1": round(float(r["R@1"]), 4), "MAP@R": round(float(r["MAP@R"]), 4)}
             for _, r in table.iterrows()}
 
@@ -74,9 +73,7 @@ def main():
         name, _, source = entry.partition("=")
         run = a.out / name
         prepare(PrepareConfig(run=run, root=a.cub, split=a.split, workers=2))
-        start = time.perf_counter()
-        meta = detect(detect_config(run, source, a.score, a.device)).meta
-        seconds = time.perf_counter() - start
+        meta = detect(detect_config(run, source, a.score, a.device)).meta  # speed: benchmarks/detect_bench.py
         quality = write_detection_report(run)
         test = quality["test"] or quality
         sets = ["gt", "det"]
@@ -90,7 +87,6 @@ def main():
             "source": source, "detector": meta["detector"].split("/")[-1], "test_AP": round(test["AP"], 4),
             "test_AP50": round(test["AP50"], 4), "test_top_box_iou50_rate": test["top_box_iou50_rate"],
             "test_fallback_rate": round(1 - test["share_with_box"], 4), "images": meta["images"],
-            "detect_img_s": round(meta["images"] / seconds, 2) if meta["detector"] != "external" else None,
             "retrieval": scores}
         print(name, json.dumps(results["sources"][name]))
     OUT.mkdir(exist_ok=True)

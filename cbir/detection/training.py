@@ -15,7 +15,10 @@ schedule gives both the warm-up and the decay. Scale jitter is torchvision's own
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -91,10 +94,7 @@ class TrainDetectorConfig:
                 raise CbirError(f"{flag} {value}: must be at least 1")
         if self.lr is not None and not self.lr > 0:
             raise CbirError(f"--lr {self.lr}: must be above 0")
-        if self.trainable_layers is not None:
-            check_trunk(self.trunk, self.trainable_layers)
-        else:
-            check_trunk(self.trunk, 0)
+        check_trunk(self.trunk, self.trainable_layers or 0)
         check_name(self.model_name)
 
     @property
@@ -258,10 +258,7 @@ def validate(model, loader: DataLoader, boxes: BoxSet, val_ids: np.ndarray, devi
                   "annotations": [{"id": k + 1, "image_id": int(r.image_id), "category_id": int(r.category_id),
                                    "bbox": [r.x, r.y, r.w, r.h], "area": r.w * r.h, "iscrowd": 0}
                                   for k, r in enumerate(gt_rows.itertuples())]}
-    import contextlib
-    import io
-
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
         gt.createIndex()
     ap = coco_ap(gt, dets, [int(i) for i in val_ids], [c["id"] for c in boxes.categories])
     iou, _ = top_box_iou(dets, gt_rows, pd.Series(val_ids))
@@ -313,8 +310,6 @@ def train_detector(cfg: TrainDetectorConfig) -> dict:
             _plot(history, staged.file("curves.png"), cfg.model_name)
             staged.summary.update({"validation": history[-1], "seconds": card["seconds"], "trunk": cfg.trunk,
                                    "trainable_layers": used["trainable_layers"]})
-        import shutil
-
         shutil.rmtree(layout.partial(art.name), ignore_errors=True)
         log.info("%s: validation AP %.3f, AP50 %.3f, top-box hit %.1f%% → %s", cfg.model_name, history[-1]["AP"],
                  history[-1]["AP50"], 100 * history[-1]["top_box_hit"], art.link)
@@ -324,7 +319,7 @@ def train_detector(cfg: TrainDetectorConfig) -> dict:
 def _fit(cfg, layout, art, model, boxes, train_ids, val_ids, used, device, stamp) -> tuple[list[dict], float, dict]:
     """SGD/AdamW with a one-cycle schedule, clipped gradients and AMP on CUDA; a checkpoint after every epoch
     (model, optimiser, schedule, history) so a killed run resumes where it was."""
-    from ..training.stage import _load_checkpoint, _save_checkpoint
+    from ..training.stage import load_checkpoint, save_checkpoint
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = (torch.optim.SGD(params, lr=used["lr"], momentum=0.9, weight_decay=cfg.weight_decay)
@@ -335,7 +330,7 @@ def _fit(cfg, layout, art, model, boxes, train_ids, val_ids, used, device, stamp
                                                    pct_start=max(cfg.warmup, 1e-3), anneal_strategy="cos")
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
     ckpt_path = layout.partial(art.name) / "checkpoint.pt"
-    state = _load_checkpoint(ckpt_path, stamp)
+    state = load_checkpoint(ckpt_path, stamp)
     history, seconds = [], 0.0
     if state:
         model.load_state_dict(state["model"])
@@ -359,7 +354,7 @@ def _fit(cfg, layout, art, model, boxes, train_ids, val_ids, used, device, stamp
             history.append({"epoch": epoch, **losses, **validate(model, val_loader, boxes, val_ids, device),
                             "lr_end": schedule.get_last_lr()[0]})
             seconds += time.perf_counter() - start
-            _save_checkpoint(ckpt_path, {"stamp": stamp, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            save_checkpoint(ckpt_path, {"stamp": stamp, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                          "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
                                          "history": history, "seconds": seconds})
             h = history[-1]

@@ -182,7 +182,7 @@ def score_vectors(vectors: np.ndarray, labels: np.ndarray, reference: np.ndarray
     return {"MAP@R": float(acc["mean_average_precision_at_r"]), "P@1": float(acc["precision_at_1"])}
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
+def save_checkpoint(path: Path, state: dict) -> None:
     """Atomic: a kill mid-write leaves the previous epoch's checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -190,7 +190,7 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def _load_checkpoint(path: Path, stamp: str) -> dict | None:
+def load_checkpoint(path: Path, stamp: str) -> dict | None:
     if not path.is_file():
         return None
     try:
@@ -281,7 +281,7 @@ def fit(cfg, layout: RunLayout, stamp: str, model, loss_fn, optimizer, run_epoch
     without a better validation MAP@R. `cfg` needs model_name, epochs and patience."""
     partial = layout.partial(layout.model(cfg.model_name))
     ckpt = partial / "checkpoint.pt"
-    state = _load_checkpoint(ckpt, stamp)
+    state = load_checkpoint(ckpt, stamp)
     if state:
         model.load_state_dict(state["model"])
         loss_fn.load_state_dict(state["loss"])
@@ -290,7 +290,7 @@ def fit(cfg, layout: RunLayout, stamp: str, model, loss_fn, optimizer, run_epoch
         log.info("resuming %s after epoch %d", cfg.model_name, len(history) - 1)
     else:
         history, seconds = [{"epoch": 0, "loss": float("nan"), **validate()}], 0.0
-        _save_checkpoint(partial / "best.pt", best_state())
+        save_checkpoint(partial / "best.pt", best_state())
     with tqdm(total=cfg.epochs * items, initial=(len(history) - 1) * items, desc=f"train {cfg.model_name}",
               unit="item") as bar:
         while len(history) <= cfg.epochs and not _stalled(history, cfg.patience):
@@ -299,8 +299,8 @@ def fit(cfg, layout: RunLayout, stamp: str, model, loss_fn, optimizer, run_epoch
             history.append({"epoch": epoch, "loss": loss, **validate()})
             seconds += time.perf_counter() - start
             if history[-1]["MAP@R"] > max(h["MAP@R"] for h in history[:-1]):
-                _save_checkpoint(partial / "best.pt", best_state())
-            _save_checkpoint(ckpt, {"stamp": stamp, "model": model.state_dict(), "loss": loss_fn.state_dict(),
+                save_checkpoint(partial / "best.pt", best_state())
+            save_checkpoint(ckpt, {"stamp": stamp, "model": model.state_dict(), "loss": loss_fn.state_dict(),
                                     "optimizer": optimizer.state_dict(), "history": history, "seconds": seconds})
             log.info("epoch %d: loss %.4f, validation MAP@R %.4f, P@1 %.4f (%.0f s)", epoch, loss,
                      history[-1]["MAP@R"], history[-1]["P@1"], time.perf_counter() - start)
