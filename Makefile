@@ -16,7 +16,7 @@ SAMPLE ?= ../shared/data/cub_sample
 SAMPLE_RUN ?= runs/sample
 TEXT_SPLIT ?= classes:1-10/11-20
 
-.PHONY: setup demo detector coco text test browser
+.PHONY: setup demo detector coco text test test-all browser
 
 setup:
 	$(PYTHON) -m pip install -q -e '.[dev]'
@@ -65,5 +65,9 @@ text: setup
 browser:
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium missing: the browser test will be skipped"; }
 
+# the suite CI runs (under 15 minutes on 2 cores); test-all adds the tests marked slow
 test: setup browser
+	$(PYTHON) -m pytest -q -m "not slow"
+
+test-all: setup browser
 	$(PYTHON) -m pytest -q

@@ -174,7 +174,7 @@ def _kill_at_random_then_rerun(args, run, artifact, files, seed):
     return {f: (run / artifact / f).read_bytes() for f in files}
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow)])
 def test_kill_9_at_random_points_then_rerun_gives_the_clean_bytes(mini_run, tmp_path, seed):
     clean = copy_run(mini_run, tmp_path / "clean")
     killed = copy_run(mini_run, tmp_path / "killed")

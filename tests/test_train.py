@@ -135,6 +135,7 @@ def test_run_with_too_few_train_classes_stops_in_one_line_and_keeps_the_embeddin
     assert len(load_embeddings(tmp_path / "run", "full")[0]) == 32  # the stages before it are kept
 
 
+@pytest.mark.slow
 def test_finetune_trains_the_trunk_and_reembeds_with_it(run):
     from cbir.encoders.backbones import build_backbone
     from cbir.encoders.stage import EmbedConfig, embed
