@@ -181,7 +181,7 @@ def test_a_detector_in_the_loop_boxes_each_bird_of_a_new_photo(detector_server, 
         _, latency, choice, gallery, merged = _predict(url, path, k=5, score=0.5)  # the run's own threshold, the page default
         names = [c[0] for c in choice["choices"]]
         assert len(names) == birds and all(" · score " in n for n in names), names
-        assert len(gallery) == 5 and "boxes from onnx:" in _page_text(url)
+        assert len(gallery) == 5 and "boxes from onnx (coco_ssd_mobilenet_v1_quant.onnx)" in _page_text(url)
 
 
 def _page_text(url: str) -> str:
@@ -201,7 +201,7 @@ def test_page_with_a_detector_in_headless_chromium(detector_server, tmp_path):
         page = browser.new_page(viewport={"width": 1400, "height": 1100})
         page.goto(url, wait_until="domcontentloaded")
         page.get_by_role("button", name="Search").wait_for(timeout=60_000)
-        page.get_by_text("boxes from onnx:").first.wait_for(timeout=30_000)
+        page.get_by_text("boxes from onnx (coco_ssd_mobilenet_v1_quant.onnx)").first.wait_for(timeout=30_000)
         upload_and_search(page, CARDINAL)
         page.get_by_text("box 1 · score").wait_for(timeout=60_000)
         page.get_by_text("Cardinal · sim").first.wait_for(timeout=30_000)

@@ -220,7 +220,8 @@ class Querier:
                     "plus its GT box when the photo is one of the run's" + how)
         weights = Path(self.detect_meta["weights"])
         shown = weights.parent.name if self.detect_meta["detector"].startswith("trained:") else weights.name
-        return f"boxes from {self.detect_meta['detector']} ({shown})"
+        kind = "onnx" if self.detect_meta["detector"].startswith("onnx:") else self.detect_meta["detector"]
+        return f"boxes from {kind} ({shown})"  # a file name, never a path of the serving machine
 
     def category_id(self, name: str | None) -> int | None:
         """The COCO id of a category name of this run (None for None); a one-line error for others."""
