@@ -121,6 +121,7 @@ class BoxSet:
     categories: list[dict]  # label k is categories[k - 1] (k = 0 is the background)
     fingerprint: str
     source: str
+    upstream: dict  # the run's artifacts it was read from (none for an outside COCO file)
 
 
 def run_boxes(layout: RunLayout) -> BoxSet:
@@ -131,7 +132,8 @@ def run_boxes(layout: RunLayout) -> BoxSet:
         raise CbirError(f"{layout.root}: no train split to learn from (prepare it with --split, or pass --coco)")
     images = pd.DataFrame({"image_id": train.image_id, "file": [str(data.image_path(p)) for p in train.path],
                            "width": train.width, "height": train.height})
-    return _box_set(images, data.instances, data.categories, f"run:{data.fingerprint}", str(layout.root))
+    return _box_set(images, data.instances, data.categories, f"run:{data.fingerprint}", str(layout.root),
+                    {layout.dataset: data.fingerprint})
 
 
 def coco_boxes(instances: Path, image_dir: Path) -> BoxSet:
@@ -143,7 +145,7 @@ def coco_boxes(instances: Path, image_dir: Path) -> BoxSet:
     sizes = [_size(f) for f in files]
     images = pd.DataFrame({"image_id": tables.images.image_id, "file": files, "width": [s[0] for s in sizes],
                            "height": [s[1] for s in sizes]})
-    return _box_set(images, tables.instances, tables.categories, f"coco:{file_sha256(instances)[:16]}", str(instances))
+    return _box_set(images, tables.instances, tables.categories, f"coco:{file_sha256(instances)[:16]}", str(instances), {})
 
 
 def _size(path: str) -> tuple[int, int]:
@@ -151,7 +153,8 @@ def _size(path: str) -> tuple[int, int]:
     return photo.width, photo.height
 
 
-def _box_set(images: pd.DataFrame, instances: pd.DataFrame, categories: list[dict], data_fp: str, source: str) -> BoxSet:
+def _box_set(images: pd.DataFrame, instances: pd.DataFrame, categories: list[dict], data_fp: str, source: str,
+             upstream: dict) -> BoxSet:
     cats = sorted(categories, key=lambda c: int(c["id"]))
     label = {int(c["id"]): k + 1 for k, c in enumerate(cats)}
     boxes = instances[instances.image_id.isin(images.image_id) & (instances.w > 1) & (instances.h > 1)]
@@ -160,7 +163,7 @@ def _box_set(images: pd.DataFrame, instances: pd.DataFrame, categories: list[dic
     if images.empty:
         raise CbirError(f"{source}: no photo with a box to train on")
     return BoxSet(images, boxes.reset_index(drop=True), [{"id": int(c["id"]), "name": c["name"]} for c in cats],
-                  data_fp, source)
+                  data_fp, source, upstream)
 
 
 class _Photos(Dataset):
@@ -301,7 +304,7 @@ def train_detector(cfg: TrainDetectorConfig) -> dict:
                 "epochs": used["epochs"], "batch_size": used["batch_size"], "optimizer": cfg.optimizer, "lr": used["lr"],
                 "proposals": PROPOSALS, "history": history, "validation": history[-1], "seconds": round(seconds, 1),
                 "device": str(device), "threads": torch.get_num_threads()}
-        with commit(art, inputs, {"data": boxes.fingerprint}) as staged:
+        with commit(art, inputs, boxes.upstream) as staged:
             torch.save({"format": FORMAT, "build": build, "categories": boxes.categories, "state_dict": state,
                         "card": {k: card[k] for k in ("name", "architecture", "start", "weights_fingerprint",
                                                       "epochs", "seconds")}}, staged.file("detector.pt"))
