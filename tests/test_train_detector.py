@@ -164,3 +164,22 @@ def test_a_run_of_imported_boxes_answers_new_photos_with_a_trained_detector(trai
     boxes = querier.boxes([open_photo(data.image_path(data.images.path[0]))], score=0.0)[0]
     assert boxes and all(b["source"] == "detected" for b in boxes)
     assert "boxes from trained:mobilenet_v2 (detector-mobilenet_v2)" in querier.detector_note
+
+
+def test_a_coco_file_trains_every_category_under_its_own_id():
+    """`--coco FILE --images DIR`: label k is the k-th category by id, crowd regions are left out."""
+    import json as json_
+
+    from cbir.detection.training import coco_boxes
+    from conftest import SHARED
+
+    coco = SHARED / "data" / "coco_sample"
+    boxes = coco_boxes(coco / "instances.json", coco / "images")
+    raw = json_.loads((coco / "instances.json").read_text())
+    assert [c["id"] for c in boxes.categories] == sorted(c["id"] for c in raw["categories"])
+    plain = [a for a in raw["annotations"] if not a.get("iscrowd") and a["bbox"][2] > 1 and a["bbox"][3] > 1]
+    assert len(boxes.boxes) == len(plain) and boxes.upstream == {}
+    first = plain[0]
+    row = boxes.boxes[(boxes.boxes.image_id == first["image_id"])].iloc[0]
+    assert boxes.categories[int(row.label) - 1]["id"] == sorted(
+        (a for a in plain if a["image_id"] == first["image_id"]), key=lambda a: a["id"])[0]["category_id"]
