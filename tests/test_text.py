@@ -164,6 +164,7 @@ def test_report_beats_chance_and_holds_the_read_out_and_colour_tables(text_run):
     assert "Text → image retrieval" in out.stdout and "class 17:" in out.stdout
 
 
+@pytest.mark.slow
 def test_coco_captions_find_their_photos(tmp_path):
     from conftest import MOBILENET
 
