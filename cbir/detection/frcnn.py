@@ -119,6 +119,13 @@ def to_results(outputs: list[dict], photos: list[Photo], label_ids: list[int]) -
     return found
 
 
+def detect_with(model, device: torch.device, photos: list[Photo], label_ids) -> list[list[dict]]:
+    """One inference pass of a torchvision detection model over decoded photos → COCO results per photo."""
+    with torch.inference_mode():
+        outputs = model([pil_to_tensor(p.image).to(device).float().div_(255) for p in photos])
+    return to_results(outputs, photos, label_ids)
+
+
 def set_eval_size(model: FasterRCNN, size: int) -> None:
     """torchvision resizes to `min_size[-1]` in eval mode (a random entry while training)."""
     model.transform.min_size = (*[s for s in model.transform.min_size if s != size], size)
@@ -144,6 +151,4 @@ class TrainedDetector:
                      "trunk": ckpt["build"]["trunk"]}
 
     def detect(self, photos: list[Photo]) -> list[list[dict]]:
-        with torch.inference_mode():
-            outputs = self.model([pil_to_tensor(p.image).to(self.device).float().div_(255) for p in photos])
-        return to_results(outputs, photos, self.label_ids)
+        return detect_with(self.model, self.device, photos, self.label_ids)

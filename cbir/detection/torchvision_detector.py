@@ -7,12 +7,11 @@ import math
 import torch
 import torchvision
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.transforms.functional import pil_to_tensor
 
 from .. import CbirError
 from ..encoders.weights import load_partial, load_state_dict, resolve_weights, weights_enum
 from ..images import Photo
-from .frcnn import to_results
+from .frcnn import detect_with
 
 DETECTORS = ("fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", "fasterrcnn_mobilenet_v3_large_fpn")
 NATIVE_BOUNDS = (224, 1024)  # --min-size auto keeps the photo's own short side inside these bounds
@@ -63,6 +62,4 @@ class TorchvisionDetector:
                      "min_size": str(min_size)}
 
     def detect(self, photos: list[Photo]) -> list[list[dict]]:
-        with torch.inference_mode():
-            outputs = self.model([pil_to_tensor(p.image).to(self.device).float().div_(255) for p in photos])
-        return to_results(outputs, photos, range(len(coco_categories())))  # torchvision's label k is COCO id k
+        return detect_with(self.model, self.device, photos, range(len(coco_categories())))  # label k is COCO id k

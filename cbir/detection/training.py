@@ -37,8 +37,9 @@ from ..device import batches, resolve_device
 from ..encoders.weights import load_state_dict, resolve_weights, weights_enum
 from ..images import open_photo
 from ..layout import RunLayout, check_name
-from .frcnn import COCO_FRCNN, FORMAT, build_model, check_trunk, start_from_coco, to_results
+from .frcnn import COCO_FRCNN, FORMAT, build_model, check_trunk, detect_with, start_from_coco
 from .report import coco_ap, top_box_iou
+from .stage import _as_list
 
 log = logging.getLogger(__name__)
 
@@ -194,10 +195,6 @@ class _Photos(Dataset):
         return int(row.image_id), photo, image, target
 
 
-def _as_list(batch):
-    return batch
-
-
 def grouped_batches(images: pd.DataFrame, batch: int, rng: np.random.Generator) -> list[np.ndarray]:
     """Shuffled batches of photos of one orientation (landscape or portrait), as torchvision's reference
     `GroupedBatchSampler` does: photos of one batch are padded to a common size, so mixing orientations
@@ -242,29 +239,34 @@ def initial_model(cfg: TrainDetectorConfig, build: dict) -> tuple[torch.nn.Modul
                    "weights": trunk.spec, "weights_fingerprint": trunk.fingerprint}
 
 
-def validate(model, loader: DataLoader, boxes: BoxSet, val_ids: np.ndarray, device: torch.device) -> dict:
-    """COCOeval AP / AP50 and the top-box hit rate of the held-out photos."""
+def validation_gt(boxes: BoxSet, val_ids: np.ndarray):
+    """The held-out photos' boxes as pycocotools GT (built once, scored every epoch) and as a table."""
     from pycocotools.coco import COCO
 
-    model.eval()
     label_ids = [0] + [c["id"] for c in boxes.categories]
-    dets = []
-    with torch.inference_mode():
-        for batch in batches(loader):
-            outputs = model([image.to(device) for _, _, image, _ in batch])
-            for (iid, *_), found in zip(batch, to_results(outputs, [p for _, p, _, _ in batch], label_ids)):
-                dets += [{"image_id": iid, **d} for d in found]
-    gt_rows = boxes.boxes[boxes.boxes.image_id.isin(val_ids)].assign(category_id=lambda b: b.label.map(
-        dict(enumerate(label_ids))))
+    rows = boxes.boxes[boxes.boxes.image_id.isin(val_ids)].assign(
+        category_id=lambda b: b.label.map(dict(enumerate(label_ids))))
     gt = COCO()
     gt.dataset = {"images": [{"id": int(i)} for i in val_ids], "categories": boxes.categories,
                   "annotations": [{"id": k + 1, "image_id": int(r.image_id), "category_id": int(r.category_id),
                                    "bbox": [r.x, r.y, r.w, r.h], "area": r.w * r.h, "iscrowd": 0}
-                                  for k, r in enumerate(gt_rows.itertuples())]}
+                                  for k, r in enumerate(rows.itertuples())]}
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
         gt.createIndex()
-    ap = coco_ap(gt, dets, [int(i) for i in val_ids], [c["id"] for c in boxes.categories])
-    iou, _ = top_box_iou(dets, gt_rows, pd.Series(val_ids))
+    return gt, rows
+
+
+def validate(model, loader: DataLoader, boxes: BoxSet, val_ids: np.ndarray, device: torch.device, gt) -> dict:
+    """COCOeval AP / AP50 and the top-box hit rate of the held-out photos (`gt`: from `validation_gt`)."""
+    model.eval()
+    label_ids = [0] + [c["id"] for c in boxes.categories]
+    dets = []
+    for batch in batches(loader):
+        found = detect_with(model, device, [p for _, p, _, _ in batch], label_ids)
+        dets += [{"image_id": iid, **d} for (iid, *_), boxes_of in zip(batch, found) for d in boxes_of]
+    coco, rows = gt
+    ap = coco_ap(coco, dets, [int(i) for i in val_ids], [c["id"] for c in boxes.categories])
+    iou, _ = top_box_iou(dets, rows, pd.Series(val_ids))
     return {"AP": round(ap["AP"], 4), "AP50": round(ap["AP50"], 4), "top_box_hit": round(float((iou >= 0.5).mean()), 4)}
 
 
@@ -343,6 +345,7 @@ def _fit(cfg, layout, art, model, boxes, train_ids, val_ids, used, device, stamp
         history, seconds = state["history"], state["seconds"]
         log.info("resuming %s after epoch %d of %d", art.name, len(history), used["epochs"])
     val_loader = _loader(boxes, val_ids, workers=cfg.workers, batch_size=used["batch_size"])
+    gt = validation_gt(boxes, val_ids)
     with tqdm(total=used["epochs"] * steps, initial=len(history) * steps, desc=f"train {cfg.model_name}",
               unit="step") as bar:
         for epoch in range(len(history) + 1, used["epochs"] + 1):
@@ -354,7 +357,7 @@ def _fit(cfg, layout, art, model, boxes, train_ids, val_ids, used, device, stamp
             torch.manual_seed(cfg.seed * 1000 + epoch)
             loader = _loader(boxes, train_ids, [[position[i] for i in b] for b in order], flip, cfg.workers)
             losses = _epoch(model, loader, optimizer, schedule, scaler, device, bar)
-            history.append({"epoch": epoch, **losses, **validate(model, val_loader, boxes, val_ids, device),
+            history.append({"epoch": epoch, **losses, **validate(model, val_loader, boxes, val_ids, device, gt),
                             "lr_end": schedule.get_last_lr()[0]})
             seconds += time.perf_counter() - start
             save_checkpoint(ckpt_path, {"stamp": stamp, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
