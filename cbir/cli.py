@@ -296,6 +296,15 @@ def _detect_parser(sub):
 def cmd_embed(a):
     from .encoders.stage import embed
 
+    if a.head:
+        from .encoders.stage import load_embeddings
+        from .training.stage import apply_model
+
+        name = apply_model(a.run, Path(a.head).name, a.embeddings, a.name, a.device, a.force)
+        vectors, _, info = load_embeddings(a.run, name)
+        print(f"{a.run}/embeddings/{name}: {vectors.shape[0]} x {vectors.shape[1]} through {Path(a.head).name} "
+              f"({info['spec']['backbone']})")
+        return
     vectors, table, info = embed(embed_config(a, a.run, a.mode, a.name))
     print(f"{a.run}/embeddings/{a.name or a.mode}: {vectors.shape[0]} x {vectors.shape[1]} "
           f"({table.source.value_counts().to_dict()}), backbone {info['spec']['backbone']} "
@@ -316,7 +325,11 @@ def _embed_parser(sub):
                    "from the feature map (torchvision.ops.roi_align) instead of re-embedding each crop")
     _device(p)
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CPU or CUDA)")
-    p.add_argument("--name", help="output name under embeddings/ (default: the mode)")
+    p.add_argument("--name", help="output name under embeddings/ (default: the mode; with --head SET@MODEL)")
+    p.add_argument("--head", metavar="MODEL", help="instead: put a stored set through a model trained by "
+                   "`cbir train-embedder` (RUN/models/MODEL or its name) → embeddings/SET@..., e.g. a head trained on "
+                   "gt boxes for the det set")
+    p.add_argument("--embeddings", metavar="SET", help="with --head: the set to transform (default: the model's own)")
     _force(p, "the embedding")
     _workers(p)
     p.set_defaults(func=cmd_embed)
@@ -477,7 +490,7 @@ def evaluate_config(a, run: Path, embeddings: tuple[str, ...]):
 
     return EvalConfig(run=run, embeddings=embeddings, pca=a.eval_pca, whiten=a.whiten, index=a.index,
                       served=_csv(a.served), rerank=getattr(a, "rerank_list", parse_methods(f"none,{SERVED_DEFAULT}")),
-                      plots=not a.no_plots,
+                      plots=not a.no_plots, maps=_csv(getattr(a, "maps", "pca,tsne")),
                       force=getattr(a, "force", False))
 
 
@@ -505,6 +518,8 @@ def _evaluate_parser(sub):
                         f"(database-side augmentation), kreciprocal (default none,{SERVED_DEFAULT}: plain and what "
                         "search and the page use)")
     p.add_argument("--no-plots", action="store_true", help="metrics only, no pictures")
+    p.add_argument("--maps", default="pca,tsne", help="comma-separated 2-D maps of each set: pca, tsne, umap "
+                   "(umap-learn, `pip install 'cbir[metric]'`; ~20 s of compilation per call)")
     p.set_defaults(func=cmd_evaluate)
 
 

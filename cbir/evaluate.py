@@ -127,7 +127,20 @@ class EvalConfig:
     # re-ranking methods side by side (served rows: on each shortlist); by default plain and the served default
     rerank: tuple[Rerank, ...] = (Rerank(), Rerank(method=SERVED_DEFAULT))
     plots: bool = True
+    maps: tuple[str, ...] = ("pca", "tsne")  # 2-D maps of each set (metrics.plots.MAPS)
     force: bool = False
+
+    def __post_init__(self):
+        from .metrics.plots import MAPS
+
+        unknown = set(self.maps) - set(MAPS)
+        if unknown:
+            raise CbirError(f"--maps {','.join(sorted(unknown))}: choose from {', '.join(MAPS)}")
+        if "umap" in self.maps and self.plots:
+            try:
+                import umap  # noqa: F401
+            except ImportError:
+                raise CbirError("--maps umap needs umap-learn: pip install 'cbir[metric]'") from None
 
 
 @dataclass
@@ -247,9 +260,14 @@ def evaluate(cfg: EvalConfig) -> Evaluation:
             if cfg.plots:
                 from .metrics.plots import write_plots
 
-                write_plots(load_dataset(layout), result, staged.folder)
+                write_plots(load_dataset(layout), result, staged.folder, cfg.maps)
             plots = sorted(p.name for p in staged.folder.glob("*.png"))
-            staged.file(layout.COMPARISON).write_text(comparison_markdown(result.metrics, layout.root, plots))
+            from .training.report import training_table
+
+            trained = training_table(layout, result.metrics)
+            if len(trained):
+                staged.write_table("trained.csv", trained)
+            staged.file(layout.COMPARISON).write_text(comparison_markdown(result.metrics, layout.root, plots, trained))
             staged.summary.update(rows=len(result.metrics), computed=len(result.computed))
         return result
 
@@ -268,9 +286,11 @@ BLANKS = ("— : not computed for that row. Approximate-index rows (`index` othe
           "rows have no NMI. P@1 equals R@1: at K=1 both ask whether the first result is relevant.")
 
 
-def comparison_markdown(metrics: pd.DataFrame, run: Path, plots: list[str] = ()) -> str:
+def comparison_markdown(metrics: pd.DataFrame, run: Path, plots: list[str] = (),
+                        trained: pd.DataFrame | None = None) -> str:
     """Two tables: the embeddings and reductions without re-ranking, then each re-ranking beside the row it
-    re-ranks (same embeddings, reduction, PCA and index); what a blank means; links to the plots."""
+    re-ranks (same embeddings, reduction, PCA and index); trained sets against their source (when any);
+    what a blank means; links to the plots."""
     shown = [c for c in SHOWN if c in metrics]
     table = metrics[["embeddings", "reduction", "backbone", "pca", "dim", "index", "rerank", "images"] + shown].copy()
     for c in shown:
@@ -293,6 +313,10 @@ def comparison_markdown(metrics: pd.DataFrame, run: Path, plots: list[str] = ())
                   "Each re-ranked row below the row it re-ranks. `refit` rows re-rank the whole test gallery; "
                   "`served` rows re-rank each query's shortlist from the store (its top 100), as `search` and the "
                   "page do.", "", with_base.to_markdown(index=False), ""]
+    if trained is not None and len(trained):
+        from .training.report import training_markdown
+
+        parts += [training_markdown(trained)]
     parts += [BLANKS, ""]
     if plots:
         parts += ["## Plots", "", *[f"- [{name}]({name})" for name in plots], ""]

@@ -9,6 +9,7 @@ import sys
 import time
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from tqdm import tqdm
@@ -153,3 +154,31 @@ def test_finetune_trains_the_trunk_and_reembeds_with_it(run):
     assert info["spec"]["weights"] == str(weights.resolve()) and (table.image_id == frozen_table.image_id).all()
     same = np.allclose(tuned, frozen, atol=1e-4)
     assert same != card["helps"]  # the best epoch's trunk made the vectors; epoch 0 is the frozen trunk
+
+
+def test_embed_head_puts_another_set_through_a_trained_head_and_the_report_holds_it_to_its_source(run):
+    from cbir.evaluate import EvalConfig, evaluate
+    from cbir.retrieval.rerank import Rerank
+    from cbir.training.head import apply_head, load_head
+    from cbir.training.stage import apply_model
+
+    train_embedder(TrainConfig(run=run, embeddings="full", epochs=2, label="class"))
+    assert apply_model(run, "full@multisimilarity", "det") == "det@full@multisimilarity"  # same encoder as full
+    moved, table, info = load_embeddings(run, "det@full@multisimilarity")
+    det, det_table, _ = load_embeddings(run, "det")
+    head, _ = load_head(run / "models" / "full@multisimilarity" / "head.pt")
+    assert np.allclose(moved, apply_head(head, det), atol=1e-6) and (table.image_id == det_table.image_id).all()
+    with pytest.raises(CbirError, match="embeddings det exists and was not made by full@multisimilarity"):
+        apply_model(run, "full@multisimilarity", "det", name="det")  # never over a set made otherwise
+    with pytest.raises(CbirError, match="models/nope: not found"):
+        apply_model(run, "nope", "det")
+
+    result = evaluate(EvalConfig(run=run, embeddings=("det", "det@full@multisimilarity"), pca=(None,),
+                                 rerank=(Rerank(),), plots=False))
+    trained = pd.read_csv(run / "reports" / "retrieval" / "trained.csv")
+    assert list(trained.embeddings) == ["det@full@multisimilarity"] and list(trained.source) == ["det"]
+    r1 = result.computed.set_index("embeddings")["R@1"]
+    assert trained["ΔR@1"][0] == pytest.approx(r1["det@full@multisimilarity"] - r1["det"])
+    card = json.loads((run / "models" / "full@multisimilarity" / "card.json").read_text())
+    assert trained["best epoch"][0] == card["best_epoch"]
+    assert "## Trained embeddings against their source" in (run / "reports/retrieval/comparison.md").read_text()

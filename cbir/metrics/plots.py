@@ -43,16 +43,29 @@ def pr_curves(curves: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
-def embedding_map(name: str, gallery, path: Path, class_names: dict[int, str], seed: int = 0) -> Path:
-    """t-SNE and PCA (and UMAP when installed) of the test query vectors, coloured by class (named)."""
-    methods = {"PCA": PCA(2, random_state=seed),
-               "t-SNE": TSNE(2, init="pca", perplexity=min(30, max(5, len(gallery.query) // 10)), random_state=seed)}
-    try:
-        import umap
+MAPS = ("pca", "tsne", "umap")
 
-        methods["UMAP"] = umap.UMAP(random_state=seed)
-    except ImportError:
-        pass
+
+def map_methods(names: tuple[str, ...], n_points: int, seed: int = 0) -> dict:
+    """2-D projections by name (`--maps`): PCA, t-SNE, and UMAP from umap-learn (the `metric` extra; its numba
+    compilation costs ~20 s per process, hence not a default)."""
+    methods = {}
+    for name in names:
+        if name == "pca":
+            methods["PCA"] = PCA(2, random_state=seed)
+        elif name == "tsne":
+            methods["t-SNE"] = TSNE(2, init="pca", perplexity=min(30, max(5, n_points // 10)), random_state=seed)
+        else:
+            import umap
+
+            methods["UMAP"] = umap.UMAP(n_neighbors=min(15, max(2, n_points - 1)), random_state=seed)
+    return methods
+
+
+def embedding_map(name: str, gallery, path: Path, class_names: dict[int, str], maps: tuple[str, ...] = ("pca", "tsne"),
+                  seed: int = 0) -> Path:
+    """The test query vectors in 2-D by each of `maps`, coloured by class (named)."""
+    methods = map_methods(maps, len(gallery.query), seed)
     classes = np.unique(gallery.labels)
     cmap = plt.get_cmap("tab20" if len(classes) <= 20 else "gist_ncar")
     colour = {c: cmap(i % 20 / 19 if len(classes) <= 20 else i / len(classes)) for i, c in enumerate(classes)}
@@ -116,7 +129,7 @@ def qualitative_grid(data: RunDataset, name: str, gallery: Gallery, path: Path, 
     return _save(fig, path)
 
 
-def write_plots(data: RunDataset, result, folder: Path) -> list[Path]:
+def write_plots(data: RunDataset, result, folder: Path, maps: tuple[str, ...] = ("pca", "tsne")) -> list[Path]:
     """PR curves of every computed row, and per embeddings set its 2-D maps and top-10 grid."""
     out = [pr_curves(result.curves, folder / "pr_curves.png")]
     names = dict(zip(data.images.class_id, data.images.class_name))
@@ -127,6 +140,6 @@ def write_plots(data: RunDataset, result, folder: Path) -> list[Path]:
             continue
         seen.add(name)
         slug = name.replace("+", "_")
-        out.append(embedding_map(key, gallery, folder / f"embedding_map_{slug}.png", names))
+        out.append(embedding_map(key, gallery, folder / f"embedding_map_{slug}.png", names, maps))
         out.append(qualitative_grid(data, key, gallery, folder / f"grid_{slug}.png"))
     return out

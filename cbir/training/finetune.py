@@ -115,8 +115,9 @@ def _features(model: TrainableTrunk) -> dict:
     return {f"features.{k}": v.detach().cpu().clone() for k, v in model.trunk.state_dict().items()}
 
 
-def write_finetuned_vectors(layout: RunLayout, cfg, info: dict, weights: Path) -> None:
-    """Re-embed the source set's rows with the trained trunk through the ordinary `embed` stage."""
+def write_finetuned_vectors(layout: RunLayout, info: dict, weights: Path, name: str, device: str = "auto") -> None:
+    """Re-embed the rows of the set `info` describes with the trained trunk through the ordinary `embed`
+    stage → embeddings/NAME (its own fingerprint check makes a repeat a no-op)."""
     from dataclasses import fields
 
     from ..encoders.stage import EmbedConfig, embed
@@ -125,4 +126,4 @@ def write_finetuned_vectors(layout: RunLayout, cfg, info: dict, weights: Path) -
     known = {f.name for f in fields(EmbedConfig)}
     embed(EmbedConfig(run=layout.root, mode=info["mode"], backbone=spec["backbone"], weights=str(weights),
                       **{k: spec[k] for k in ("pool", "crop_margin", "crop_resize", "size", "bf16") if k in known},
-                      device=cfg.device, name=cfg.model_name))
+                      device=device, name=name))

@@ -263,13 +263,52 @@ def train_embedder(cfg: TrainConfig) -> dict:
             _plot_curves(card["history"], staged.file("curves.png"), name)
             staged.summary.update({k: card[k] for k in ("best_epoch", "baseline", "best", "helps", "seconds")})
         if cfg.mode == "finetune":
-            write_finetuned_vectors(layout, cfg, info, model.folder() / weights_file)
+            write_finetuned_vectors(layout, info, model.folder() / weights_file, name, cfg.device)
         else:
             write_head_vectors(layout, cfg.embeddings, name, model)
         import shutil
 
         shutil.rmtree(partial, ignore_errors=True)
         return card
+
+
+def apply_model(run: Path, model_name: str, source: str | None = None, name: str | None = None,
+                device: str = "auto", force: bool = False) -> str:
+    """`cbir embed --head MODEL`: a trained model's space for another set of the run — a head trained on GT
+    boxes applied to the detected ones, or to new embeddings after a re-detection. A head needs vectors
+    made by the encoder it was trained on; a fine-tuned trunk re-embeds the set's rows with its weights.
+    `source` defaults to the set the model was trained on. Returns the new set's name (default
+    SOURCE@MODEL, e.g. det@gt@triplet); a set of that name made otherwise is kept unless `force`."""
+    with writing(run) as layout:
+        model = Artifact(layout, layout.model(model_name))
+        folder, _ = model.open(f"train it with `cbir train-embedder --run {run} --name {model_name}` first")
+        card = read_json(folder / "card.json")
+        source = source or card["embeddings"]
+        _, _, info = load_embeddings(layout, source)
+        name = name or (model_name if source == card["embeddings"] else f"{source}@{model_name}")
+        check_name(name, "--name")
+        existing = Artifact(layout, layout.embeddings(name)).meta()
+        if existing and model.name not in existing["upstream"] and not force:
+            raise CbirError(f"embeddings {name} exists and was not made by {model_name}; choose another --name "
+                            f"(or --force to replace it)")
+        if (folder / "backbone.pth").is_file():
+            from .finetune import base_encoder, write_finetuned_vectors
+
+            base_encoder(info["spec"])  # a set the trunk can re-embed (torchvision classifier, crop by crop)
+            if info["spec"]["backbone"] != card["backbone"]:
+                raise CbirError(f"embeddings {source}: backbone {info['spec']['backbone']}, but {model_name} "
+                                f"fine-tuned {card['backbone']}")
+            write_finetuned_vectors(layout, info, folder / "backbone.pth", name, device)
+        elif (folder / "head.pt").is_file():
+            trained_on = card["source_spec"]["fingerprint"]
+            if info["spec"]["fingerprint"] != trained_on:
+                raise CbirError(f"embeddings {source}: encoder {info['spec']['fingerprint']}, but the head "
+                                f"{model_name} was trained on {trained_on} vectors; embed with that encoder first")
+            write_head_vectors(layout, source, name, model)
+        else:
+            raise CbirError(f"{model.link}: not a train-embedder model (no head.pt or backbone.pth); text bridges "
+                            f"write their vectors with `cbir train-text`")
+        return name
 
 
 def fit(cfg, layout: RunLayout, stamp: str, model, loss_fn, optimizer, run_epoch, items: int, validate,
@@ -362,7 +401,10 @@ def write_head_vectors(layout: RunLayout, source: str, name: str, model: Artifac
             "dim": int(projected.shape[1]), **({"text": text} if text else {})}
     art = Artifact(layout, layout.embeddings(name))
     upstream = {layout.embeddings(source): info["fingerprint"], model.name: model.fingerprint}
-    with commit(art, {"head": head_fp, **upstream}, upstream) as staged:
+    inputs = {"head": head_fp, **upstream}
+    if is_fresh(art, inputs):
+        return
+    with commit(art, inputs, upstream) as staged:
         staged.write_npy(layout.VECTORS, projected.astype(np.float32))
         staged.write_table(layout.ROWS, table)
         staged.summary.update(spec=spec, mode=info["mode"], count=len(table), dim=spec["dim"],
