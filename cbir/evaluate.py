@@ -11,6 +11,7 @@ A narrower evaluate replaces its own rows and keeps the others.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,11 +137,8 @@ class EvalConfig:
         unknown = set(self.maps) - set(MAPS)
         if unknown:
             raise CbirError(f"--maps {','.join(sorted(unknown))}: choose from {', '.join(MAPS)}")
-        if "umap" in self.maps and self.plots:
-            try:
-                import umap  # noqa: F401
-            except ImportError:
-                raise CbirError("--maps umap needs umap-learn: pip install 'cbir[metric]'") from None
+        if "umap" in self.maps and self.plots and importlib.util.find_spec("umap") is None:
+            raise CbirError("--maps umap needs umap-learn: pip install 'cbir[metric]'")
 
 
 @dataclass

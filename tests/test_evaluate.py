@@ -193,3 +193,16 @@ def test_retrieval_methods_agree_on_the_same_vectors():
     assert 0.5 < rows["kNN vote"]["R@1"] <= 1 and rows["FAISS HNSW32"]["recall@10 vs exact"] > 0.9
     ivf = next(r for name, r in rows.items() if name.startswith("FAISS IVF"))
     assert 0.5 < ivf["recall@10 vs exact"] <= 1
+
+
+@pytest.mark.slow  # umap-learn's numba compilation costs ~20 s a process
+def test_maps_by_umap_on_request(sample_run, tmp_path):
+    from cbir.metrics.plots import map_methods
+    from conftest import copy_run
+
+    run = copy_run(sample_run, tmp_path / "run")
+    with pytest.raises(CbirError, match="--maps bogus: choose from pca, tsne, umap"):
+        EvalConfig(run=run, maps=("pca", "bogus"))
+    assert list(map_methods(("pca", "umap"), 50)) == ["PCA", "UMAP"]
+    evaluate(EvalConfig(run=run, embeddings=("full",), pca=(None,), rerank=(Rerank(),), maps=("umap",)))
+    assert (run / "reports" / "retrieval" / "embedding_map_full.png").stat().st_size > 10_000
