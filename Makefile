@@ -14,9 +14,11 @@ BACKBONE ?= ../shared/weights/torchvision_mobilenet_v2_features_imagenet.pth
 COCO_RUN ?= runs/coco
 SAMPLE ?= ../shared/data/cub_sample
 SAMPLE_RUN ?= runs/sample
+comma := ,
+space := $(subst ,, )
 TEXT_SPLIT ?= classes:1-10/11-20
 
-.PHONY: setup demo detector coco text test test-all browser
+.PHONY: setup demo detector coco text metric test test-all browser
 
 setup:
 	$(PYTHON) -m pip install -q -e '.[dev]'
@@ -60,6 +62,19 @@ text: setup
 	for e in gt det; do for t in glove minilm attributes; do \
 	  cbir train-text --run $(SAMPLE_RUN) --embeddings $$e --text $$t || exit 1; done; done
 	cbir evaluate-text --run $(SAMPLE_RUN)
+
+# metric learning on the CUB sample (classes 1-10 train, 11-20 test): each loss as a head on frozen gt and det vectors
+# and as a fine-tuned MobileNetV2 on gt crops, then every trained set against its source in reports/retrieval
+METRIC_RUN ?= runs/metric
+LOSSES ?= contrastive triplet multisimilarity proxyanchor
+metric: setup
+	cbir run --cub $(SAMPLE) --out $(METRIC_RUN) --split classes:1-10/11-20 --modes full,gt,det \
+	  --detections $(SAMPLE)/external_detections/yolov5n_coco_birds.json --backbone mobilenet_v2 --weights $(BACKBONE) $(ARGS)
+	for loss in $(LOSSES); do for e in gt det; do \
+	  cbir train-embedder --run $(METRIC_RUN) --embeddings $$e --loss $$loss || exit 1; done; \
+	  cbir train-embedder --run $(METRIC_RUN) --embeddings gt --loss $$loss --mode finetune || exit 1; done
+	cbir evaluate --run $(METRIC_RUN) --rerank none --maps pca,tsne,umap --embeddings \
+	  gt,det,$(subst $(space),$(comma),$(foreach l,$(LOSSES),gt@$(l),det@$(l),gt@$(l)-ft))
 
 # Debian's chromium drives the page test (never a browser download); installed when we may.
 browser:

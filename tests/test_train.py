@@ -18,9 +18,9 @@ from cbir import CbirError
 from cbir.datasets import load_dataset
 from cbir.encoders.stage import load_embeddings
 from cbir.layout import RunLayout
-from cbir.training.head import ProjectionHead
-from cbir.training.stage import LOSSES, TrainConfig, build_loss, train_embedder, train_epoch, training_rows, \
-    validation_scores
+from cbir.training.head import ProjectionHead, apply_head
+from cbir.training.stage import LOSSES, TrainConfig, build_loss, score_vectors, train_embedder, train_epoch, \
+    training_rows
 from conftest import copy_run
 
 pytest.importorskip("pytorch_metric_learning")
@@ -36,6 +36,7 @@ def test_training_sees_train_rows_only_and_validates_on_unseen_classes(run):
     assert set(rows.split) == {"train"} and label == "class" and how.startswith("class-disjoint")
     train_classes, val_classes = set(rows.label[~rows.val]), set(rows.label[rows.val])
     assert val_classes and train_classes and not train_classes & val_classes
+    assert rows.gallery.all()  # held-out classes are searched for among every train-split class, as in the test
     _, table, _ = load_embeddings(run, "det")
     assert not set(rows.label) & set(table.class_id[table.split == "test"])  # test classes never seen
     assert len(x) == len(rows)
@@ -59,13 +60,13 @@ def test_a_head_separates_a_toy_set_with_clear_structure(loss):
     torch.manual_seed(0)
     head = ProjectionHead(64, 64)
     head.initialise(x)
-    before = validation_scores(head, xv, yv)["MAP@R"]
+    before = score_vectors(apply_head(head.eval(), xv), yv)["MAP@R"]
     loss_fn, miner = build_loss(cfg, 6, 64)
     optimizer = torch.optim.AdamW(list(head.parameters()) + list(loss_fn.parameters()), lr=cfg.lr)
     bar = tqdm(disable=True)
     for epoch in range(1, 16):
         train_epoch(head, loss_fn, miner, optimizer, torch.as_tensor(x), torch.as_tensor(y), cfg, epoch, bar)
-    after = validation_scores(head, xv, yv)["MAP@R"]
+    after = score_vectors(apply_head(head.eval(), xv), yv)["MAP@R"]
     assert after > before + 0.15, (loss, before, after)
 
 
@@ -159,7 +160,7 @@ def test_finetune_trains_the_trunk_and_reembeds_with_it(run):
 def test_embed_head_puts_another_set_through_a_trained_head_and_the_report_holds_it_to_its_source(run):
     from cbir.evaluate import EvalConfig, evaluate
     from cbir.retrieval.rerank import Rerank
-    from cbir.training.head import apply_head, load_head
+    from cbir.training.head import load_head
     from cbir.training.stage import apply_model
 
     train_embedder(TrainConfig(run=run, embeddings="full", epochs=2, label="class"))

@@ -26,6 +26,7 @@ from .. import CbirError
 from ..artifacts import Artifact, commit, file_sha256, fingerprint, is_fresh, read_json, writing
 from ..datasets import load_dataset
 from ..datasets.coco import hash_share
+from ..device import resolve_device
 from ..encoders.stage import load_embeddings
 from ..evaluate import check_no_leak
 from ..layout import RunLayout, check_name
@@ -42,6 +43,11 @@ DEFAULT_MARGIN = {("contrastive", "cosine"): 0.5, ("contrastive", "euclidean"): 
                   ("triplet", "euclidean"): 0.2, ("proxyanchor", "cosine"): 0.1, ("arcface", "cosine"): 28.6}
 VALIDATION_SHARE = 0.2
 PER_CLASS = 4  # samples per class in each batch
+# defaults by mode and device: a head trains in seconds anywhere; a fine-tuned trunk is bounded on a CPU —
+# MobileNetV2 at 224 px runs ~20 crops/s forward and backward on 2 cores, so 10 epochs of ~1,500 train
+# crops fit in 30 minutes with validation (benchmarks/results/finetune_cpu.md) — and longer on a GPU
+EPOCHS = {("head", "cpu"): 30, ("head", "cuda"): 30, ("finetune", "cpu"): 10, ("finetune", "cuda"): 30}
+LEARNING_RATE = {"head": 1e-4, "finetune": 1e-5}
 
 
 @dataclass(kw_only=True)
@@ -54,10 +60,10 @@ class TrainConfig:
     margin: float | None = None
     dim: int | None = None  # default: the input's (identity start)
     label: str = "auto"  # class | category | auto (category for boxes of a many-category dataset)
-    epochs: int = 30
+    epochs: int | None = None  # default: EPOCHS for the mode and device
     patience: int = 5
     batch_size: int = 64
-    lr: float | None = None  # default: 1e-4 for a head, 3e-5 for a fine-tuned trunk
+    lr: float | None = None  # default: LEARNING_RATE of the mode
     weight_decay: float = 1e-4
     seed: int = 0
     mode: str = "head"  # or finetune: the trunk itself, end to end on the set's crops
@@ -79,7 +85,9 @@ class TrainConfig:
         if self.label not in ("auto", "class", "category"):
             raise CbirError(f"--label {self.label}: choose auto, class or category")
         if self.lr is None:
-            self.lr = 3e-5 if self.mode == "finetune" else 1e-4
+            self.lr = LEARNING_RATE[self.mode]
+        if self.epochs is None:
+            self.epochs = EPOCHS[self.mode, "cuda" if resolve_device(self.device).type == "cuda" else "cpu"]
         if min(self.epochs, self.batch_size) < 1 or self.patience < 1 or not self.lr > 0:
             raise CbirError("--epochs, --batch-size and --patience must be at least 1, --lr above 0")
         check_name(self.model_name, "--name")
@@ -137,7 +145,12 @@ def training_rows(layout: RunLayout, cfg: TrainConfig) -> tuple[np.ndarray, pd.D
         raise CbirError(f"embeddings {cfg.embeddings}: {len(classes)} train {_plural(label)}; metric learning needs "
                         f"at least 3 (2 to train, 1 to validate)")
     val, how = hold_out(train, test_labels, cfg.seed, _plural(label))
-    return np.asarray(vectors[train.index.to_numpy()], np.float32), train.assign(val=val), info, label, how
+    # the gallery validation queries search: with unseen test classes, the whole train split — as many classes
+    # as the test gallery holds, the held-out ones among the trained ones (a model that pulls unseen classes
+    # into seen ones loses there); with recurring labels, the held-out images only
+    gallery = np.ones(len(train), bool) if not test_labels & set(classes) else val
+    return (np.asarray(vectors[train.index.to_numpy()], np.float32), train.assign(val=val, gallery=gallery), info,
+            label, how)
 
 
 def hold_out(train: pd.DataFrame, test_labels: set, seed: int, labels_are: str) -> tuple[np.ndarray, str]:
@@ -160,15 +173,20 @@ def _plural(label: str) -> str:
     return {"class": "classes", "category": "categories"}[label]
 
 
-def validation_scores(head: ProjectionHead, x: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    head.eval()
-    return score_vectors(apply_head(head, x), labels)
+def validation_scores(vectors: np.ndarray, rows: pd.DataFrame) -> dict[str, float]:
+    """The held-out rows (`rows.val`) query the validation gallery (`rows.gallery`, which holds them),
+    themselves excluded. `vectors`: every train-split row through the model being trained."""
+    val, labels = rows.val.to_numpy(), rows.label.to_numpy()
+    others = rows.gallery.to_numpy() & ~val
+    reference = np.concatenate([vectors[val], vectors[others]])  # PML: the queries first, then the rest
+    return score_vectors(vectors[val], labels[val], reference, np.concatenate([labels[val], labels[others]]),
+                         query_in_reference=True)
 
 
 def score_vectors(vectors: np.ndarray, labels: np.ndarray, reference: np.ndarray | None = None,
-                  reference_labels: np.ndarray | None = None) -> dict[str, float]:
-    """PML's AccuracyCalculator on the validation part: each item queries the others, or, given a
-    `reference` set (a bridge's images for its texts), that set."""
+                  reference_labels: np.ndarray | None = None, query_in_reference: bool = False) -> dict[str, float]:
+    """PML's AccuracyCalculator: each item queries the others, or, given a `reference` set (a bridge's images
+    for its texts; a validation gallery that holds the queries, `query_in_reference`), that set."""
     from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
     def unit(x):
@@ -178,7 +196,7 @@ def score_vectors(vectors: np.ndarray, labels: np.ndarray, reference: np.ndarray
     ref, ref_y = (z, y) if reference is None else (unit(reference), torch.as_tensor(reference_labels))
     calc = AccuracyCalculator(include=("mean_average_precision_at_r", "precision_at_1"), k="max_bin_count",
                               device=torch.device("cpu"))
-    acc = calc.get_accuracy(z, y, ref, ref_y, ref_includes_query=reference is None)
+    acc = calc.get_accuracy(z, y, ref, ref_y, ref_includes_query=reference is None or query_in_reference)
     return {"MAP@R": float(acc["mean_average_precision_at_r"]), "P@1": float(acc["precision_at_1"])}
 
 
@@ -368,7 +386,7 @@ def _train(layout: RunLayout, cfg: TrainConfig, x: np.ndarray, rows: pd.DataFram
     x_train = torch.as_tensor(x[~val])
     history, seconds = fit(cfg, layout, stamp, head, loss_fn, optimizer,
                            lambda epoch, bar: train_epoch(head, loss_fn, miner, optimizer, x_train, y, cfg, epoch, bar),
-                           len(y), lambda: validation_scores(head, x[val], labels[val]), lambda: head_state(head))
+                           len(y), lambda: validation_scores(apply_head(head.eval(), x), rows), lambda: head_state(head))
     return {**summary_card(history, seconds, val, classes), "dim_in": int(x.shape[1]), "dim": dim,
             "source_spec": info["spec"]}
 
