@@ -18,7 +18,7 @@ from .artifacts import Interrupted, machine_fault
 from .device import check_device
 from .images import DEFAULT_MAX_PIXELS
 from .retrieval import check_store
-from .retrieval.reduce import parse_pca
+from .retrieval.reduce import parse_pca, parse_shrinkage
 from .retrieval.rerank import METHODS, SERVED_DEFAULT, SHORTLIST, Rerank, parse_methods
 
 log = logging.getLogger("cbir")
@@ -161,11 +161,18 @@ def _embedding_args(p):
                    "batch and memory format, timed for this backbone and device at first use and cached)")
 
 
+def _whiten(p):
+    p.add_argument("--whiten", nargs="?", const=0.0, default=None, metavar="SHRINK",
+                   type=_checked(parse_shrinkage),
+                   help="PCA whitening (needs a PCA), its eigenvalues shrunk toward their mean by SHRINK in [0, 1]: "
+                        "0 plain whitening (the flag alone), 1 none; e.g. --whiten 0.5 (default: off)")
+
+
 def _index_args(p):
     p.add_argument("--pca", default="auto", type=parse_pca_arg, help="PCA output dimension, none, or auto (default: "
                    "none with fewer than 2 train vectors per dimension, else the dimension keeping 99%% of the "
                    "train variance; the choice and why are in the index's meta.json)")
-    p.add_argument("--whiten", action="store_true", help="PCA whitening")
+    _whiten(p)
     p.add_argument("--factory", default="auto", help="FAISS index_factory body: Flat, HNSW32, IVF1024,PQ32 ... or "
                    "auto (exact up to 100k vectors, IVF-SQ8 up to 50M, IVF-PQ beyond; benchmarks/results/index_bench_cpu.md)")
     p.add_argument("--gpu", default="auto", help="auto (GPU when faiss-gpu sees one), off, or a GPU number")
@@ -509,7 +516,7 @@ def _evaluate_parser(sub):
                    "per image (e.g. full+det). Missing sets are skipped with a warning (default full,gt,det)")
     p.add_argument("--pca", dest="eval_pca", default="auto", type=_pca_list,
                    help="comma-separated PCA settings to compare: dims, none, auto (default auto)")
-    p.add_argument("--whiten", action="store_true", help="PCA whitening")
+    _whiten(p)
     p.add_argument("--index", default="exact", help="exact, or a FAISS factory body (e.g. HNSW32, IVF64,PQ16) "
                    "scored beside exact search with its recall@10 against exact")
     p.add_argument("--served", default="", help="comma-separated saved index names to score as served")

@@ -81,7 +81,7 @@ def concat_galleries(parts: list[Gallery]) -> Gallery:
     return Gallery(query, query, np.arange(len(ids)), labels, ids)
 
 
-def refit_reduction(layout: RunLayout, name: str, pca: int | str | None, whiten: bool
+def refit_reduction(layout: RunLayout, name: str, pca: int | str | None, whiten: float | None
                     ) -> tuple[np.ndarray, pd.DataFrame, dict]:
     """Every vector of a set through a reduction fitted here on its train rows only (leaks refused)."""
     vectors, table, emb = load_embeddings(layout, name)
@@ -92,7 +92,7 @@ def refit_reduction(layout: RunLayout, name: str, pca: int | str | None, whiten:
     return reduce(np.asarray(vectors), np.asarray(vectors[is_train]), pca, whiten), table, emb
 
 
-def load_gallery(layout: RunLayout, name: str, pca: int | str | None, whiten: bool) -> tuple[Gallery, Gallery, dict]:
+def load_gallery(layout: RunLayout, name: str, pca: int | str | None, whiten: float | None) -> tuple[Gallery, Gallery, dict]:
     """Refit reduction: reduced test and train galleries (train: for training an approximate index)."""
     if "+" in name:
         parts = [load_gallery(layout, n, pca, whiten) for n in name.split("+")]
@@ -122,7 +122,7 @@ class EvalConfig:
     run: Path
     embeddings: tuple[str, ...] = ("full", "gt", "det")
     pca: tuple[int | str | None, ...] = ("auto",)
-    whiten: bool = False
+    whiten: float | None = None  # PCA whitening with this shrinkage; None: off
     index: str = "exact"  # or a FAISS factory body (e.g. HNSW32) scored beside exact search
     served: tuple[str, ...] = ()  # saved indexes to score as served
     # re-ranking methods side by side (served rows: on each shortlist); by default plain and the served default

@@ -190,6 +190,8 @@ FLAGS = [
     Case("pca-not-a-number", "index --run {run} --embeddings det --pca abc", "--pca"),
     Case("pca-negative", "index --run {run} --embeddings det --pca -3", "--pca"),
     Case("pca-over-dimension", "index --run {run} --embeddings det --pca 5000 --name big", "5000"),
+    Case("whiten-shrink-out-of-range", "index --run {run} --embeddings det --pca 8 --whiten 2", "--whiten '2'"),
+    Case("whiten-shrink-not-a-number", "evaluate --run {run} --embeddings det --whiten half", "--whiten 'half'"),
     Case("factory-unknown", "index --run {run} --embeddings det --factory Bogus --name x", "Bogus"),
     Case("factory-untrainable", "index --run {run} --embeddings det --factory IVF4096,Flat --name x", "IVF4096,Flat"),
     Case("gpu-bogus", "index --run {run} --embeddings det --gpu maybe --name x", "--gpu"),

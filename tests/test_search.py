@@ -248,3 +248,27 @@ def test_fused_index_is_served_in_its_own_space(run):
                                  rerank=(Rerank(),)))
     m = result.computed.set_index(["reduction", "index"])
     assert m.loc[("served:fused", "Flat"), "MAP@R"] == pytest.approx(m.loc[("refit", "exact"), "MAP@R"], abs=1e-6)
+
+
+@pytest.mark.parametrize("shrink", [0.0, 0.5, 1.0])
+def test_whitening_shrinks_eigenvalues_toward_their_mean(shrink):
+    import faiss
+
+    from cbir.retrieval.reduce import apply_chain, train_chain, transform_prefix
+
+    rng = np.random.default_rng(0)
+    train = rng.standard_normal((400, 16)) * np.linspace(3, 0.1, 16) + 0.2  # anisotropic, off-centre
+    queries = rng.standard_normal((20, 16))
+    index = faiss.index_factory(16, transform_prefix(6, shrink) + "Flat", faiss.METRIC_INNER_PRODUCT)
+    train_chain(index, train, shrink)
+    got = apply_chain(index, queries)
+
+    def unit(x):
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    x = unit(train)  # the reference: L2norm, PCA (6 top directions), shrunk whitening, L2norm
+    eigen, vectors = np.linalg.eigh(np.cov(x, rowvar=False, bias=True))
+    eigen, vectors = eigen[::-1][:6], vectors[:, ::-1][:, :6]
+    shrunk = (1 - shrink) * eigen + shrink * eigen.mean()
+    want = unit(((unit(queries) - x.mean(0)) @ vectors) / np.sqrt(shrunk))
+    assert np.allclose(np.abs(got), np.abs(want), atol=1e-4)  # eigenvectors are defined up to sign

@@ -183,3 +183,11 @@ def test_embed_head_puts_another_set_through_a_trained_head_and_the_report_holds
     card = json.loads((run / "models" / "full@multisimilarity" / "card.json").read_text())
     assert trained["best epoch"][0] == card["best_epoch"]
     assert "## Trained embeddings against their source" in (run / "reports/retrieval/comparison.md").read_text()
+
+
+def test_defaults_by_mode_and_device():
+    from cbir.training.stage import EPOCHS, LEARNING_RATE
+
+    finetune = TrainConfig(run=".", mode="finetune", device="cpu")
+    assert (finetune.epochs, finetune.lr) == (EPOCHS["finetune", "cpu"], LEARNING_RATE["finetune"]) == (10, 1e-5)
+    assert TrainConfig(run=".", device="cpu").epochs == 30 and TrainConfig(run=".", epochs=3).epochs == 3

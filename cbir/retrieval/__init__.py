@@ -31,7 +31,8 @@ class VectorStore(Protocol):
     def repair(self, expected: np.ndarray, raw_vectors, meta: pd.DataFrame) -> tuple[int, int]:
         """Make the store hold exactly the `expected` ids again (after an interrupted edit), or refuse."""
 
-    def train(self, vectors: np.ndarray) -> None: ...
+    def train(self, vectors: np.ndarray, whiten: float | None = None) -> None:
+        """Fit the reduction (whitening with this shrinkage, `reduce.train_chain`) and the index."""
 
     def add(self, vectors: np.ndarray, ids: np.ndarray, meta: pd.DataFrame) -> None:
         """Raw vectors under stable ids; `meta` holds their scalar fields (one row per id) for stores that filter."""

@@ -9,7 +9,7 @@ import faiss
 import numpy as np
 
 from .. import CbirError
-from .reduce import apply_chain
+from .reduce import apply_chain, train_chain
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +106,9 @@ class FaissStore:
         raise CbirError(f"index.faiss holds {self.count} vectors but its record {len(expected)}: the file is "
                         f"damaged; rebuild it with `cbir index --force`")
 
-    def train(self, vectors: np.ndarray) -> None:
+    def train(self, vectors: np.ndarray, whiten: float | None = None) -> None:
         try:
-            self.index.train(np.ascontiguousarray(vectors, dtype=np.float32))
+            train_chain(self.index, vectors, whiten)
         except RuntimeError as e:  # e.g. IVF4096 on 500 train vectors: FAISS needs one per list at least
             reason = str(e).splitlines()[-1].split("failed: ")[-1][:160]
             raise CbirError(f"--factory {self.factory}: FAISS cannot train it on {len(vectors)} train vectors "

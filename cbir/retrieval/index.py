@@ -49,7 +49,7 @@ class IndexConfig:
     embeddings: str
     name: str | None = None
     pca: int | str | None = "auto"  # a dimension, "auto" (see reduce.resolve_pca) or None
-    whiten: bool = False
+    whiten: float | None = None  # PCA whitening with this shrinkage (reduce.train_chain); None: off
     factory: str = "auto"
     gpu: str = "auto"
     gallery: tuple[str, ...] = ("train", "test")
@@ -118,13 +118,15 @@ def _build(layout: RunLayout, cfg: IndexConfig, vectors: np.ndarray, table: pd.D
     dim = emb["dim"]
     pca, pca_reason = resolve_pca(cfg.pca, vectors[is_train])
     log.info("index %s: PCA %s", cfg.index_name, pca_reason)
+    if cfg.whiten is not None and not pca:
+        log.warning("index %s: --whiten needs a PCA (%s); not whitened", cfg.index_name, pca_reason)
     body = auto_factory(int(gallery.sum()), pca or dim, int(is_train.sum())) if cfg.factory == "auto" else cfg.factory
     store = new_store(cfg.store, layout.root, cfg.index_name, dim, transform_prefix(pca, cfg.whiten), body, cfg.gpu)
     ids = np.flatnonzero(gallery).astype(np.int64)
     data = load_dataset(layout)
     meta = table[gallery].merge(data.images[["image_id", "path", "class_name"]], on="image_id", how="left")
     with _dropped_on_failure(store, layout):
-        store.train(vectors[is_train])
+        store.train(vectors[is_train], cfg.whiten)
         store.add(vectors[gallery], ids, meta)
     manifest = {"name": cfg.index_name, "embeddings": cfg.embeddings, "mode": emb["mode"],
                 "backbone": emb["spec"]["backbone"], "embedding_spec": emb["spec"], "pca": pca, "pca_reason": pca_reason,

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from .. import CbirError
-from .reduce import apply_chain
+from .reduce import apply_chain, train_chain
 
 log = logging.getLogger(__name__)
 
@@ -187,9 +187,9 @@ class MilvusStore:
         except Exception as e:
             raise CbirError(f"Milvus {what} on {self.spec} / {self.collection} failed: {_reason(e)}") from None
 
-    def train(self, vectors: np.ndarray) -> None:
+    def train(self, vectors: np.ndarray, whiten: float | None = None) -> None:
         """Fit the reduction on training vectors, then create the collection and its vector index."""
-        self.reduction.train(np.ascontiguousarray(vectors, dtype=np.float32))
+        train_chain(self.reduction, vectors, whiten)
         params = self.client.prepare_index_params()
         # nested "params" is the form every Milvus reads (Milvus Lite reads no other: flat keys are ignored there)
         params.add_index(field_name="vector", index_type=self.index_type, metric_type="IP",

@@ -38,8 +38,45 @@ def parse_pca(text: str) -> int | str | None:
     return value
 
 
-def transform_prefix(pca: int | None, whiten: bool) -> str:
-    return f"L2norm,PCA{'W' if whiten else ''}{pca},L2norm," if pca else "L2norm,"
+def transform_prefix(pca: int | None, whiten: float | None) -> str:
+    """The FAISS factory prefix of the reduction; `whiten`: None (off) or its shrinkage (see `train_chain`)."""
+    return f"L2norm,PCA{'W' if whiten is not None else ''}{pca},L2norm," if pca else "L2norm,"
+
+
+def parse_shrinkage(text: str) -> float:
+    """--whiten SHRINK: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value <= 1:
+        raise CbirError(f"--whiten {text!r}: the shrinkage is a number from 0 (plain whitening) to 1 (none)")
+    return value
+
+
+def train_chain(index: faiss.Index, train: np.ndarray, whiten: float | None) -> None:
+    """Train an index and its reduction chain on `train`, whitening with shrinkage `whiten` = s: each
+    eigenvalue λ is replaced by (1 − s)·λ + s·mean(λ) before dividing by its square root (Ledoit–Wolf's
+    shrinkage toward the mean), so the noisy low-variance directions of a small training set are not blown
+    up. s = 0 is FAISS's plain PCAW; s = 1 scales every direction alike (no whitening). It is FAISS's own
+    PCAMatrix `epsilon` (λ + ε, the common factor 1 − s cancels in the final L2norm), set after a first fit."""
+    x = np.ascontiguousarray(train, dtype=np.float32)
+    pre = faiss.downcast_index(index)
+    if whiten and isinstance(pre, faiss.IndexPreTransform):
+        step = x
+        for i in range(pre.chain.size()):
+            transform = faiss.downcast_VectorTransform(pre.chain.at(i))
+            if isinstance(transform, faiss.PCAMatrix) and transform.eigen_power != 0:
+                transform.train(step)
+                kept = faiss.vector_to_array(transform.eigenvalues)[:transform.d_out]
+                if whiten >= 1:
+                    transform.eigen_power = 0.0
+                else:
+                    transform.epsilon = float(whiten / (1 - whiten) * np.clip(kept, 0, None).mean())
+                transform.prepare_Ab()
+                break
+            step = transform.apply(step)
+    index.train(x)  # what is trained already (the shrunk PCA) is kept
 
 
 def fit_pca_dim(pca: int | None, dim: int, n_train: int) -> int | None:
@@ -86,11 +123,11 @@ def apply_chain(index: faiss.Index, vectors: np.ndarray) -> np.ndarray:
     return x
 
 
-def reduce(vectors: np.ndarray, train: np.ndarray, pca: int | str | None, whiten: bool) -> np.ndarray:
+def reduce(vectors: np.ndarray, train: np.ndarray, pca: int | str | None, whiten: float | None) -> np.ndarray:
     """Refit the reduction on `train` and apply it to `vectors` (evaluation's own fit)."""
     dim = vectors.shape[1]
     pca, why = resolve_pca(pca, train)
     log.info("PCA: %s", why)
     index = faiss.index_factory(dim, transform_prefix(pca, whiten) + "Flat", faiss.METRIC_INNER_PRODUCT)
-    index.train(np.ascontiguousarray(train, dtype=np.float32))
+    train_chain(index, train, whiten)
     return apply_chain(index, vectors)

@@ -1,11 +1,12 @@
-"""The `train-embedder` stage (head mode): metric learning with pytorch-metric-learning on a run's frozen
-embeddings → the `models/NAME` artifact (head.pt, card.json, curves.png) and the projected vectors as
-`embeddings/NAME`, which index, search, evaluate and the page use like any other set.
+"""The `train-embedder` stage: metric learning with pytorch-metric-learning — a head on a run's frozen
+embeddings, or the trunk fine-tuned (`finetune.py`) — → the `models/NAME` artifact (weights, card.json,
+curves.png) and the new vectors as `embeddings/NAME`, which index, search, evaluate and the page use like
+any other set; `apply_model` (`cbir embed --head`) puts another set through a trained model.
 
 Data discipline: only train-split rows are seen. Part of them is held out for validation — whole classes
 when the train and test splits share no label (CUB's protocol: validation classes are unseen, like the
-test classes), else whole images (COCO, where the categories recur in every split) — and validation MAP@R
-chooses the epoch; epoch 0 is the untouched head (identity), so a head that does not help is kept as
+test classes, each searched for among the whole train split), else whole images (COCO, where the
+categories recur in every split) — and validation MAP@R chooses the epoch; epoch 0 is the untouched head (identity), so a head that does not help is kept as
 "no change", and the card says so. Class-balanced batches come from PML's `MPerClassSampler`.
 """
 
