@@ -148,13 +148,14 @@ def test_a_narrower_evaluate_keeps_the_other_rows(mini_run, tmp_path):
     assert text.count("| full ") == 2 and text.count("| det ") == 2
 
 
-def test_served_index_is_scored_with_its_own_reduction(mini_run, tmp_path):
+@pytest.mark.parametrize("whiten", [None, 0.5])
+def test_served_index_is_scored_with_its_own_reduction(mini_run, tmp_path, whiten):
     from cbir.retrieval.index import IndexConfig, build_index
 
     run = copy_run(mini_run, tmp_path / "run")
-    build_index(IndexConfig(run=run, embeddings="det", pca=8, factory="HNSW32"))
+    build_index(IndexConfig(run=run, embeddings="det", pca=8, factory="HNSW32", whiten=whiten))
     result = evaluate(EvalConfig(run=run, embeddings=("det",), pca=(8,), served=("det",), plots=False,
-                                     rerank=(Rerank(),)))
+                                 rerank=(Rerank(),), whiten=whiten))
     m = result.computed.set_index(["reduction", "index"])
     served_exact, refit = m.loc[("served:det", "exact")], m.loc[("refit", "exact")]
     # the same data, the same PCA fitted on the same train rows: the served index's reduction agrees
