@@ -95,7 +95,7 @@ def flip_some(crops: torch.Tensor) -> torch.Tensor:
 
 def finetune(layout: RunLayout, cfg, rows: pd.DataFrame, info: dict, stamp: str) -> tuple[dict, dict]:
     """Train the trunk; returns (card, the best state dict as a torchvision model's, `features.` keys)."""
-    from .stage import build_loss, fit, summary_card, train_epoch, validation_scores
+    from .stage import build_loss, fit, optimizer_for, summary_card, train_epoch, validation_scores
 
     encoder = base_encoder(info["spec"])
     device = resolve_device(cfg.device)
@@ -107,8 +107,7 @@ def finetune(layout: RunLayout, cfg, rows: pd.DataFrame, info: dict, stamp: str)
     model = TrainableTrunk(encoder).to(device)
     loss_fn, miner = build_loss(cfg, len(classes), encoder.dim)
     loss_fn.to(device)  # proxy losses hold parameters
-    optimizer = torch.optim.AdamW(list(model.parameters()) + list(loss_fn.parameters()), lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
+    optimizer = optimizer_for(model, loss_fn, cfg)
     train_crops = crops[~val]
     gallery = rows.gallery.to_numpy().copy()
 

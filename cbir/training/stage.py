@@ -129,6 +129,22 @@ def build_loss(cfg: TrainConfig, n_classes: int, dim: int):
     return loss, miner
 
 
+PROXY_LR_SCALE = 100  # proxies (proxy-anchor, arcface) learn this much faster than the model, as in Proxy-Anchor's code
+# what the flags do not say but the result depends on: a model trained otherwise is retrained, not reused
+RECIPE = {"finetune_batchnorm": "frozen", "proxy_lr_scale": PROXY_LR_SCALE,
+          "validation_gallery": "the whole train split when the test classes are unseen"}
+
+
+def optimizer_for(model: torch.nn.Module, loss_fn: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the model and, at PROXY_LR_SCALE × its lr, the loss's own parameters (class proxies):
+    randomly initialised, they must move far while the model moves little."""
+    groups = [{"params": list(model.parameters())}]
+    proxies = list(loss_fn.parameters())
+    if proxies:
+        groups.append({"params": proxies, "lr": cfg.lr * PROXY_LR_SCALE})
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 def training_rows(layout: RunLayout, cfg: TrainConfig) -> tuple[np.ndarray, pd.DataFrame, dict, str, str]:
     """Train-split vectors and labels with the validation mask; the label used and how validation was held out."""
     vectors, table, info = load_embeddings(layout, cfg.embeddings)
@@ -259,7 +275,7 @@ def train_embedder(cfg: TrainConfig) -> dict:
         x, rows, info, label, how = training_rows(layout, cfg)
         settings = {k: v for k, v in asdict(cfg).items() if k not in ("run", "force", "name", "device")}
         inputs = {"embeddings": info["fingerprint"], "settings": settings, "label": label,
-                  "miner": cfg.used_miner, "margin": cfg.used_margin}
+                  "miner": cfg.used_miner, "margin": cfg.used_margin, "recipe": RECIPE}
         model = Artifact(layout, layout.model(name))
         if is_fresh(model, inputs, cfg.force) and Artifact(layout, layout.embeddings(name)).exists():
             return read_json(model.folder() / "card.json")
@@ -382,8 +398,7 @@ def _train(layout: RunLayout, cfg: TrainConfig, x: np.ndarray, rows: pd.DataFram
     head = ProjectionHead(x.shape[1], dim)
     head.initialise(x[~val])
     loss_fn, miner = build_loss(cfg, len(classes), dim)
-    optimizer = torch.optim.AdamW(list(head.parameters()) + list(loss_fn.parameters()), lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
+    optimizer = optimizer_for(head, loss_fn, cfg)
     x_train = torch.as_tensor(x[~val])
     history, seconds = fit(cfg, layout, stamp, head, loss_fn, optimizer,
                            lambda epoch, bar: train_epoch(head, loss_fn, miner, optimizer, x_train, y, cfg, epoch, bar),
