@@ -181,6 +181,7 @@ def test_bad_coco_records_get_one_line_naming_them(tmp_path, edit, message):
     assert kept.dataset.meta["summary"]["bad_images"] >= 1 and "instances.json" in listed
 
 
+@pytest.mark.slow  # the bad-input corpus covers non-COCO JSON in CI
 def test_cli_refuses_a_non_coco_file_in_one_line(tmp_path):
     path = tmp_path / "instances.json"
     path.write_text(json.dumps([{"id": 1}]))

@@ -153,11 +153,10 @@ def test_half_done_edit_is_refused_to_readers_and_repaired_by_writers(milvus_run
 
 
 def test_bad_stores_get_one_line(milvus_run):
+    # store names and ports that do not parse are in the bad-input corpus; these need a Milvus behind them
     run = milvus_run
     cases = [
         (["--store", "milvus://127.0.0.1:1"], "cannot open http://127.0.0.1:1"),
-        (["--store", "elastic"], "use faiss, milvus-lite:PATH.db"),
-        (["--store", "milvus://host:99999"], "use faiss, milvus-lite:PATH.db"),
         (["--store", LITE, "--factory", "IVF8,PQ4"], "Milvus Lite has no IVF_PQ"),
         (["--store", LITE, "--factory", "LSH"], "no Milvus equivalent"),
     ]

@@ -55,7 +55,7 @@ def test_exact_index_equals_bruteforce_numpy(run):
 # floors set from measurements on this data (HNSW32 1.0, IVF16,Flat 1.0, SQ8 0.976, PQ32 0.687): PQ trained on
 # ~560 train vectors compresses 16x and pays for it; a broken PCA/ID mapping drops all of them near 0
 @pytest.mark.parametrize("factory, floor", [("HNSW32", 0.95), ("IVF16,Flat", 0.95), ("IVF16,SQ8", 0.95),
-                                            ("IVF16,PQ32", 0.6)])
+                                            pytest.param("IVF16,PQ32", 0.6, marks=pytest.mark.slow)])  # PQ training: CI time
 def test_approximate_recall_at_10_on_real_embeddings(sample_run, tmp_path, factory, floor):
     vectors, table, _ = load_embeddings(sample_run, "det")
     exact = build_index(IndexConfig(run=sample_run, embeddings="det", name="exact", pca=128, factory="Flat"))

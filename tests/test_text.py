@@ -141,6 +141,7 @@ def test_text_search_and_image_plus_words_on_the_real_sample(text_run):
         images(text="yellow plumage", text_weight=2)
 
 
+@pytest.mark.slow  # the bad-input corpus has words on an index without a text side
 def test_words_need_a_bridged_index(text_run):
     _cli("index", "--run", text_run, "--embeddings", "det")
     out = _cli("search", "--run", text_run, "--index", "det", "--text", "a red bird", check=False)
@@ -183,6 +184,7 @@ def test_coco_captions_find_their_photos(tmp_path):
     assert word["mAP"] > word["chance mAP"]
 
 
+@pytest.mark.slow  # CI time: text search is tested through Querier and the CLI
 def test_the_page_answers_words_alone_and_with_a_photo(text_run):
     from gradio_client import Client, handle_file
 
