@@ -307,9 +307,10 @@ def cmd_embed(a):
         from .encoders.stage import load_embeddings
         from .training.stage import apply_model
 
-        name = apply_model(a.run, Path(a.head).name, a.embeddings, a.name, a.device, a.force)
+        model = Path(a.head).name  # a model's name or its folder RUN/models/NAME
+        name = apply_model(a.run, model, a.embeddings, a.name, a.device, a.force)
         vectors, _, info = load_embeddings(a.run, name)
-        print(f"{a.run}/embeddings/{name}: {vectors.shape[0]} x {vectors.shape[1]} through {Path(a.head).name} "
+        print(f"{a.run}/embeddings/{name}: {vectors.shape[0]} x {vectors.shape[1]} through {model} "
               f"({info['spec']['backbone']})")
         return
     vectors, table, info = embed(embed_config(a, a.run, a.mode, a.name))

@@ -51,17 +51,22 @@ class TrainableTrunk(torch.nn.Module):
         return pool_features(self.trunk((crops - self.mean) / self.std), self.pool)
 
 
-def base_encoder(spec: dict) -> CnnEncoder:
-    """The encoder the set was embedded with, rebuilt on the CPU from its spec (weights checked)."""
+def check_finetunable(spec: dict) -> None:
+    """Refuse, in one line and without loading weights, vectors whose encoder a fine-tune cannot train."""
     if spec.get("encoder", "cnn") != "cnn" or spec["backbone"].startswith(("timm:", "detector")) or spec["roi"]:
         raise CbirError(f"--mode finetune: supports torchvision classifier trunks embedded crop by crop; these "
                         f"vectors come from {spec.get('encoder', 'cnn')}:{spec['backbone']}"
                         f"{' with --roi' if spec.get('roi') else ''}")
-    from ..encoders.cnn import cnn_encoder
-
     if not hasattr(torchvision.models.get_model(spec["backbone"], weights=None), "features"):
         raise CbirError(f"--mode finetune: {spec['backbone']} has no `.features` trunk; use a MobileNet, "
                         f"EfficientNet, ConvNeXt or VGG backbone")
+
+
+def base_encoder(spec: dict) -> CnnEncoder:
+    """The encoder the set was embedded with, rebuilt on the CPU from its spec (weights checked)."""
+    from ..encoders.cnn import cnn_encoder
+
+    check_finetunable(spec)
     return cnn_encoder(spec, torch.device("cpu"))
 
 

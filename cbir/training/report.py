@@ -24,8 +24,9 @@ def trained_origin(layout: RunLayout, name: str) -> tuple[str, str] | None:
         return (model, source) if folder.exists() and (folder.folder() / "head.pt").is_file() else None
     for artifact in (n for n in layout.artifact_names() if n.startswith("models/")):
         folder = Artifact(layout, artifact).folder()
-        if (folder / "backbone.pth").is_file() and read_json(folder / "card.json").get("name") == name:
-            return artifact.split("/", 1)[1], read_json(folder / "card.json")["embeddings"]
+        card = read_json(folder / "card.json") if (folder / "backbone.pth").is_file() else {}
+        if card.get("name") == name:
+            return artifact.split("/", 1)[1], card["embeddings"]
     return None
 
 

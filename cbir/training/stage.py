@@ -327,12 +327,12 @@ def apply_model(run: Path, model_name: str, source: str | None = None, name: str
             raise CbirError(f"embeddings {name} exists and was not made by {model_name}; choose another --name "
                             f"(or --force to replace it)")
         if (folder / "backbone.pth").is_file():
-            from .finetune import base_encoder, write_finetuned_vectors
+            from .finetune import check_finetunable, write_finetuned_vectors
 
-            base_encoder(info["spec"])  # a set the trunk can re-embed (torchvision classifier, crop by crop)
             if info["spec"]["backbone"] != card["backbone"]:
                 raise CbirError(f"embeddings {source}: backbone {info['spec']['backbone']}, but {model_name} "
                                 f"fine-tuned {card['backbone']}")
+            check_finetunable(info["spec"])  # a set the trunk can re-embed (torchvision classifier, crop by crop)
             write_finetuned_vectors(layout, info, folder / "backbone.pth", name, device)
         elif (folder / "head.pt").is_file():
             trained_on = card["source_spec"]["fingerprint"]
