@@ -155,6 +155,11 @@ def test_finetune_trains_the_trunk_and_reembeds_with_it(run):
     assert info["spec"]["weights"] == str(weights.resolve()) and (table.image_id == frozen_table.image_id).all()
     same = np.allclose(tuned, frozen, atol=1e-4)
     assert same != card["helps"]  # the best epoch's trunk made the vectors; epoch 0 is the frozen trunk
+    from cbir.training.stage import apply_model
+
+    stamp = (run / "embeddings" / "gt64@multisimilarity-ft" / "vectors.npy").stat().st_mtime_ns
+    assert apply_model(run, "gt64@multisimilarity-ft") == "gt64@multisimilarity-ft"  # its own set: nothing redone
+    assert (run / "embeddings" / "gt64@multisimilarity-ft" / "vectors.npy").stat().st_mtime_ns == stamp
 
 
 def test_embed_head_puts_another_set_through_a_trained_head_and_the_report_holds_it_to_its_source(run):

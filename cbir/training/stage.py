@@ -323,7 +323,9 @@ def apply_model(run: Path, model_name: str, source: str | None = None, name: str
         name = name or (model_name if source == card["embeddings"] else f"{source}@{model_name}")
         check_name(name, "--name")
         existing = Artifact(layout, layout.embeddings(name)).meta()
-        if existing and model.name not in existing["upstream"] and not force:
+        made_here = existing and (model.name in existing["upstream"]  # a head's set, or the trunk's re-embedding:
+                                  or Path(existing["summary"]["spec"].get("weights", "")).parent == folder)
+        if existing and not made_here and not force:
             raise CbirError(f"embeddings {name} exists and was not made by {model_name}; choose another --name "
                             f"(or --force to replace it)")
         if (folder / "backbone.pth").is_file():
