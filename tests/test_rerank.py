@@ -6,7 +6,7 @@ import pytest
 
 from cbir import CbirError
 from cbir.retrieval.index import IndexConfig, build_index
-from cbir.retrieval.rerank import Rerank, kreciprocal, parse_methods, rerank_matrix
+from cbir.retrieval.rerank import Rerank, _min_sums, kreciprocal, parse_methods, rerank_matrix
 
 
 def _unit(rng, n, d=16, clusters=4):
@@ -49,6 +49,17 @@ def test_kreciprocal_equals_the_reference_loops():
     x = _unit(rng, 60)
     cfg = Rerank(method="kreciprocal", k1=8, k2=3, lam=0.3)
     assert np.allclose(kreciprocal(x @ x.T, cfg), reference_kreciprocal(x @ x.T, 8, 3, 0.3), atol=1e-5)
+
+
+@pytest.mark.parametrize("n, per_row", [(40, 30), (300, 4)])  # dense (a shortlist) and sparse (a gallery) routes
+def test_jaccard_min_sums_equal_the_pairwise_definition(n, per_row):
+    rng = np.random.default_rng(n)
+    weights = np.zeros((n, n), np.float32)
+    for row in weights:
+        row[rng.choice(n, per_row, replace=False)] = rng.random(per_row)
+    weights /= weights.sum(1, keepdims=True)
+    expected = np.minimum(weights[:, None, :], weights[None, :, :]).sum(-1)
+    assert np.allclose(_min_sums(weights), expected, atol=1e-6)
 
 
 def test_query_expansion_and_database_augmentation_equal_per_item_sums():

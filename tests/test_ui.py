@@ -234,3 +234,20 @@ def test_a_page_beyond_loopback_warns_and_a_bad_login_is_refused(monkeypatch, ca
     assert app.parse_auth("ann:s3cret") == ("ann", "s3cret")
     monkeypatch.setenv(app.AUTH_VARIABLE, "bob:pw")
     assert app.parse_auth(None) == ("bob", "pw")
+
+
+def test_neighbour_cards_are_written_once_and_bounded(tmp_path):
+    from cbir.ui.app import CardFiles
+
+    photos = sorted(MINI.rglob("*.jpg"))[:2]
+    cards = CardFiles(tmp_path, limit=2)
+    first = cards(photos[0], (10.0, 10.0, 50.0, 40.0), "gt", 1)
+    written = Path(first).stat().st_mtime_ns
+    assert cards(photos[0], (10.0, 10.0, 50.0, 40.0), "gt", 1) == first  # a recurring card is not redrawn
+    assert Path(first).stat().st_mtime_ns == written
+    assert cards(photos[0], (12.0, 10.0, 50.0, 40.0), "gt", 1) != first  # another box is another card
+    with Image.open(first) as card:
+        assert max(card.size) <= 320
+    cards(photos[1], (0.0, 0.0, 30.0, 30.0), "detected", 2)  # a third card: the least recently shown goes
+    assert not Path(first).exists()
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".jpg", ".jpg"]  # no staged leftovers

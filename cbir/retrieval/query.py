@@ -44,15 +44,21 @@ def image_level(rows: pd.DataFrame) -> pd.DataFrame:
     return best.reset_index(drop=True)
 
 
-def result_record(row, categories: dict[int, str], itself: int | None = None) -> dict:
-    """One gallery row as JSON; `itself` marks the rows of the query photo's own image (a gallery photo
-    given as a query finds itself first, and says so)."""
-    return {"image_id": int(row.image_id), "itself": int(row.image_id) == itself, "instance": int(row.instance), "class_id": int(row.class_id),
-            "class_name": row.class_name if isinstance(row.class_name, str) else "",
-            "category": categories.get(int(row.category_id), ""),
-            "path": row.path if isinstance(row.path, str) else "",
-            "box": [round(float(v), 1) for v in (row.x, row.y, row.w, row.h)], "source": row.source,
-            "similarity": round(float(row.similarity), 5)}
+def result_records(table: pd.DataFrame, categories: dict[int, str], itself: int | None = None) -> list[dict]:
+    """Gallery rows as JSON; `itself` marks the rows of the query photo's own image (a gallery photo given
+    as a query finds itself first, and says so). Built from whole columns: row-by-row pandas access was a
+    sixth of the page's time per query on 2 cores."""
+    if table.empty:
+        return []
+    image_ids, instances, class_ids, category_ids = (table[c].astype(int).tolist() for c in
+                                                     ("image_id", "instance", "class_id", "category_id"))
+    text = [[v if isinstance(v, str) else "" for v in table[c].tolist()] for c in ("class_name", "path", "source")]
+    boxes, sims = table[["x", "y", "w", "h"]].to_numpy(float).tolist(), table.similarity.astype(float).tolist()
+    return [{"image_id": i, "itself": i == itself, "instance": n, "class_id": c, "class_name": name,
+             "category": categories.get(cat, ""), "path": path, "box": [round(v, 1) for v in box], "source": source,
+             "similarity": round(sim, 5)}
+            for i, n, c, cat, name, path, source, box, sim in zip(image_ids, instances, class_ids, category_ids, *text,
+                                                                  boxes, sims)]
 
 
 @dataclass
@@ -98,7 +104,7 @@ def results_json(query: str, boxes: list[QueryBox], merged: pd.DataFrame, catego
     """One JSON-able document per query photo; `categories` names the COCO ids of boxes and results;
     `itself`: the run's image id of the query photo when it is one of the run's (else None)."""
     def records(table):
-        return [result_record(r, categories, itself) for r in table.itertuples()]
+        return result_records(table, categories, itself)
     return {"query": query, "itself": itself, "boxes": [
         {"box": [round(float(v), 1) for v in q.box], "score": round(float(q.score), 4), "source": q.source,
          "category": categories.get(q.category_id, ""), "neighbours": records(q.neighbours),

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.spatial.distance import cdist
 
 from .. import CbirError
 from ..vectors import unit_rows as _normalise
@@ -29,6 +30,7 @@ SERVED_DEFAULT = "kreciprocal"
 SHORTLIST = 100
 DENSE_LIMIT = 12_000  # k-reciprocal holds a few n x n matrices (~4 GB at the limit)
 CHUNK_CELLS = 20_000_000  # pairs formed at once in the Jaccard step
+DENSE_SUPPORT_RATIO = 8  # the Jaccard step goes dense while n ≤ this × the widest column support (_min_sums)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,13 +120,22 @@ def _reciprocal(order: np.ndarray, k: int) -> np.ndarray:
 
 
 def _min_sums(weights: np.ndarray) -> np.ndarray:
-    """[p, g] = Σ_j min(w[p, j], w[g, j]) (rows sum to 1, so Σ max = 2 - Σ min). The weights are sparse
-    (each row lives on its expanded neighbour set), so per column j only the pairs of rows that both weigh
-    on j contribute: columns padded to their largest support, pairs formed in bounded blocks, summed with
-    one bincount per block."""
+    """[p, g] = Σ_j min(w[p, j], w[g, j]), by whichever of two exact routes costs less here:
+
+    - dense, for small sets (a served shortlist): min(a, b) = (a + b - |a - b|) / 2, so the sums follow from
+      one L1 distance matrix (scipy's cdist, n³ cells in C);
+    - sparse, for large sets (evaluation over a whole gallery): the weights live on each row's expanded
+      neighbour set, so per column j only the pairs of rows that both weigh on j contribute: columns padded
+      to their largest support, pairs formed in bounded blocks, summed with one bincount per block.
+
+    Measured on 2 cores: n = 101 (a shortlist), dense 0.7 ms against 12 ms; n = 600, 93 against 417 ms;
+    n = 1,200 (support 132), 879 against 383 ms — hence dense while n ≤ DENSE_SUPPORT_RATIO × support."""
     n = len(weights)
     nonzero = weights > 0
     width = max(1, int(nonzero.sum(0).max()))
+    if n <= DENSE_SUPPORT_RATIO * width:
+        sums = weights.sum(1, dtype=np.float64)
+        return ((sums[:, None] + sums[None, :] - cdist(weights, weights, "cityblock")) / 2).astype(np.float32)
     support = np.argsort(~nonzero, axis=0, kind="stable")[:width].T  # [column, slot] → row, weighted rows first
     values = np.take_along_axis(weights.T, support, 1)  # zero in the padding slots, which then add nothing
     total = np.zeros(n * n, np.float64)

@@ -7,12 +7,14 @@ the page shows is what the CLI prints.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
-from functools import lru_cache
+from collections import OrderedDict
 from pathlib import Path
 
 import gradio as gr
@@ -35,7 +37,7 @@ PAGE_DECODE_PIXELS = 12_000_000  # uploads are decoded reduced to this for speed
 NOTHING_FOUND = "nothing found - whole image"  # a detector found nothing: the whole photo stood in
 BOX_KIND = {"fallback-full": "whole image", "gt": "GT box"}
 MAX_BATCH = 8  # concurrent requests answered by one detector / encoder / store pass
-CARD_CACHE = 2048  # neighbour thumbnails kept (~100 kB each)
+CARD_CACHE = 2048  # neighbour thumbnail files kept (~20 kB each)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 AUTH_VARIABLE = "CBIR_UI_AUTH"
 MAX_QUEUE = 32  # requests waiting beyond this get "queue is full" (try again) instead of an unbounded wait
@@ -86,24 +88,46 @@ def draw_boxes(image: Image.Image, boxes: list[dict], labels: list[str], whole: 
     return out
 
 
-@lru_cache(maxsize=CARD_CACHE)
-def card_image(path: Path, box: tuple[float, ...], source: str, image_id: int) -> Image.Image:
-    """A gallery image with its matching box drawn, as a thumbnail. Cached: popular neighbours recur across
-    queries, and decoding + drawing them was most of the page's own work per request."""
-    image = draw_boxes(load_rgb(path), [{"box": list(box), "source": source}], [f"#{image_id}"])
-    image.thumbnail((320, 320))
-    return image
+class CardFiles:
+    """Neighbour thumbnails (a gallery image, its matching box drawn), written once as JPEG files in `folder`
+    and handed to the gallery as paths: the folder is one of Gradio's static paths, so a card that recurs
+    across queries is neither decoded, drawn, re-encoded, hashed nor copied again — on 2 cores that was a
+    sixth of the page's CPU per query. At most `limit` files are kept, least recently shown dropped first."""
+
+    def __init__(self, folder: Path, limit: int = CARD_CACHE):
+        self.folder, self.limit = folder, limit
+        self.files: OrderedDict[tuple, str] = OrderedDict()
+        self.lock = threading.Lock()  # the search and the box choice may ask at once
+        gr.set_static_paths([folder])
+
+    def __call__(self, path: Path, box: tuple[float, ...], source: str, image_id: int) -> str:
+        key = (str(path), box, source, image_id)
+        with self.lock:
+            if key in self.files:
+                self.files.move_to_end(key)
+                return self.files[key]
+        image = draw_boxes(load_rgb(path), [{"box": list(box), "source": source}], [f"#{image_id}"])
+        image.thumbnail((320, 320))
+        file = self.folder / f"{hashlib.sha1(repr(key).encode()).hexdigest()}.jpg"
+        staged = file.with_name(f"{file.stem}.{threading.get_ident()}.part")
+        image.save(staged, "JPEG", quality=90)
+        os.replace(staged, file)  # whole: a card being served is never seen half-written
+        with self.lock:
+            self.files[key] = str(file)
+            while len(self.files) > self.limit:
+                Path(self.files.popitem(last=False)[1]).unlink(missing_ok=True)
+        return str(file)
 
 
-def neighbour_cards(querier: Querier, rows: list[dict]) -> list[tuple[Image.Image, str]]:
-    cards = []
+def neighbour_cards(querier: Querier, cards: CardFiles, rows: list[dict]) -> list[tuple[str, str]]:
+    out = []
     for r in rows:
-        image = card_image(querier.si.image_path(r["path"]), tuple(r["box"]), r["source"], r["image_id"])
+        file = cards(querier.si.image_path(r["path"]), tuple(r["box"]), r["source"], r["image_id"])
         name = short_name(r["class_name"]) or "added photo"
         if querier.multi_category and r["category"]:
             name = r["category"]  # the box's kind says more than its photo's label
-        cards.append((image, f"{'itself: ' if r['itself'] else ''}{name} · sim {r['similarity']:.3f}"))
-    return cards
+        out.append((file, f"{'itself: ' if r['itself'] else ''}{name} · sim {r['similarity']:.3f}"))
+    return out
 
 
 def run_queries(querier: Querier, requests: list[tuple]) -> list[tuple[dict, Image.Image | None]]:
@@ -158,7 +182,8 @@ def words_line(doc: dict) -> str:
     return line + (f" · **not understood: {', '.join(doc['not_understood'])}**" if doc["not_understood"] else "")
 
 
-def build_app(querier: Querier, examples: list[str], default_k: int = 10, rerank: str = SERVED_DEFAULT) -> gr.Blocks:
+def build_app(querier: Querier, examples: list[str], cards: CardFiles, default_k: int = 10,
+              rerank: str = SERVED_DEFAULT) -> gr.Blocks:
     default_score = float(querier.detect_meta.get("score_threshold", 0.3))
     whole = NOTHING_FOUND if querier.detector is not None else "whole photo, no detector in this run"
     with gr.Blocks(title="cbir — find similar objects", analytics_enabled=False) as app:
@@ -208,7 +233,7 @@ def build_app(querier: Querier, examples: list[str], default_k: int = 10, rerank
             if doc["size"] is None:  # words alone
                 return (doc, None, f"{words_line(doc)} · query latency **{doc['latency_ms']:.0f} ms**",
                         gr.Radio(choices=["words"], value="words"),
-                        neighbour_cards(querier, doc["boxes"][0]["neighbours"]), table)
+                        neighbour_cards(querier, cards, doc["boxes"][0]["neighbours"]), table)
             kind = [f"{b['category']} " if querier.multi_category and b["category"] else "" for b in doc["boxes"]]
             labels = [f"{i} {c}({b['score']:.2f})" if b["source"] == "detected" else
                       f"{i} {BOX_KIND.get(b['source'], '')}" for i, (c, b) in enumerate(zip(kind, doc["boxes"]), 1)]
@@ -223,8 +248,8 @@ def build_app(querier: Querier, examples: list[str], default_k: int = 10, rerank
                     f"{len(doc['boxes'])} box(es) · query latency **{doc['latency_ms']:.0f} ms** "
                     f"(detect + embed + search, {doc['size'][0]}×{doc['size'][1]} px{shared})" +
                     (f"<br>{words_line(doc)}" if "text" in doc else "") + itself,
-                    gr.Radio(choices=names, value=names[0]), neighbour_cards(querier, doc["boxes"][0]["neighbours"]),
-                    table)
+                    gr.Radio(choices=names, value=names[0]),
+                    neighbour_cards(querier, cards, doc["boxes"][0]["neighbours"]), table)
 
         def search(paths, scores, ks, methods, texts, weights):
             """Batched: Gradio hands over up to MAX_BATCH queued requests at once; one list per output."""
@@ -243,7 +268,7 @@ def build_app(querier: Querier, examples: list[str], default_k: int = 10, rerank
         def select(doc, index):
             if not doc or index is None:
                 return []
-            return neighbour_cards(querier, doc["boxes"][index]["neighbours"])
+            return neighbour_cards(querier, cards, doc["boxes"][index]["neighbours"])
 
         button.click(search, [photo, score, k, method, words, weight], [state, boxed, latency, choice, gallery, merged],
                      api_name="search", batch=True, max_batch_size=MAX_BATCH, concurrency_limit=1)
@@ -286,8 +311,9 @@ def serve(run: Path, index: str, host: str = "127.0.0.1", port: int = 7860, shar
     querier = Querier(run, index, detector, device, weights=weights, detector_weights=detector_weights)
     if querier.has_text:
         querier.text.vectors(["warm up"])  # load the text encoder now, not on the first visitor's words
-    with tempfile.TemporaryDirectory(prefix="cbir-ui-") as examples:
-        app = build_app(querier, example_photos(querier, Path(examples)), rerank=rerank)
+    with tempfile.TemporaryDirectory(prefix="cbir-ui-") as examples, \
+            tempfile.TemporaryDirectory(prefix="cbir-ui-cards-") as cards:
+        app = build_app(querier, example_photos(querier, Path(examples)), CardFiles(Path(cards)), rerank=rerank)
         blocked = [str(p) for p in (querier.si.image_dir, querier.layout.root) if p]
         app.launch(server_name=host, server_port=port, share=share, auth=login, allowed_paths=[examples],
                    blocked_paths=blocked, max_file_size=f"{MAX_UPLOAD_MB}mb", show_error=True)
