@@ -587,7 +587,7 @@ def cmd_train_embedder(a):
     card = train_embedder(TrainConfig(run=a.run, embeddings=a.embeddings, loss=a.loss, miner=a.miner,
                                       distance=a.distance, margin=a.margin, dim=a.dim, label=a.label, epochs=a.epochs,
                                       patience=a.patience, batch_size=a.batch_size,
-                                      lr=a.lr, seed=a.seed, mode=a.mode,
+                                      lr=a.lr, seed=a.seed, mode=a.mode, augment=a.augment,
                                       device=a.device, name=a.name, force=a.force))
     base, best = card["baseline"], card["best"]
     verdict = (f"best epoch {card['best_epoch']}" if card["helps"] else
@@ -600,7 +600,7 @@ def cmd_train_embedder(a):
 
 
 def _train_embedder_parser(sub):
-    from .training.stage import LOSSES, MINERS
+    from .training.stage import AUGMENTATIONS, LOSSES, MINERS
 
     p = sub.add_parser("train-embedder", help="metric learning (PML) of a projection head on stored embeddings "
                        "→ RUN/models/NAME + RUN/embeddings/NAME",
@@ -629,6 +629,9 @@ def _train_embedder_parser(sub):
                    "CPU cores, much faster on a GPU)")
     p.add_argument("--lr", type=_bounded(float, 1e-8, 1.0), help="default 1e-4 (head), 1e-5 (finetune, BatchNorm "
                    "frozen)")
+    p.add_argument("--augment", default="flip", choices=AUGMENTATIONS, help="finetune: what each epoch sees of a "
+                   "crop — flip (default: mirrored half the time) or crop (random resized crops, scale 0.16-1, then "
+                   "flips)")
     _device(p)
     p.set_defaults(func=cmd_train_embedder)
 

@@ -196,3 +196,20 @@ def test_defaults_by_mode_and_device():
     finetune = TrainConfig(run=".", mode="finetune", device="cpu")
     assert (finetune.epochs, finetune.lr) == (EPOCHS["finetune", "cpu"], LEARNING_RATE["finetune"]) == (10, 1e-5)
     assert TrainConfig(run=".", device="cpu").epochs == 30 and TrainConfig(run=".", epochs=3).epochs == 3
+
+
+def test_augmentation_flips_or_crops_and_never_touches_the_decoded_crops():
+    from cbir.training.finetune import augment
+
+    torch.manual_seed(0)
+    crops = torch.arange(2 * 3 * 32 * 32, dtype=torch.int64).reshape(2, 3, 32, 32).remainder(251).to(torch.uint8)
+    kept = crops.clone()
+    flipped = augment(crops, "flip")
+    assert all(torch.equal(f, c) or torch.equal(f, c.flip(-1)) for f, c in zip(flipped, crops))
+    cropped = augment(crops, "crop")
+    assert cropped.shape == crops.shape and cropped.dtype == torch.uint8
+    assert not any(torch.equal(f, c) or torch.equal(f, c.flip(-1)) for f, c in zip(cropped, crops))
+    assert torch.equal(crops, kept)
+    with pytest.raises(CbirError, match="--augment crop: a head trains on stored vectors"):
+        TrainConfig(run=".", augment="crop")
+    assert TrainConfig(run=".", mode="finetune", augment="crop", device="cpu").augment == "crop"

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torchvision
+from torchvision.transforms.v2 import RandomResizedCrop
 from tqdm import tqdm
 
 from .. import CbirError
@@ -90,10 +91,16 @@ def embed_crops(model: TrainableTrunk, crops: torch.Tensor, batch: int = 32) -> 
         return torch.cat([model(crops[i:i + batch]).cpu() for i in range(0, len(crops), batch)]).numpy()
 
 
-def flip_some(crops: torch.Tensor) -> torch.Tensor:
-    """Horizontal flips of half the crops, the augmentation (a fresh tensor: the decoded crops stay)."""
-    flip = torch.rand(len(crops)) < 0.5
+def augment(crops: torch.Tensor, how: str) -> torch.Tensor:
+    """A fresh batch (the decoded crops stay): `flip` mirrors half the crops; `crop` first takes a random
+    resized crop of each (scale 0.16–1, aspect 3/4–4/3, back to the same side: the Multi-Similarity
+    paper's CUB recipe, torchvision's RandomResizedCrop), then mirrors half."""
     out = crops.clone()
+    if how == "crop":
+        side = crops.shape[-1]
+        resize = RandomResizedCrop(side, scale=(0.16, 1.0), ratio=(3 / 4, 4 / 3), antialias=True)
+        out = torch.stack([resize(c) for c in out])
+    flip = torch.rand(len(out)) < 0.5
     out[flip] = out[flip].flip(-1)
     return out
 
@@ -123,7 +130,7 @@ def finetune(layout: RunLayout, cfg, rows: pd.DataFrame, info: dict, stamp: str)
 
     history, seconds = fit(cfg, layout, stamp, model, loss_fn, optimizer,
                            lambda epoch, bar: train_epoch(model, loss_fn, miner, optimizer, train_crops, y, cfg, epoch,
-                                                          bar, flip_some),
+                                                          bar, lambda batch: augment(batch, cfg.augment)),
                            len(y), validate, lambda: _features(model))
     partial = layout.partial(layout.model(cfg.model_name))
     card = {**summary_card(history, seconds, val, classes), "dim": encoder.dim, "backbone": info["spec"]["backbone"],

@@ -49,6 +49,7 @@ PER_CLASS = 4  # samples per class in each batch
 # crops fit in 30 minutes with validation (benchmarks/results/finetune_cpu.md) — and longer on a GPU
 EPOCHS = {("head", "cpu"): 30, ("head", "cuda"): 30, ("finetune", "cpu"): 10, ("finetune", "cuda"): 30}
 LEARNING_RATE = {"head": 1e-4, "finetune": 1e-5}
+AUGMENTATIONS = ("flip", "crop")  # what a fine-tune sees of each crop (finetune.augment)
 
 
 @dataclass(kw_only=True)
@@ -68,6 +69,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     seed: int = 0
     mode: str = "head"  # or finetune: the trunk itself, end to end on the set's crops
+    augment: str = "flip"  # finetune: flip, or crop (random resized crops, then flips); AUGMENTATIONS
     device: str = "auto"  # finetune only (heads train on the CPU in seconds)
     name: str | None = None
     force: bool = False
@@ -83,6 +85,11 @@ class TrainConfig:
             raise CbirError(f"--distance {self.distance}: choose cosine or euclidean")
         if self.loss in ("proxyanchor", "arcface") and self.distance != "cosine":
             raise CbirError(f"--loss {self.loss} works on cosine similarity only")
+        if self.augment not in AUGMENTATIONS:
+            raise CbirError(f"--augment {self.augment}: choose {' or '.join(AUGMENTATIONS)}")
+        if self.augment != "flip" and self.mode == "head":
+            raise CbirError(f"--augment {self.augment}: a head trains on stored vectors; augmentation needs "
+                            f"--mode finetune")
         if self.label not in ("auto", "class", "category"):
             raise CbirError(f"--label {self.label}: choose auto, class or category")
         if self.lr is None:
@@ -273,7 +280,8 @@ def train_embedder(cfg: TrainConfig) -> dict:
     with writing(cfg.run) as layout:
         name = cfg.model_name
         x, rows, info, label, how = training_rows(layout, cfg)
-        settings = {k: v for k, v in asdict(cfg).items() if k not in ("run", "force", "name", "device")}
+        ignored = ("run", "force", "name", "device") + (("augment",) if cfg.mode == "head" else ())
+        settings = {k: v for k, v in asdict(cfg).items() if k not in ignored}
         inputs = {"embeddings": info["fingerprint"], "settings": settings, "label": label,
                   "miner": cfg.used_miner, "margin": cfg.used_margin, "recipe": RECIPE}
         model = Artifact(layout, layout.model(name))
