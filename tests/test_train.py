@@ -148,6 +148,7 @@ def test_finetune_trains_the_trunk_and_reembeds_with_it(run):
                       workers=0))
     card = train_embedder(TrainConfig(run=run, embeddings="gt64", mode="finetune", epochs=2, lr=1e-4))
     assert card["mode"] == "finetune" and card["name"] == "gt64@multisimilarity-ft" and len(card["history"]) == 3
+    assert card["augment"] == "flip"
     weights = run / "models" / "gt64@multisimilarity-ft" / "backbone.pth"
     build_backbone("mobilenet_v2", str(weights))  # a torchvision state dict: --weights FILE loads it
     tuned, table, info = load_embeddings(run, "gt64@multisimilarity-ft")

@@ -297,7 +297,8 @@ def train_embedder(cfg: TrainConfig) -> dict:
             best = torch.load(layout.partial(model.name) / "best.pt", map_location="cpu", weights_only=True)
         card.update(name=name, embeddings=cfg.embeddings, label=label, validation=how, miner=cfg.used_miner,
                     margin=cfg.used_margin, data_fingerprint=info["fingerprint"], mode=cfg.mode, loss=cfg.loss,
-                    distance=cfg.distance, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size)
+                    distance=cfg.distance, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
+                    **({"augment": cfg.augment} if cfg.mode == "finetune" else {}))
         partial = layout.partial(model.name)
         weights_file = "backbone.pth" if cfg.mode == "finetune" else "head.pt"
         with commit(model, inputs, {layout.embeddings(cfg.embeddings): info["fingerprint"]}) as staged:
