@@ -7,7 +7,7 @@ the way the run was built; the CLI's `search`, the page and `index --add` all us
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 
 import numpy as np
@@ -103,8 +103,7 @@ def results_json(query: str, boxes: list[QueryBox], merged: pd.DataFrame, catego
                  itself: int | None = None) -> dict:
     """One JSON-able document per query photo; `categories` names the COCO ids of boxes and results;
     `itself`: the run's image id of the query photo when it is one of the run's (else None)."""
-    def records(table):
-        return result_records(table, categories, itself)
+    records = partial(result_records, categories=categories, itself=itself)
     return {"query": query, "itself": itself, "boxes": [
         {"box": [round(float(v), 1) for v in q.box], "score": round(float(q.score), 4), "source": q.source,
          "category": categories.get(q.category_id, ""), "neighbours": records(q.neighbours),

@@ -134,7 +134,7 @@ def finetune(layout: RunLayout, cfg, rows: pd.DataFrame, info: dict, stamp: str)
                            len(y), validate, lambda: _features(model))
     partial = layout.partial(layout.model(cfg.model_name))
     card = {**summary_card(history, seconds, val, classes), "dim": encoder.dim, "backbone": info["spec"]["backbone"],
-            "input_side": encoder.recipe.size, "device": str(device)}
+            "input_side": encoder.recipe.size, "device": str(device), "augment": cfg.augment}
     return card, torch.load(partial / "best.pt", map_location="cpu", weights_only=True)
 
 

@@ -6,8 +6,9 @@ any other set; `apply_model` (`cbir embed --head`) puts another set through a tr
 Data discipline: only train-split rows are seen. Part of them is held out for validation — whole classes
 when the train and test splits share no label (CUB's protocol: validation classes are unseen, like the
 test classes, each searched for among the whole train split), else whole images (COCO, where the
-categories recur in every split) — and validation MAP@R chooses the epoch; epoch 0 is the untouched head (identity), so a head that does not help is kept as
-"no change", and the card says so. Class-balanced batches come from PML's `MPerClassSampler`.
+categories recur in every split) — and validation MAP@R chooses the epoch; epoch 0 is the untouched head
+(identity), so a head that does not help is kept as "no change", and the card says so. Class-balanced
+batches come from PML's `MPerClassSampler`.
 """
 
 from __future__ import annotations
@@ -99,6 +100,13 @@ class TrainConfig:
         if min(self.epochs, self.batch_size) < 1 or self.patience < 1 or not self.lr > 0:
             raise CbirError("--epochs, --batch-size and --patience must be at least 1, --lr above 0")
         check_name(self.model_name, "--name")
+
+    @property
+    def settings(self) -> dict:
+        """The flags that shape the trained model (its fingerprint): not where it is written or run, nor a
+        fine-tune's augmentation for a head."""
+        ignored = ("run", "force", "name", "device") + (("augment",) if self.mode == "head" else ())
+        return {k: v for k, v in asdict(self).items() if k not in ignored}
 
     @property
     def used_miner(self) -> str:
@@ -280,9 +288,7 @@ def train_embedder(cfg: TrainConfig) -> dict:
     with writing(cfg.run) as layout:
         name = cfg.model_name
         x, rows, info, label, how = training_rows(layout, cfg)
-        ignored = ("run", "force", "name", "device") + (("augment",) if cfg.mode == "head" else ())
-        settings = {k: v for k, v in asdict(cfg).items() if k not in ignored}
-        inputs = {"embeddings": info["fingerprint"], "settings": settings, "label": label,
+        inputs = {"embeddings": info["fingerprint"], "settings": cfg.settings, "label": label,
                   "miner": cfg.used_miner, "margin": cfg.used_margin, "recipe": RECIPE}
         model = Artifact(layout, layout.model(name))
         if is_fresh(model, inputs, cfg.force) and Artifact(layout, layout.embeddings(name)).exists():
@@ -297,8 +303,7 @@ def train_embedder(cfg: TrainConfig) -> dict:
             best = torch.load(layout.partial(model.name) / "best.pt", map_location="cpu", weights_only=True)
         card.update(name=name, embeddings=cfg.embeddings, label=label, validation=how, miner=cfg.used_miner,
                     margin=cfg.used_margin, data_fingerprint=info["fingerprint"], mode=cfg.mode, loss=cfg.loss,
-                    distance=cfg.distance, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
-                    **({"augment": cfg.augment} if cfg.mode == "finetune" else {}))
+                    distance=cfg.distance, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size)
         partial = layout.partial(model.name)
         weights_file = "backbone.pth" if cfg.mode == "finetune" else "head.pt"
         with commit(model, inputs, {layout.embeddings(cfg.embeddings): info["fingerprint"]}) as staged:
