@@ -48,27 +48,31 @@ class PhotoTooLarge(CbirError):
     """A photo over the pixel limit (a decompression-bomb guard): callers with their own limit say so."""
 
 
+def _upright(path: Path, im: Image.Image, max_pixels: int) -> tuple[int, int]:
+    """(width, height) of the opened photo once upright, from its header; refuses over `max_pixels`."""
+    width, height = im.size
+    if width * height > max_pixels:
+        raise PhotoTooLarge(f"{path}: {width}x{height} = {width * height / 1e6:.0f} Mpx exceeds --max-pixels "
+                            f"{max_pixels / 1e6:.0f} Mpx; raise --max-pixels or downscale the photo")
+    return (height, width) if im.getexif().get(0x0112, 1) in _TRANSPOSED else (width, height)
+
+
 def upright_size(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int, str]:
     """(width, height, mode) of the upright photo from its header alone; refuses over `max_pixels`."""
     try:
         with Image.open(path) as im:
-            width, height = im.size
-            orientation = im.getexif().get(0x0112, 1)
-            mode = im.mode
+            return (*_upright(path, im, max_pixels), im.mode)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise CbirError(f"{path}: cannot decode image ({e})") from None
-    if width * height > max_pixels:
-        raise PhotoTooLarge(f"{path}: {width}x{height} = {width * height / 1e6:.0f} Mpx exceeds --max-pixels "
-                        f"{max_pixels / 1e6:.0f} Mpx; raise --max-pixels or downscale the photo")
-    return (height, width, mode) if orientation in _TRANSPOSED else (width, height, mode)
 
 
 def open_photo(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS, decode_pixels: int = DECODE_PIXELS) -> Photo:
     """Decode to upright RGB: EXIF rotation applied, L/CMYK/RGBA/P converted (alpha on white),
-    reduced when over `decode_pixels`. Raises CbirError naming the file when unreadable or too large."""
-    width, height, _ = upright_size(path, max_pixels)
+    reduced when over `decode_pixels`. Raises CbirError naming the file when unreadable or too large
+    (the size is checked from the header, before any pixel is decoded)."""
     try:
         with Image.open(path) as im:
+            width, height = _upright(path, im, max_pixels)
             if width * height > decode_pixels:
                 factor = (width * height / decode_pixels) ** 0.5
                 im.draft("RGB", (int(im.width / factor), int(im.height / factor)))  # JPEG: decode at 1/2, 1/4, 1/8
