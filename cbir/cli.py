@@ -157,8 +157,9 @@ def _embedding_args(p):
                    help="grow each box by this fraction per side (default 0)")
     p.add_argument("--crop-resize", default="pad", choices=("pad", "squash", "center"), help="box → square input: "
                    "pad (letterbox, default), squash (stretch) or center (ImageNet recipe); see benchmarks/results")
-    p.add_argument("--batch-size", type=_bounded(int, 1, 4096), help="images per batch (default: the fastest "
-                   "batch and memory format, timed for this backbone and device at first use and cached)")
+    p.add_argument("--batch-size", type=_bounded(int, 1, 4096), help="model inputs (boxes, or photos with --roi) per "
+                   "batch (default: the fastest batch and memory format, timed for this backbone and device at first "
+                   "use and cached)")
 
 
 def _whiten(p):

@@ -219,6 +219,47 @@ def test_tuning_picks_the_fastest_measured_candidate_and_caches_it(tmp_path, mon
     assert tuning.tune(trunk, "toy", 32, torch.device("cpu")) == chosen
 
 
+def test_tuning_times_the_winner_data_parallel_and_says_when_that_pays(tmp_path, monkeypatch):
+    from cbir.encoders import tuning
+
+    monkeypatch.setenv("CBIR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tuning.torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(tuning, "images_per_second", lambda trunk, device, size, batch, fmt: 100.0 if batch == 4 else 10.0)
+    chosen = tuning.tune(torch.nn.Conv2d(3, 4, 3), "toy", 32, torch.device("cpu"))
+    assert chosen.batch == 4 and chosen.data_parallel_rate == 200.0  # two single-threaded copies, summed
+    slower = tuning.Tuning("channels_last", 4, {"channels_last/4": 100.0}, data_parallel_rate=95.0)
+    # per input: 1/95 s + decode/2 against 1/100 s + decode — side by side pays once the decode costs > ~1 ms
+    assert slower.batch_threads(0.0) == 1 and slower.batch_threads(0.002) == 2
+    assert tuning.Tuning("contiguous", 4, {"contiguous/4": 100.0}).batch_threads(0.01) == 1  # not timed: as before
+
+
+def test_batches_side_by_side_give_the_vectors_of_one_at_a_time(mini_run, mobilenet):
+    from cbir.encoders.stage import embed_rows, instances
+
+    layout = RunLayout(mini_run)
+    data = load_dataset(layout)
+    rows = instances(layout, data, "det")[0].iloc[::-1].head(30)  # several boxes per photo, out of order
+    encoder = CnnEncoder(mobilenet, torch.device("cpu"))
+    one_at_a_time = embed_rows(rows, data, encoder, 4, 0, threads=1)
+    assert np.allclose(embed_rows(rows, data, encoder, 4, 0, threads=2), one_at_a_time, atol=1e-4)
+    assert np.allclose(embed_rows(rows, data, encoder, 1, 0, threads=2), one_at_a_time, atol=1e-4)
+    assert np.allclose(embed_rows(rows, data, encoder, 3, 0), one_at_a_time, atol=1e-4)  # the tuning's choice
+
+
+def test_a_bad_photo_among_batches_side_by_side_is_one_error(mini_run, mobilenet, tmp_path):
+    from cbir.encoders.stage import ImageCrops, encoded_batches, instances
+
+    layout = RunLayout(mini_run)
+    data = load_dataset(layout)
+    rows = instances(layout, data, "full")[0]
+    encoder = CnnEncoder(mobilenet, torch.device("cpu"))
+    items = ImageCrops(data, [g for _, g in rows.groupby("image_id", sort=False)], encoder.recipe)
+    items.paths[9] = tmp_path / "broken.jpg"
+    items.paths[9].write_bytes(b"not a jpeg")
+    with pytest.raises(CbirError, match="broken.jpg: cannot decode"):
+        list(encoded_batches(items, encoder, 2, 0, threads=2))
+
+
 def test_fused_trunk_gives_the_same_vectors():
     import torch
 

@@ -4,6 +4,9 @@ the `embeddings/NAME` artifact: vectors.npy (float32 [N, D]) + rows.parquet (row
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,6 +104,19 @@ class ImageCrops(Dataset):
     def __getitem__(self, i):
         return self.recipe.inputs(open_photo(self.paths[i]), self.boxes[i])
 
+    def batches(self, size: int) -> list[list[int]]:
+        """Consecutive items grouped so that each group gives the model at least `size` inputs, fewer only at
+        the end (one per box, or one per photo with RoI; a photo's boxes stay together): the batch size the
+        tuning chose counts what the model sees, not photos."""
+        out, group, inputs = [], [], 0
+        for i, boxes in enumerate(self.boxes):
+            group.append(i)
+            inputs += 1 if self.recipe.roi else len(boxes)
+            if inputs >= size:
+                out.append(group)
+                group, inputs = [], 0
+        return out + [group] * bool(group)
+
 
 def _collate(batch):
     images = torch.cat([b[0] for b in batch])
@@ -108,17 +124,49 @@ def _collate(batch):
     return images, boxes
 
 
+def encoded_batches(items: ImageCrops, encoder: CnnEncoder, batch_size: int, workers: int,
+                    threads: int | None = None) -> Iterator[np.ndarray]:
+    """The vectors of each batch of `items` (`ImageCrops.batches`), in order. With decode worker processes (a GPU,
+    or more than 2 cores) a DataLoader overlaps decoding with the model. Inline (`workers` 0, the choice on a 2-core CPU) batches run
+    on `threads` threads side by side, each decoding its batch and running the model single-threaded, so no core
+    idles while another decodes; with 1 they run one after another, the model on all of torch's threads. By
+    default the first batch's decode is timed and the trunk's tuning chooses (`Tuning.batch_threads`):
+    MobileNetV2 gains side by side, ResNet-50 does not (benchmarks/embed_bench.py measures both)."""
+    groups = items.batches(batch_size)
+    if workers > 0:
+        loader = DataLoader(items, batch_sampler=groups, num_workers=workers, collate_fn=_collate)
+        yield from (encoder.forward(images, boxes) for images, boxes in batches(loader))
+        return
+
+    def decode(group: list[int]) -> tuple[torch.Tensor, list | None]:
+        return _collate([items[i] for i in group])
+
+    if threads is None and groups:
+        began = time.perf_counter()
+        first = decode(groups[0])
+        threads = encoder.tuning.batch_threads((time.perf_counter() - began) / len(first[0]))
+        yield encoder.forward(*first)
+        groups = groups[1:]
+    if (threads or 1) == 1:
+        yield from (encoder.forward(*decode(g)) for g in groups)
+        return
+    pool = ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,))  # torch's count is per thread
+    try:
+        yield from pool.map(lambda group: encoder.forward(*decode(group)), groups)
+    finally:  # an interrupt or a bad photo: drop the batches not started
+        pool.shutdown(cancel_futures=True)
+
+
 def embed_rows(rows: pd.DataFrame, data: RunDataset, encoder: CnnEncoder, batch_size: int, workers: int,
-               progress: tqdm | None = None) -> np.ndarray:
-    """Vectors for `rows` (grouped by image, decoded in workers), in the order of `rows`."""
+               progress: tqdm | None = None, threads: int | None = None) -> np.ndarray:
+    """Vectors for `rows` (grouped by image, decoded in workers or threads), in the order of `rows`."""
     groups = [g for _, g in rows.groupby("image_id", sort=False)]
-    loader = DataLoader(ImageCrops(data, groups, encoder.recipe), batch_size=max(1, batch_size),
-                        num_workers=workers, collate_fn=_collate)
     out = []
-    for images, boxes in batches(loader):
-        out.append(encoder.forward(images, boxes))
+    for vectors in encoded_batches(ImageCrops(data, groups, encoder.recipe), encoder, max(1, batch_size), workers,
+                                   threads):
+        out.append(vectors)
         if progress is not None:
-            progress.update(sum(len(b) for b in boxes) if boxes is not None else len(images))
+            progress.update(len(vectors))
     order = np.concatenate([g.index.to_numpy() for g in groups])
     vectors = np.concatenate(out) if out else np.zeros((0, encoder.dim), np.float32)
     result = np.empty_like(vectors)
