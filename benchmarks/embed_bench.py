@@ -25,7 +25,7 @@ from cbir.device import decode_workers, resolve_device
 from cbir.encoders.backbones import build_backbone
 from cbir.encoders.cnn import CnnEncoder
 from cbir.encoders.stage import ImageCrops, embed_rows, instances
-from cbir.encoders.tuning import images_per_second
+from cbir.encoders.tuning import data_parallel_images_per_second, images_per_second
 from cbir.evaluate import gallery_from
 from cbir.layout import RunLayout
 from cbir.metrics.ranking import exact_metrics
@@ -38,11 +38,11 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def stage_rate(encoder, rows, data, batch, workers) -> float:
+def stage_rate(encoder, rows, data, batch, workers, threads=None) -> float:
     embed_rows(rows.head(batch), data, encoder, batch, 0)  # warm-up
     _sync(encoder.device)
     t = time.perf_counter()
-    embed_rows(rows, data, encoder, batch, workers)
+    embed_rows(rows, data, encoder, batch, workers, threads=threads)
     _sync(encoder.device)
     return len(rows) / (time.perf_counter() - t)
 
@@ -65,17 +65,30 @@ def speed_row(layout, data, backbone, device, mode: str, a) -> dict:
     cores = os.cpu_count() or 1
     per_box = len(rows) / len(groups)  # crops per decoded image
     workers = decode_workers(device) if a.workers is None else a.workers
-    model = decode = stage = 0.0
+    batch = a.batch_size or tuning.batch
+    inline = workers == 0 and device.type == "cpu" and cores > 1  # the stage runs batches side by side
+    model = parallel_model = decode = stage = one_thread = side_by_side = 0.0
     for _ in range(a.repeats):  # interleaved, best of each: a shared machine slows runs, never speeds one up
         model = max(model, images_per_second(encoder.trunk, device, encoder.input_side, tuning.batch,
                                              tuning.torch_format))
+        if inline:
+            parallel_model = max(parallel_model, data_parallel_images_per_second(
+                encoder.trunk, encoder.input_side, tuning.batch, tuning.torch_format, cores))
         decode = max(decode, decode_rate(ImageCrops(data, groups, encoder.recipe), 128))
-        stage = max(stage, stage_rate(encoder, rows, data, a.batch_size or tuning.batch, workers))
-    limit = 1 / (1 / model + 1 / (decode * per_box * (cores if device.type == "cpu" else 1)))
+        stage = max(stage, stage_rate(encoder, rows, data, batch, workers))
+        if inline:  # both ways the stage can choose, forced: one batch at a time, or one per core side by side
+            one_thread = max(one_thread, stage_rate(encoder, rows, data, batch, 0, threads=1))
+            side_by_side = max(side_by_side, stage_rate(encoder, rows, data, batch, 0, threads=cores))
+    fastest_model = max(model, parallel_model)  # the limit takes whichever way of running the model is faster
+    limit = 1 / (1 / fastest_model + 1 / (decode * per_box * (cores if device.type == "cpu" else 1)))
     return {"backbone": backbone.name, "mode": mode, "boxes": len(rows), "memory_format": tuning.memory_format,
             "batch": tuning.batch, "workers": workers, "model_img_s": round(model, 1),
+            "model_data_parallel_img_s": round(parallel_model, 1) if inline else None,
             "decode_img_s_per_process": round(decode, 1), "limit_img_s": round(limit, 1),
-            "stage_img_s": round(stage, 1), "stage_share_of_limit": round(stage / limit, 3)}
+            "stage_img_s": round(stage, 1), "stage_share_of_limit": round(stage / limit, 3),
+            "stage_batch_threads": tuning.batch_threads(1 / (decode * per_box)) if inline else None,
+            "one_batch_at_a_time_img_s": round(one_thread, 1) if inline else None,
+            "batches_side_by_side_img_s": round(side_by_side, 1) if inline else None}
 
 
 def quality(vectors: np.ndarray, rows) -> dict:
@@ -140,7 +153,7 @@ def main():
     lines = [f"# Embedding benchmark ({results['machine']})", "", f"backbone {results['backbone']} "
              f"[{results['weights']}], torch {results['torch']}", "",
              "Speed (limit: per image, the model's time on all cores plus its decode time spread over all cores; "
-             "model: the tuned memory format and batch):", "", pd.DataFrame(results["speed"]).to_markdown(index=False)]
+             "model: the tuned memory format and batch, on torch's threads or data-parallel, whichever is faster):", "", pd.DataFrame(results["speed"]).to_markdown(index=False)]
     if "quality" in results:
         lines += ["", "Leave-one-out on the run's test split, no PCA:", "",
                   pd.DataFrame(results["quality"]).to_markdown(index=False)]
