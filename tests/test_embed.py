@@ -246,6 +246,22 @@ def test_batches_side_by_side_give_the_vectors_of_one_at_a_time(mini_run, mobile
     assert np.allclose(embed_rows(rows, data, encoder, 3, 0), one_at_a_time, atol=1e-4)  # the tuning's choice
 
 
+@pytest.mark.parametrize("roi", [False, True])
+def test_a_batch_counts_model_inputs_not_photos(mini_run, mobilenet, roi):
+    from cbir.encoders.stage import ImageCrops, instances
+
+    layout = RunLayout(mini_run)
+    data = load_dataset(layout)
+    rows = instances(layout, data, "det")[0]
+    recipe = CnnEncoder(mobilenet, torch.device("cpu"), roi=roi).recipe
+    items = ImageCrops(data, [g for _, g in rows.groupby("image_id", sort=False)], recipe)
+    groups = items.batches(4)
+    inputs = [[1 if roi else len(items.boxes[i]) for i in g] for g in groups]
+    assert sum(groups, []) == list(range(len(items)))  # every photo once, in order
+    assert max(map(len, items.boxes)) > 1  # the sample has photos with several boxes
+    assert all(sum(n) >= 4 > sum(n[:-1]) for n in inputs[:-1]) and 0 < sum(inputs[-1])
+
+
 def test_a_bad_photo_among_batches_side_by_side_is_one_error(mini_run, mobilenet, tmp_path):
     from cbir.encoders.stage import ImageCrops, encoded_batches, instances
 
