@@ -37,8 +37,9 @@ def resolve_device(device: str) -> torch.device:
 def decode_workers(device: torch.device) -> int:
     """Decode processes beside a model on `device`. On a 2-core CPU a worker only competes with the model's
     two threads: embedding ran 74.7 img/s decoding inline against 68.6 with one worker (MobileNetV2, CUB
-    sample, benchmarks/results/embed_bench_cpu_speed.md), so the decode stays inline there; with a GPU, or
-    more cores, workers overlap decoding with the model (not measured on more than 2 cores)."""
+    sample, benchmarks/results/embed_bench_cpu_speed.md), so the decode stays in the process there, where
+    batches may run side by side (encoders.stage.encoded_batches); with a GPU, or more cores, workers overlap
+    decoding with the model (not measured on more than 2 cores)."""
     cores = os.cpu_count() or 1
     if device.type == "cpu" and cores <= 2:
         return 0
