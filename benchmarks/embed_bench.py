@@ -153,7 +153,8 @@ def main():
     lines = [f"# Embedding benchmark ({results['machine']})", "", f"backbone {results['backbone']} "
              f"[{results['weights']}], torch {results['torch']}", "",
              "Speed (limit: per image, the model's time on all cores plus its decode time spread over all cores; "
-             "model: the tuned memory format and batch, on torch's threads or data-parallel, whichever is faster):", "", pd.DataFrame(results["speed"]).to_markdown(index=False)]
+             "model: the tuned memory format and batch, on torch's threads or data-parallel, whichever is faster):",
+             "", pd.DataFrame(results["speed"]).to_markdown(index=False)]
     if "quality" in results:
         lines += ["", "Leave-one-out on the run's test split, no PCA:", "",
                   pd.DataFrame(results["quality"]).to_markdown(index=False)]
