@@ -22,6 +22,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
 from .. import CbirError
+from ..artifacts import atomic_path
 from ..datasets import short_name
 from ..images import Photo, PhotoTooLarge, load_rgb, open_photo
 from ..retrieval.query import Querier, results_json
@@ -109,9 +110,8 @@ class CardFiles:
         image = draw_boxes(load_rgb(path), [{"box": list(box), "source": source}], [f"#{image_id}"])
         image.thumbnail((320, 320))
         file = self.folder / f"{hashlib.sha1(repr(key).encode()).hexdigest()}.jpg"
-        staged = file.with_name(f"{file.stem}.{threading.get_ident()}.part")
-        image.save(staged, "JPEG", quality=90)
-        os.replace(staged, file)  # whole: a card being served is never seen half-written
+        with atomic_path(file) as staged:  # whole: a card being served is never seen half-written
+            image.save(staged, "JPEG", quality=90)
         with self.lock:
             self.files[key] = str(file)
             while len(self.files) > self.limit:
