@@ -66,7 +66,7 @@ def speed_row(layout, data, backbone, device, mode: str, a) -> dict:
     per_box = len(rows) / len(groups)  # crops per decoded image
     workers = decode_workers(device) if a.workers is None else a.workers
     batch = a.batch_size or tuning.batch
-    inline = workers == 0 and device.type == "cpu" and cores > 1  # the stage runs batches side by side
+    inline = workers == 0 and tuning.data_parallel_rate is not None  # the stage may run batches side by side
     model = parallel_model = decode = stage = one_thread = side_by_side = 0.0
     for _ in range(a.repeats):  # interleaved, best of each: a shared machine slows runs, never speeds one up
         model = max(model, images_per_second(encoder.trunk, device, encoder.input_side, tuning.batch,

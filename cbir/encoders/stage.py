@@ -141,13 +141,15 @@ def encoded_batches(items: ImageCrops, encoder: CnnEncoder, batch_size: int, wor
     def decode(group: list[int]) -> tuple[torch.Tensor, list | None]:
         return _collate([items[i] for i in group])
 
-    if threads is None and groups:
+    if not groups:
+        return
+    if threads is None:
         began = time.perf_counter()
         first = decode(groups[0])
         threads = encoder.tuning.batch_threads((time.perf_counter() - began) / len(first[0]))
         yield encoder.forward(*first)
         groups = groups[1:]
-    if (threads or 1) == 1:
+    if threads == 1:
         yield from (encoder.forward(*decode(g)) for g in groups)
         return
     pool = ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,))  # torch's count is per thread
