@@ -588,11 +588,15 @@ def cmd_train_embedder(a):
     card = train_embedder(TrainConfig(run=a.run, embeddings=a.embeddings, loss=a.loss, miner=a.miner,
                                       distance=a.distance, margin=a.margin, dim=a.dim, label=a.label, epochs=a.epochs,
                                       patience=a.patience, batch_size=a.batch_size,
-                                      lr=a.lr, seed=a.seed, mode=a.mode, augment=a.augment,
+                                      lr=a.lr, seed=a.seed, mode=a.mode, augment=a.augment, refit=a.refit,
                                       device=a.device, name=a.name, force=a.force))
     base, best = card["baseline"], card["best"]
+    refit = card["refit"]
     verdict = (f"best epoch {card['best_epoch']}" if card["helps"] else
                "no epoch beat the untrained head on validation: the vectors are unchanged")
+    if refit:
+        verdict += (f", then refitted on all {refit['train_vectors']} train vectors ({refit['classes']} "
+                    f"{card['label']} labels) for {refit['epochs']} epoch{'s' * (refit['epochs'] != 1)}")
     print(f"{a.run}/models/{card['name']}: {card['loss']} + {card['miner']} miner, {card['label']} labels, "
           f"{card['seconds']:.0f} s; validation ({card['validation']}) MAP@R {base['MAP@R']:.4f} → "
           f"{best['MAP@R']:.4f}, P@1 {base['P@1']:.4f} → {best['P@1']:.4f}; {verdict}")
@@ -633,6 +637,9 @@ def _train_embedder_parser(sub):
     p.add_argument("--augment", default="flip", choices=AUGMENTATIONS, help="finetune: what each epoch sees of a "
                    "crop — flip (default: mirrored half the time) or crop (random resized crops, scale 0.16-1, then "
                    "flips)")
+    p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=True, help="once validation has "
+                   "picked the epoch, train again from the start on every train row, the validation part too, for "
+                   "that many epochs, and keep that model (default; --no-refit keeps the validated model)")
     _device(p)
     p.set_defaults(func=cmd_train_embedder)
 

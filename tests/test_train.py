@@ -103,12 +103,14 @@ def test_the_trained_encoder_reproduces_stored_vectors_for_a_query(run):
     assert np.dot(got, vectors[row.name]) > 0.999  # new photos land in the trained space
 
 
-def test_training_resumes_after_kill_and_matches_an_unbroken_run(run, tmp_path):
+@pytest.mark.parametrize("kill_at", ["checkpoint.pt", "refit-checkpoint.pt"])
+def test_training_resumes_after_kill_and_matches_an_unbroken_run(run, tmp_path, kill_at):
+    # killed in the validated loop, or in the refit after it: the rerun resumes and ends where an unbroken one does
     other = copy_run(run, tmp_path / "other")
     cmd = [sys.executable, "-m", "cbir.cli", "train-embedder", "--embeddings", "det", "--epochs", "6",
            "--patience", "6", "--lr", "3e-4"]
     proc = subprocess.Popen(cmd + ["--run", str(run)], stderr=subprocess.PIPE, text=True)
-    checkpoint = run / ".partial" / "models__det@multisimilarity" / "checkpoint.pt"
+    checkpoint = run / ".partial" / "models__det@multisimilarity" / kill_at
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if checkpoint.exists():
@@ -121,9 +123,38 @@ def test_training_resumes_after_kill_and_matches_an_unbroken_run(run, tmp_path):
     assert resumed.returncode == 0 and "resuming" in resumed.stderr, resumed.stderr[-1500:]
     unbroken = subprocess.run(cmd + ["--run", str(other)], capture_output=True, text=True)
     assert unbroken.returncode == 0
-    a = json.loads((run / "models" / "det@multisimilarity" / "card.json").read_text())["history"]
-    b = json.loads((other / "models" / "det@multisimilarity" / "card.json").read_text())["history"]
-    assert [h["MAP@R"] for h in a] == pytest.approx([h["MAP@R"] for h in b], abs=1e-6)
+    a = json.loads((run / "models" / "det@multisimilarity" / "card.json").read_text())
+    b = json.loads((other / "models" / "det@multisimilarity" / "card.json").read_text())
+    assert [h["MAP@R"] for h in a["history"]] == pytest.approx([h["MAP@R"] for h in b["history"]], abs=1e-6)
+    assert a["refit"]["losses"] == pytest.approx(b["refit"]["losses"], abs=1e-6)
+    assert np.allclose(load_embeddings(run, "det@multisimilarity")[0], load_embeddings(other, "det@multisimilarity")[0],
+                       atol=1e-6)
+
+
+def test_refit_trains_again_on_every_train_class_for_the_epochs_validation_chose(run, monkeypatch):
+    import cbir.training.stage as stage
+
+    seen = []  # (classes, rows) of each epoch's training data
+    real_epoch = stage.train_epoch
+
+    def spy(model, loss_fn, miner, optimizer, x, y, *args, **kwargs):
+        seen.append((len(torch.unique(y)), len(y)))
+        return real_epoch(model, loss_fn, miner, optimizer, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(stage, "train_epoch", spy)
+    card = train_embedder(TrainConfig(run=run, embeddings="det", epochs=4, patience=4, lr=3e-4))
+    _, rows, *_ = training_rows(RunLayout(run), TrainConfig(run=run, embeddings="det"))
+    validated, refitted = seen[:len(card["history"]) - 1], seen[len(card["history"]) - 1:]
+    assert card["helps"] and card["refit"]["epochs"] == card["best_epoch"] == len(refitted)
+    assert set(validated) == {(rows.label[~rows.val].nunique(), int((~rows.val).sum()))}  # validation rows held out
+    assert set(refitted) == {(rows.label.nunique(), len(rows))}  # then every train row, validation classes too
+    assert card["refit"] == {**card["refit"], "train_vectors": len(rows), "classes": rows.label.nunique()}
+    refit_vectors = load_embeddings(run, "det@multisimilarity")[0]
+
+    card = train_embedder(TrainConfig(run=run, embeddings="det", epochs=4, patience=4, lr=3e-4, refit=False))
+    assert card["refit"] is None and len(seen) == len(validated) + len(refitted) + len(card["history"]) - 1  # no refit
+    validated_vectors = load_embeddings(run, "det@multisimilarity")[0]
+    assert not np.allclose(refit_vectors, validated_vectors, atol=1e-4)  # the refit is the model kept, not the other
 
 
 def test_run_with_too_few_train_classes_stops_in_one_line_and_keeps_the_embeddings(tmp_path):
@@ -135,6 +166,24 @@ def test_run_with_too_few_train_classes_stops_in_one_line_and_keeps_the_embeddin
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "2 train classes; metric learning needs at least 3" in out.stderr.strip().splitlines()[-1]
     assert len(load_embeddings(tmp_path / "run", "full")[0]) == 32  # the stages before it are kept
+
+
+def test_finetune_crops_follow_the_rows_whatever_their_order(mini_run):
+    from cbir.encoders.backbones import build_backbone
+    from cbir.encoders.cnn import CnnEncoder
+    from cbir.images import open_photo
+    from cbir.training.finetune import decode_crops
+    from conftest import MOBILENET
+
+    layout = RunLayout(mini_run)
+    _, table, _ = load_embeddings(mini_run, "det")
+    rows = table.iloc[::-1].head(12)  # several boxes per photo, out of order
+    encoder = CnnEncoder(build_backbone("mobilenet_v2", str(MOBILENET)), torch.device("cpu"))
+    crops = decode_crops(layout, rows, encoder)
+    data = load_dataset(layout)
+    for k, row in enumerate(rows.itertuples()):
+        photo = open_photo(data.image_path(data.images.set_index("image_id").path[row.image_id]))
+        assert torch.equal(crops[k], encoder.recipe.inputs(photo, np.array([[row.x, row.y, row.w, row.h]]))[0][0])
 
 
 @pytest.mark.slow

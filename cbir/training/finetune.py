@@ -1,5 +1,5 @@
 """`train-embedder --mode finetune`: the trunk itself trained end to end on the set's crops (train split only),
-with the same losses, miners, sampler, validation rule, checkpoints and epoch choice as the head mode.
+with the same losses, miners, sampler, validation rule, checkpoints, epoch choice and refit as the head mode.
 
 The result is a torchvision state dict (`models/NAME/backbone.pth`); the set is then re-embedded with it by
 the ordinary `embed` stage, so its vectors, index, search and page need nothing new. Supported trunks: the
@@ -78,11 +78,11 @@ def decode_crops(layout: RunLayout, rows: pd.DataFrame, encoder: CnnEncoder) -> 
 
     data = load_dataset(layout)
     with_paths = rows.join(data.images.set_index("image_id").path, on="image_id")  # the table rows lack paths
-    groups = [g for _, g in with_paths.groupby("image_id", sort=False)]
-    images = ImageCrops(data, groups, encoder.recipe)
+    images = ImageCrops(data, with_paths, encoder.recipe)
     crops = torch.cat([images[i][0] for i in tqdm(range(len(images)), desc="decoding crops", unit="img")])
-    order = pd.Index(np.concatenate([g.index.to_numpy() for g in groups]))
-    return crops.to(torch.uint8)[torch.as_tensor(order.get_indexer(rows.index))]
+    out = torch.empty_like(crops, dtype=torch.uint8)
+    out[torch.as_tensor(images.order)] = crops.to(torch.uint8)
+    return out
 
 
 def embed_crops(model: TrainableTrunk, crops: torch.Tensor, batch: int = 32) -> np.ndarray:
@@ -106,36 +106,38 @@ def augment(crops: torch.Tensor, how: str) -> torch.Tensor:
 
 
 def finetune(layout: RunLayout, cfg, rows: pd.DataFrame, info: dict, stamp: str) -> tuple[dict, dict]:
-    """Train the trunk; returns (card, the best state dict as a torchvision model's, `features.` keys)."""
-    from .stage import build_loss, fit, optimizer_for, summary_card, train_epoch, validation_scores
+    """Train the trunk; returns (card, the kept state dict as a torchvision model's, `features.` keys)."""
+    from .stage import build_loss, fit, optimizer_for, train_epoch, train_then_refit, validation_scores
 
-    encoder = base_encoder(info["spec"])
+    spec = info["spec"]
+    encoder = base_encoder(spec)
     device = resolve_device(cfg.device)
     crops = decode_crops(layout, rows, encoder)
-    val = rows.val.to_numpy().copy()  # writable: torch indexes with it
     labels = rows.label.to_numpy()
-    classes = np.unique(labels[~val])
-    y = torch.as_tensor(np.searchsorted(classes, labels[~val]))
-    model = TrainableTrunk(encoder).to(device)
-    loss_fn, miner = build_loss(cfg, len(classes), encoder.dim)
-    loss_fn.to(device)  # proxy losses hold parameters
-    optimizer = optimizer_for(model, loss_fn, cfg)
-    train_crops = crops[~val]
-    gallery = rows.gallery.to_numpy().copy()
+    gallery = rows.gallery.to_numpy().copy()  # writable: torch indexes with it
 
-    def validate() -> dict:  # only the validation gallery's crops are embedded (it holds the queries)
-        vectors = np.zeros((len(rows), encoder.dim), np.float32)
-        vectors[gallery] = embed_crops(model, crops[gallery])
-        return validation_scores(vectors, rows)
+    def train(seen: np.ndarray, validated: bool, epochs: int | None, phase: str) -> tuple[list[dict], float]:
+        classes = np.unique(labels[seen])
+        torch.manual_seed(cfg.seed)
+        model = TrainableTrunk(base_encoder(spec)).to(device)  # from the set's own weights, each time
+        loss_fn, miner = build_loss(cfg, len(classes), encoder.dim)
+        loss_fn.to(device)  # proxy losses hold parameters
+        optimizer = optimizer_for(model, loss_fn, cfg)
+        seen_crops, y = crops[torch.as_tensor(seen)], torch.as_tensor(np.searchsorted(classes, labels[seen]))
 
-    history, seconds = fit(cfg, layout, stamp, model, loss_fn, optimizer,
-                           lambda epoch, bar: train_epoch(model, loss_fn, miner, optimizer, train_crops, y, cfg, epoch,
-                                                          bar, lambda batch: augment(batch, cfg.augment)),
-                           len(y), validate, lambda: _features(model))
-    partial = layout.partial(layout.model(cfg.model_name))
-    card = {**summary_card(history, seconds, val, classes), "dim": encoder.dim, "backbone": info["spec"]["backbone"],
-            "input_side": encoder.recipe.size, "device": str(device), "augment": cfg.augment}
-    return card, torch.load(partial / "best.pt", map_location="cpu", weights_only=True)
+        def validate() -> dict:  # only the validation gallery's crops are embedded (it holds the queries)
+            vectors = np.zeros((len(rows), encoder.dim), np.float32)
+            vectors[gallery] = embed_crops(model, crops[gallery])
+            return validation_scores(vectors, rows)
+
+        return fit(cfg, layout, stamp, model, loss_fn, optimizer,
+                   lambda epoch, bar: train_epoch(model, loss_fn, miner, optimizer, seen_crops, y, cfg, epoch, bar,
+                                                  lambda batch: augment(batch, cfg.augment)),
+                   len(y), validate if validated else None, lambda: _features(model), epochs=epochs, phase=phase)
+
+    card, best = train_then_refit(cfg, layout, rows, train)
+    return {**card, "dim": encoder.dim, "backbone": spec["backbone"], "input_side": encoder.recipe.size,
+            "device": str(device), "augment": cfg.augment}, best
 
 
 def _features(model: TrainableTrunk) -> dict:

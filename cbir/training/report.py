@@ -51,6 +51,7 @@ def training_table(layout: RunLayout, metrics: pd.DataFrame) -> pd.DataFrame:
         row = {"embeddings": name, "source": source, "mode": card.get("mode", "head"), "loss": card["loss"],
                "miner": card["miner"], "seconds": card["seconds"], "best epoch": card["best_epoch"],
                "validation MAP@R": f"{card['baseline']['MAP@R']:.3f} → {card['best']['MAP@R']:.3f}",
+               "refit": "yes" if card.get("refit") else "no",
                "pca": trained.pca}
         for metric in COMPARED:
             row[metric] = trained[metric]
@@ -72,7 +73,7 @@ def _verdict(d_r1: float, d_map: float, best_epoch: int) -> str:
 
 def training_markdown(table: pd.DataFrame) -> str:
     shown = table[["embeddings", "source", "mode", "loss", "miner", "seconds", "best epoch", "validation MAP@R",
-                   "R@1", "ΔR@1", "MAP@R", "ΔMAP@R", "mAP", "ΔmAP", "NMI", "verdict"]].copy()
+                   "refit", "R@1", "ΔR@1", "MAP@R", "ΔMAP@R", "mAP", "ΔmAP", "NMI", "verdict"]].copy()
     for c in ("R@1", "MAP@R", "mAP", "NMI"):
         shown[c] = shown[c].map(lambda v: f"{v:.3f}")
     for c in ("ΔR@1", "ΔMAP@R", "ΔmAP"):
@@ -80,7 +81,9 @@ def training_markdown(table: pd.DataFrame) -> str:
     return "\n".join([
         "## Trained embeddings against their source", "",
         "Each set trained by `cbir train-embedder` (or put through a trained model with `cbir embed --head`) "
-        "beside the frozen set it came from, on the same test split (refit, exact search, no re-ranking). "
+        "beside the frozen set it came from, on the same test split (PCA fitted on the train split, exact search, "
+        "no re-ranking). "
         "Δ columns: trained minus source, in points. `validation MAP@R`: epoch 0 (no training) → the epoch "
-        "validation chose, on the held-out part of the train split; `seconds`: training time.", "",
+        "validation chose, on the held-out part of the train split; `refit`: the model kept was then trained again "
+        "from its start on the whole train split for that many epochs; `seconds`: training time, refit included.", "",
         shown.to_markdown(index=False), ""])

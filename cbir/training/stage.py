@@ -7,8 +7,10 @@ Data discipline: only train-split rows are seen. Part of them is held out for va
 when the train and test splits share no label (CUB's protocol: validation classes are unseen, like the
 test classes, each searched for among the whole train split), else whole images (COCO, where the
 categories recur in every split) — and validation MAP@R chooses the epoch; epoch 0 is the untouched head
-(identity), so a head that does not help is kept as "no change", and the card says so. Class-balanced
-batches come from PML's `MPerClassSampler`.
+(identity), so a head that does not help is kept as "no change", and the card says so. Then, by default
+(`refit`), the model is trained again from its start on every train row for the chosen number of epochs,
+as scikit-learn's searches refit on all the data: the validation classes are a fifth of what little there
+is to learn from. Class-balanced batches come from PML's `MPerClassSampler`.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class TrainConfig:
     seed: int = 0
     mode: str = "head"  # or finetune: the trunk itself, end to end on the set's crops
     augment: str = "flip"  # finetune: flip, or crop (random resized crops, then flips); AUGMENTATIONS
+    refit: bool = True  # after validation picks the epoch, train again on every train row for that many epochs
     device: str = "auto"  # finetune only (heads train on the CPU in seconds)
     name: str | None = None
     force: bool = False
@@ -299,8 +302,7 @@ def train_embedder(cfg: TrainConfig) -> dict:
 
             card, best = finetune(layout, cfg, rows, info, stamp)
         else:
-            card = _train(layout, cfg, x, rows, info, stamp)
-            best = torch.load(layout.partial(model.name) / "best.pt", map_location="cpu", weights_only=True)
+            card, best = _train(layout, cfg, x, rows, info, stamp)
         card.update(name=name, embeddings=cfg.embeddings, label=label, validation=how, miner=cfg.used_miner,
                     margin=cfg.used_margin, data_fingerprint=info["fingerprint"], mode=cfg.mode, loss=cfg.loss,
                     distance=cfg.distance, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size)
@@ -363,37 +365,42 @@ def apply_model(run: Path, model_name: str, source: str | None = None, name: str
 
 
 def fit(cfg, layout: RunLayout, stamp: str, model, loss_fn, optimizer, run_epoch, items: int, validate,
-        best_state) -> tuple[list[dict], float]:
+        best_state, *, epochs: int | None = None, phase: str = "") -> tuple[list[dict], float]:
     """The loop every trained model shares (heads, fine-tuned trunks, text bridges): epoch 0 validates the
     untouched model, each epoch trains (`run_epoch(epoch, bar)` → mean loss, advancing the bar by `items`)
     then validates, the best epoch's `best_state()` and a full checkpoint are written atomically, and a
-    rerun resumes from the last finished epoch. Stops at `cfg.epochs` or after `cfg.patience` epochs
-    without a better validation MAP@R. `cfg` needs model_name, epochs and patience."""
+    rerun resumes from the last finished epoch. Stops at `epochs` (default `cfg.epochs`) or after
+    `cfg.patience` epochs without a better validation MAP@R. With `validate` None (a refit on every train
+    row) it runs all `epochs` and the last one is the best. `phase` prefixes the files of a second loop in
+    the same model's folder. `cfg` needs model_name, epochs and patience."""
+    epochs = cfg.epochs if epochs is None else epochs
     partial = layout.partial(layout.model(cfg.model_name))
-    ckpt = partial / "checkpoint.pt"
+    ckpt, best_file = partial / f"{phase}checkpoint.pt", partial / f"{phase}best.pt"
+    scores = validate or dict
     state = load_checkpoint(ckpt, stamp)
     if state:
         model.load_state_dict(state["model"])
         loss_fn.load_state_dict(state["loss"])
         optimizer.load_state_dict(state["optimizer"])
         history, seconds = state["history"], state["seconds"]
-        log.info("resuming %s after epoch %d", cfg.model_name, len(history) - 1)
+        log.info("resuming %s%s after epoch %d", phase, cfg.model_name, len(history) - 1)
     else:
-        history, seconds = [{"epoch": 0, "loss": float("nan"), **validate()}], 0.0
-        save_checkpoint(partial / "best.pt", best_state())
-    with tqdm(total=cfg.epochs * items, initial=(len(history) - 1) * items, desc=f"train {cfg.model_name}",
+        history, seconds = [{"epoch": 0, "loss": float("nan"), **scores()}], 0.0
+        save_checkpoint(best_file, best_state())
+    with tqdm(total=epochs * items, initial=(len(history) - 1) * items, desc=f"{phase}train {cfg.model_name}",
               unit="item") as bar:
-        while len(history) <= cfg.epochs and not _stalled(history, cfg.patience):
+        while len(history) <= epochs and not (validate and _stalled(history, cfg.patience)):
             epoch, start = len(history), time.perf_counter()
             loss = run_epoch(epoch, bar)
-            history.append({"epoch": epoch, "loss": loss, **validate()})
+            history.append({"epoch": epoch, "loss": loss, **scores()})
             seconds += time.perf_counter() - start
-            if history[-1]["MAP@R"] > max(h["MAP@R"] for h in history[:-1]):
-                save_checkpoint(partial / "best.pt", best_state())
+            if not validate or history[-1]["MAP@R"] > max(h["MAP@R"] for h in history[:-1]):
+                save_checkpoint(best_file, best_state())
             save_checkpoint(ckpt, {"stamp": stamp, "model": model.state_dict(), "loss": loss_fn.state_dict(),
                                     "optimizer": optimizer.state_dict(), "history": history, "seconds": seconds})
-            log.info("epoch %d: loss %.4f, validation MAP@R %.4f, P@1 %.4f (%.0f s)", epoch, loss,
-                     history[-1]["MAP@R"], history[-1]["P@1"], time.perf_counter() - start)
+            shown = ", ".join(f"validation {k} {v:.4f}" for k, v in history[-1].items() if k not in ("epoch", "loss"))
+            log.info("%sepoch %d: loss %.4f%s (%.0f s)", phase, epoch, loss, f", {shown}" if shown else "",
+                     time.perf_counter() - start)
     return history, seconds
 
 
@@ -404,23 +411,45 @@ def summary_card(history: list[dict], seconds: float, val: np.ndarray, classes: 
             "validation_vectors": int(val.sum()), "classes": len(classes)}
 
 
-def _train(layout: RunLayout, cfg: TrainConfig, x: np.ndarray, rows: pd.DataFrame, info: dict, stamp: str) -> dict:
-    val = rows.val.to_numpy()
+def train_then_refit(cfg: TrainConfig, layout: RunLayout, rows: pd.DataFrame, train) -> tuple[dict, dict]:
+    """The card and the kept weights. `train(seen, validated, epochs, phase)` trains a model from its start on the
+    rows `seen` (a mask) → (history, seconds), validating each epoch when `validated`. Validation (the held-out
+    rows) picks the epoch; with `cfg.refit` the model is then trained again from its start on every train row —
+    the validation classes too, so it learns from all of them — for that many epochs, and that model is kept.
+    When no epoch beat epoch 0, nothing is refitted: the untouched model is kept."""
+    val, labels = rows.val.to_numpy(), rows.label.to_numpy()
+    history, seconds = train(~val, True, None, "")
+    card = {**summary_card(history, seconds, val, np.unique(labels[~val])), "refit": None}
+    phase = "refit-" if cfg.refit and card["helps"] else ""
+    if phase:
+        refit, refit_seconds = train(np.ones(len(rows), bool), False, card["best_epoch"], phase)
+        card["refit"] = {"epochs": card["best_epoch"], "train_vectors": len(rows), "classes": int(len(set(labels))),
+                         "seconds": round(refit_seconds, 1), "losses": [h["loss"] for h in refit[1:]]}
+        card["seconds"] = round(seconds + refit_seconds, 1)
+    best = layout.partial(layout.model(cfg.model_name)) / f"{phase}best.pt"
+    return card, torch.load(best, map_location="cpu", weights_only=True)
+
+
+def _train(layout: RunLayout, cfg: TrainConfig, x: np.ndarray, rows: pd.DataFrame, info: dict,
+           stamp: str) -> tuple[dict, dict]:
     labels = rows.label.to_numpy()
-    classes = np.unique(labels[~val])
-    y = torch.as_tensor(np.searchsorted(classes, labels[~val]))
     dim = cfg.dim or x.shape[1]
-    torch.manual_seed(cfg.seed)
-    head = ProjectionHead(x.shape[1], dim)
-    head.initialise(x[~val])
-    loss_fn, miner = build_loss(cfg, len(classes), dim)
-    optimizer = optimizer_for(head, loss_fn, cfg)
-    x_train = torch.as_tensor(x[~val])
-    history, seconds = fit(cfg, layout, stamp, head, loss_fn, optimizer,
-                           lambda epoch, bar: train_epoch(head, loss_fn, miner, optimizer, x_train, y, cfg, epoch, bar),
-                           len(y), lambda: validation_scores(apply_head(head.eval(), x), rows), lambda: head_state(head))
-    return {**summary_card(history, seconds, val, classes), "dim_in": int(x.shape[1]), "dim": dim,
-            "source_spec": info["spec"]}
+
+    def train(seen: np.ndarray, validated: bool, epochs: int | None, phase: str) -> tuple[list[dict], float]:
+        classes = np.unique(labels[seen])
+        torch.manual_seed(cfg.seed)
+        head = ProjectionHead(x.shape[1], dim)
+        head.initialise(x[seen])
+        loss_fn, miner = build_loss(cfg, len(classes), dim)
+        optimizer = optimizer_for(head, loss_fn, cfg)
+        x_seen, y = torch.as_tensor(x[seen]), torch.as_tensor(np.searchsorted(classes, labels[seen]))
+        return fit(cfg, layout, stamp, head, loss_fn, optimizer,
+                   lambda epoch, bar: train_epoch(head, loss_fn, miner, optimizer, x_seen, y, cfg, epoch, bar), len(y),
+                   (lambda: validation_scores(apply_head(head.eval(), x), rows)) if validated else None,
+                   lambda: head_state(head), epochs=epochs, phase=phase)
+
+    card, best = train_then_refit(cfg, layout, rows, train)
+    return {**card, "dim_in": int(x.shape[1]), "dim": dim, "source_spec": info["spec"]}, best
 
 
 def _stalled(history: list[dict], patience: int) -> bool:
