@@ -61,9 +61,9 @@ def speed_row(layout, data, backbone, device, mode: str, a) -> dict:
     encoder = CnnEncoder(backbone, device)
     tuning = encoder.tuning
     rows = instances(layout, data, mode)[0].head(a.images).reset_index(drop=True)
-    groups = [g for _, g in rows.groupby("image_id", sort=False)]
+    items = ImageCrops(data, rows, encoder.recipe)
     cores = os.cpu_count() or 1
-    per_box = len(rows) / len(groups)  # crops per decoded image
+    per_box = len(rows) / len(items)  # crops per decoded image
     workers = decode_workers(device) if a.workers is None else a.workers
     batch = a.batch_size or tuning.batch
     inline = workers == 0 and tuning.data_parallel_rate is not None  # the stage may run batches side by side
@@ -74,7 +74,7 @@ def speed_row(layout, data, backbone, device, mode: str, a) -> dict:
         if inline:
             parallel_model = max(parallel_model, data_parallel_images_per_second(
                 encoder.trunk, encoder.input_side, tuning.batch, tuning.torch_format, cores))
-        decode = max(decode, decode_rate(ImageCrops(data, groups, encoder.recipe), 128))
+        decode = max(decode, decode_rate(items, 128))
         stage = max(stage, stage_rate(encoder, rows, data, batch, workers))
         if inline:  # both ways the stage can choose, forced: one batch at a time, or one per core side by side
             one_thread = max(one_thread, stage_rate(encoder, rows, data, batch, 0, threads=1))
@@ -86,7 +86,7 @@ def speed_row(layout, data, backbone, device, mode: str, a) -> dict:
             "model_data_parallel_img_s": round(parallel_model, 1) if inline else None,
             "decode_img_s_per_process": round(decode, 1), "limit_img_s": round(limit, 1),
             "stage_img_s": round(stage, 1), "stage_share_of_limit": round(stage / limit, 3),
-            "stage_batch_threads": tuning.batch_threads(1 / (decode * per_box)) if inline else None,
+            "stage_batch_threads": tuning.batch_threads() if inline else None,
             "one_batch_at_a_time_img_s": round(one_thread, 1) if inline else None,
             "batches_side_by_side_img_s": round(side_by_side, 1) if inline else None}
 

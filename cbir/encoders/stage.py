@@ -4,7 +4,6 @@ the `embeddings/NAME` artifact: vectors.npy (float32 [N, D]) + rows.parquet (row
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -90,12 +89,19 @@ def instances(layout: RunLayout, data: RunDataset, mode: str) -> tuple[pd.DataFr
 
 
 class ImageCrops(Dataset):
-    """One item per image, decoded once in a worker: all of its crops, or the RoI inputs."""
+    """One item per photo of `rows` (columns path, x, y, w, h), in order of first appearance, decoded once: all
+    of its rows' crops, or the RoI inputs. `order[j]` is the position in `rows` of the j-th crop the items give."""
 
-    def __init__(self, data: RunDataset, groups: list[pd.DataFrame], recipe: InputRecipe):
-        # plain paths and box arrays: a DataFrame lookup per item cost ~1 ms, 7 % of the stage on 2 cores
-        self.paths = [data.image_path(g.path.iloc[0]) for g in groups]
-        self.boxes = [g[["x", "y", "w", "h"]].to_numpy(float) for g in groups]
+    def __init__(self, data: RunDataset, rows: pd.DataFrame, recipe: InputRecipe):
+        # numpy grouping, plain paths and box arrays: a DataFrame per photo (a groupby) cost ~0.5 ms each, as much
+        # as decoding it
+        _, first, image = np.unique(rows.image_id.to_numpy(), return_index=True, return_inverse=True)
+        rank = np.argsort(np.argsort(first))[image.reshape(-1)]  # each row's photo, numbered by first appearance
+        self.order = np.argsort(rank, kind="stable")
+        starts = np.flatnonzero(np.diff(rank[self.order], prepend=-1))
+        boxes = rows[["x", "y", "w", "h"]].to_numpy(float)[self.order]
+        self.boxes = np.split(boxes, starts[1:]) if len(rows) else []
+        self.paths = [data.image_path(p) for p in rows.path.to_numpy()[self.order[starts]]]
         self.recipe = recipe
 
     def __len__(self):
@@ -124,14 +130,19 @@ def _collate(batch):
     return images, boxes
 
 
+DECODE_AHEAD = 16  # one at a time: batches decoded on every core before the model runs them on every core
+
+
 def encoded_batches(items: ImageCrops, encoder: CnnEncoder, batch_size: int, workers: int,
                     threads: int | None = None) -> Iterator[np.ndarray]:
     """The vectors of each batch of `items` (`ImageCrops.batches`), in order. With decode worker processes (a GPU,
-    or more than 2 cores) a DataLoader overlaps decoding with the model. Inline (`workers` 0, the choice on a 2-core CPU) batches run
-    on `threads` threads side by side, each decoding its batch and running the model single-threaded, so no core
-    idles while another decodes; with 1 they run one after another, the model on all of torch's threads. By
-    default the first batch's decode is timed and the trunk's tuning chooses (`Tuning.batch_threads`):
-    MobileNetV2 gains side by side, ResNet-50 does not (benchmarks/embed_bench.py measures both)."""
+    or more than 2 cores) a DataLoader overlaps decoding with the model. Inline (`workers` 0, the choice on a 2-core
+    CPU) no core should idle while another decodes, and no thread should compete with the model's: with `threads`
+    above 1, that many batches run side by side, each thread decoding its batch and running the model
+    single-threaded; with 1, DECODE_AHEAD batches are decoded on every core (single-threaded torch each), then
+    the model runs them one after another on all of torch's threads. A chunk amortises the hand-over between the
+    two phases: on the 2-core machine 16 batches beat 1, 2 and 4. By default the trunk's tuning chooses
+    (`Tuning.batch_threads`); benchmarks/embed_bench.py measures both ways."""
     groups = items.batches(batch_size)
     if workers > 0:
         loader = DataLoader(items, batch_sampler=groups, num_workers=workers, collate_fn=_collate)
@@ -141,20 +152,16 @@ def encoded_batches(items: ImageCrops, encoder: CnnEncoder, batch_size: int, wor
     def decode(group: list[int]) -> tuple[torch.Tensor, list | None]:
         return _collate([items[i] for i in group])
 
-    if not groups:
-        return
-    if threads is None:
-        began = time.perf_counter()
-        first = decode(groups[0])
-        threads = encoder.tuning.batch_threads((time.perf_counter() - began) / len(first[0]))
-        yield encoder.forward(*first)
-        groups = groups[1:]
-    if threads == 1:
-        yield from (encoder.forward(*decode(g)) for g in groups)
-        return
-    pool = ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,))  # torch's count is per thread
+    threads = encoder.tuning.batch_threads() if threads is None else threads
+    pool = ThreadPoolExecutor(max(threads, torch.get_num_threads()), initializer=torch.set_num_threads,
+                              initargs=(1,))  # torch's thread count is per thread: the pool's never touch the model's
     try:
-        yield from pool.map(lambda group: encoder.forward(*decode(group)), groups)
+        if threads > 1:
+            yield from pool.map(lambda group: encoder.forward(*decode(group)), groups)
+            return
+        for start in range(0, len(groups), DECODE_AHEAD):
+            decoded = list(pool.map(decode, groups[start:start + DECODE_AHEAD]))  # all of it before the model starts
+            yield from (encoder.forward(*batch) for batch in decoded)
     finally:  # an interrupt or a bad photo: drop the batches not started
         pool.shutdown(cancel_futures=True)
 
@@ -162,17 +169,15 @@ def encoded_batches(items: ImageCrops, encoder: CnnEncoder, batch_size: int, wor
 def embed_rows(rows: pd.DataFrame, data: RunDataset, encoder: CnnEncoder, batch_size: int, workers: int,
                progress: tqdm | None = None, threads: int | None = None) -> np.ndarray:
     """Vectors for `rows` (grouped by image, decoded in workers or threads), in the order of `rows`."""
-    groups = [g for _, g in rows.groupby("image_id", sort=False)]
+    items = ImageCrops(data, rows, encoder.recipe)
     out = []
-    for vectors in encoded_batches(ImageCrops(data, groups, encoder.recipe), encoder, max(1, batch_size), workers,
-                                   threads):
+    for vectors in encoded_batches(items, encoder, max(1, batch_size), workers, threads):
         out.append(vectors)
         if progress is not None:
             progress.update(len(vectors))
-    order = np.concatenate([g.index.to_numpy() for g in groups])
     vectors = np.concatenate(out) if out else np.zeros((0, encoder.dim), np.float32)
     result = np.empty_like(vectors)
-    result[np.argsort(np.argsort(order))] = vectors
+    result[items.order] = vectors
     return result
 
 
