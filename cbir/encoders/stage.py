@@ -141,8 +141,8 @@ def encoded_batches(items: ImageCrops, encoder: CnnEncoder, batch_size: int, wor
     above 1, that many batches run side by side, each thread decoding its batch and running the model
     single-threaded; with 1, DECODE_AHEAD batches are decoded on every core (single-threaded torch each), then
     the model runs them one after another on all of torch's threads. A chunk amortises the hand-over between the
-    two phases: on the 2-core machine 16 batches beat 1, 2 and 4. By default the trunk's tuning chooses
-    (`Tuning.batch_threads`); benchmarks/embed_bench.py measures both ways."""
+    two phases: on a 2-core machine 16 batches beat 1, 2 and 4 in 3 of 4 rounds and tied in the fourth. By
+    default the trunk's tuning chooses (`Tuning.batch_threads`); benchmarks/embed_bench.py measures both ways."""
     groups = items.batches(batch_size)
     if workers > 0:
         loader = DataLoader(items, batch_sampler=groups, num_workers=workers, collate_fn=_collate)
