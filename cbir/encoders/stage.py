@@ -93,8 +93,8 @@ class ImageCrops(Dataset):
     of its rows' crops, or the RoI inputs. `order[j]` is the position in `rows` of the j-th crop the items give."""
 
     def __init__(self, data: RunDataset, rows: pd.DataFrame, recipe: InputRecipe):
-        # numpy grouping, plain paths and box arrays: a DataFrame per photo (a groupby) cost ~0.5 ms each, as much
-        # as decoding it
+        # numpy grouping, plain paths and box arrays: a DataFrame per photo (a groupby) cost ~0.2 ms a row, 2-3 % of
+        # the stage on 2 cores; numpy takes ~4 us
         _, first, image = np.unique(rows.image_id.to_numpy(), return_index=True, return_inverse=True)
         rank = np.argsort(np.argsort(first))[image.reshape(-1)]  # each row's photo, numbered by first appearance
         self.order = np.argsort(rank, kind="stable")
