@@ -115,11 +115,13 @@ def finetune(layout: RunLayout, cfg, rows: pd.DataFrame, info: dict, stamp: str)
     crops = decode_crops(layout, rows, encoder)
     labels = rows.label.to_numpy()
     gallery = rows.gallery.to_numpy().copy()  # writable: torch indexes with it
+    start_weights = {k: v.clone() for k, v in encoder.backbone.trunk.state_dict().items()}
 
     def train(seen: np.ndarray, validated: bool, epochs: int | None, phase: str) -> tuple[list[dict], float]:
         classes = np.unique(labels[seen])
         torch.manual_seed(cfg.seed)
-        model = TrainableTrunk(base_encoder(spec)).to(device)  # from the set's own weights, each time
+        encoder.backbone.trunk.load_state_dict(start_weights)  # from the set's own weights, each time
+        model = TrainableTrunk(encoder).to(device)
         loss_fn, miner = build_loss(cfg, len(classes), encoder.dim)
         loss_fn.to(device)  # proxy losses hold parameters
         optimizer = optimizer_for(model, loss_fn, cfg)
