@@ -28,7 +28,7 @@ from cbir.detection.report import write_detection_report
 from cbir.detection.stage import DetectConfig, detect
 from cbir.device import resolve_device
 from cbir.encoders.stage import EmbedConfig, embed
-from cbir.evaluate import EvalConfig, evaluate
+from cbir.evaluation.retrieval import EvalConfig, evaluate
 from cbir.retrieval.rerank import Rerank
 
 OUT = Path(__file__).parent / "results"

@@ -26,7 +26,7 @@ from cbir.encoders.backbones import build_backbone
 from cbir.encoders.cnn import CnnEncoder
 from cbir.encoders.stage import ImageCrops, embed_rows, instances
 from cbir.encoders.tuning import data_parallel_images_per_second, images_per_second
-from cbir.evaluate import gallery_from
+from cbir.evaluation.retrieval import gallery_from
 from cbir.layout import RunLayout
 from cbir.metrics.ranking import exact_metrics
 

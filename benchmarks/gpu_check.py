@@ -21,7 +21,7 @@ from cbir.datasets.prepare import PrepareConfig, prepare
 from cbir.detection.report import box_iou_xywh
 from cbir.detection.stage import DetectConfig, detect
 from cbir.encoders.stage import EmbedConfig, embed
-from cbir.evaluate import EvalConfig, evaluate
+from cbir.evaluation.retrieval import EvalConfig, evaluate
 
 OUT = Path(__file__).parent / "results"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from cbir.evaluate import load_gallery
+from cbir.evaluation.retrieval import load_gallery
 from cbir.layout import RunLayout
 from cbir.metrics.ranking import exact_metrics
 from cbir.retrieval.reduce import parse_pca

@@ -17,8 +17,8 @@ from .datasets.prepare import PrepareConfig, prepare
 from .detection.report import write_detection_report
 from .detection.stage import DetectConfig, detect
 from .encoders.stage import EmbedConfig, embed
-from .evaluate import EvalConfig, evaluate
-from .evaluate_objects import ObjectsConfig, evaluate_objects
+from .evaluation.objects import ObjectsConfig, evaluate_objects
+from .evaluation.retrieval import EvalConfig, evaluate
 from .metrics.eda import eda
 from .retrieval.index import IndexConfig, build_index
 from .training.stage import TrainConfig, train_embedder

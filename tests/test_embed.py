@@ -12,7 +12,7 @@ from cbir.datasets import load_dataset
 from cbir.encoders.backbones import build_backbone
 from cbir.encoders.cnn import CnnEncoder, CropPolicy, InputRecipe, crop_to_input, grow_box
 from cbir.encoders.stage import EmbedConfig, embed, load_embeddings
-from cbir.encoders.weights import load_partial
+from cbir.weights import load_partial
 from cbir.images import open_photo
 from cbir.layout import RunLayout
 from conftest import EFFICIENTNET, MOBILENET, copy_run

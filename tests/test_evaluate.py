@@ -6,7 +6,7 @@ import pytest
 from sklearn.metrics import average_precision_score
 
 from cbir import CbirError
-from cbir.evaluate import EvalConfig, evaluate, load_gallery
+from cbir.evaluation.retrieval import EvalConfig, evaluate, load_gallery
 from cbir.layout import RunLayout
 from cbir.metrics.ranking import (Gallery, RankStats, exact_metrics, first_occurrences, image_sims, rank_metrics,
                                   summarise)
@@ -175,7 +175,7 @@ def test_sample_quality_floor(sample_run):
 
 
 def test_retrieval_methods_agree_on_the_same_vectors():
-    from cbir.metrics.methods import method_rows
+    from cbir.evaluation.methods import method_rows
 
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(8, 32))

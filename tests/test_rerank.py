@@ -104,7 +104,7 @@ def test_bad_method_is_one_line():
 
 
 def test_served_reranking_reorders_the_shortlist_and_lifts_map_at_r(sample_run):
-    from cbir.evaluate import EvalConfig, evaluate
+    from cbir.evaluation.retrieval import EvalConfig, evaluate
 
     build_index(IndexConfig(run=sample_run, embeddings="det", name="rr", pca=128, factory="Flat"))
     result = evaluate(EvalConfig(run=sample_run, embeddings=(), served=("rr",), plots=False,

@@ -232,7 +232,7 @@ def test_photos_answered_together_equal_photos_answered_alone(run):
 def test_fused_index_is_served_in_its_own_space(run):
     """full+gt as one index: a run photo's query box (whole photo + its GT box) finds its own stored fused
     vector at similarity 1, and the served index scores as the refit fusion does."""
-    from cbir.evaluate import EvalConfig, evaluate
+    from cbir.evaluation.retrieval import EvalConfig, evaluate
     from cbir.retrieval.rerank import Rerank
 
     si = build_index(IndexConfig(run=run, embeddings="full+gt", name="fused", pca=None, factory="Flat"))

@@ -19,8 +19,9 @@ from cbir.datasets import load_dataset
 from cbir.encoders.stage import load_embeddings
 from cbir.layout import RunLayout
 from cbir.training.head import ProjectionHead, apply_head
-from cbir.training.stage import LOSSES, TrainConfig, build_loss, score_vectors, train_embedder, train_epoch, \
-    training_rows
+from cbir.training.config import LOSSES
+from cbir.training.loop import score_vectors
+from cbir.training.stage import TrainConfig, build_loss, train_embedder, train_epoch, training_rows
 from conftest import copy_run
 
 pytest.importorskip("pytorch_metric_learning")
@@ -213,7 +214,7 @@ def test_finetune_trains_the_trunk_and_reembeds_with_it(run):
 
 
 def test_embed_head_puts_another_set_through_a_trained_head_and_the_report_holds_it_to_its_source(run):
-    from cbir.evaluate import EvalConfig, evaluate
+    from cbir.evaluation.retrieval import EvalConfig, evaluate
     from cbir.retrieval.rerank import Rerank
     from cbir.training.head import load_head
     from cbir.training.stage import apply_model
@@ -241,7 +242,7 @@ def test_embed_head_puts_another_set_through_a_trained_head_and_the_report_holds
 
 
 def test_defaults_by_mode_and_device():
-    from cbir.training.stage import EPOCHS, LEARNING_RATE
+    from cbir.training.config import EPOCHS, LEARNING_RATE
 
     finetune = TrainConfig(run=".", mode="finetune", device="cpu")
     assert (finetune.epochs, finetune.lr) == (EPOCHS["finetune", "cpu"], LEARNING_RATE["finetune"]) == (10, 1e-5)

@@ -21,7 +21,7 @@ from pycocotools.coco import COCO
 
 from .. import CbirError
 from ..artifacts import read_json
-from . import Tables, finite_number, relative_image_path
+from .base import Tables, finite_number, relative_image_path
 
 NO_OBJECTS = (0, "(no objects)")
 SPLIT_HELP = "random:F[:SEED] (a share F of images to train, by a hash of the image id) or coco_split " \

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 
 from .. import CbirError
-from . import Tables, relative_image_path
 from .attributes import attribute_files, read_attributes
+from .base import Tables, relative_image_path
 
 COCO_BIRD_ID = 16  # COCO's own id for "bird", so detections score against the GT with pycocotools directly
 ANNOTATION_FILES = {"images": "images.txt", "labels": "image_class_labels.txt", "boxes": "bounding_boxes.txt",

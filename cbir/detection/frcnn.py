@@ -53,7 +53,7 @@ def build_model(build: dict, trunk_state: dict | None = None) -> FasterRCNN:
     small for batch statistics); the FPN returns torchvision's default levels (ResNet: C2-C5, MobileNet:
     the last two stages), with the anchors of `fasterrcnn_resnet50_fpn` and `fasterrcnn_mobilenet_v3_large_fpn`.
     """
-    from ..encoders.weights import load_partial
+    from ..weights import load_partial
 
     torch.manual_seed(build.get("seed", 0))
     trunk = torchvision.models.get_model(build["trunk"], weights=None, norm_layer=FrozenBatchNorm2d)
@@ -73,7 +73,7 @@ def build_model(build: dict, trunk_state: dict | None = None) -> FasterRCNN:
 def start_from_coco(model: FasterRCNN, state: dict, source: Path, num_classes: int) -> None:
     """Load COCO Faster R-CNN weights (91 classes) into a ResNet-50 model, then give it a fresh box
     predictor for `num_classes` (torchvision's fine-tuning recipe)."""
-    from ..encoders.weights import load_partial
+    from ..weights import load_partial
 
     model.roi_heads.box_predictor = FastRCNNPredictor(model.roi_heads.box_predictor.cls_score.in_features, 91)
     load_partial(model, state, source)

@@ -22,8 +22,8 @@ import numpy as np
 from PIL import Image
 
 from .. import CbirError
-from ..encoders.weights import weights_file
 from ..images import Photo
+from ..weights import weights_file
 
 
 def _key(name: str) -> str:

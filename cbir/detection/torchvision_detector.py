@@ -9,8 +9,8 @@ import torchvision
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from .. import CbirError
-from ..encoders.weights import load_partial, load_state_dict, resolve_weights, weights_enum
 from ..images import Photo
+from ..weights import load_partial, load_state_dict, resolve_weights, weights_enum
 from .frcnn import detect_with
 
 DETECTORS = ("fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", "fasterrcnn_mobilenet_v3_large_fpn")

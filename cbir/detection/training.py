@@ -31,12 +31,13 @@ from tqdm import tqdm
 
 from .. import CbirError
 from ..artifacts import Artifact, commit, file_sha256, fingerprint, is_fresh, read_json, writing
+from ..checkpoints import load_checkpoint, save_checkpoint
 from ..datasets import load_dataset
 from ..datasets.coco import CocoReader, hash_share
 from ..device import batches, resolve_device
-from ..encoders.weights import load_state_dict, resolve_weights, weights_enum
 from ..images import open_photo
 from ..layout import RunLayout, check_name
+from ..weights import load_state_dict, resolve_weights, weights_enum
 from .frcnn import COCO_FRCNN, FORMAT, build_model, check_trunk, detect_with, start_from_coco
 from .report import coco_ap, top_box_iou
 from .stage import _as_list
@@ -324,7 +325,6 @@ def train_detector(cfg: TrainDetectorConfig) -> dict:
 def _fit(cfg, layout, art, model, boxes, train_ids, val_ids, used, device, stamp) -> tuple[list[dict], float, dict]:
     """SGD/AdamW with a one-cycle schedule, clipped gradients and AMP on CUDA; a checkpoint after every epoch
     (model, optimiser, schedule, history) so a killed run resumes where it was."""
-    from ..training.stage import load_checkpoint, save_checkpoint
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = (torch.optim.SGD(params, lr=used["lr"], momentum=0.9, weight_decay=cfg.weight_decay)

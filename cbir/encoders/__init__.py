@@ -2,7 +2,8 @@
 
 The `Encoder` protocol is the seam between the stages and the models: the embed stage, queries of new
 photos and `index --add` all go through it, so a new kind of encoder (a trained head, a text model) is
-one new module registered in `ENCODERS`.
+one new module registered in `cbir.training.encoders`, the one place that sees both the frozen
+encoders here and the trained ones above them.
 """
 
 from __future__ import annotations
@@ -10,9 +11,7 @@ from __future__ import annotations
 from typing import Protocol
 
 import numpy as np
-import torch
 
-from .. import CbirError
 from ..images import Photo
 
 
@@ -25,16 +24,3 @@ class Encoder(Protocol):
 
     def encode_batch(self, photos: list[Photo], boxes: list[np.ndarray]) -> list[np.ndarray]:
         """`encode` of several photos at once (one pass through the model); the same vectors."""
-
-
-def encoder_from_spec(spec: dict, device: torch.device, weights: str | None = None) -> Encoder:
-    """The encoder a stored vector spec was made with, rebuilt (weights checked against its fingerprint)."""
-    from ..training.head import head_encoder
-    from .cnn import cnn_encoder
-    from .fused import fused_encoder
-
-    encoders = {"cnn": cnn_encoder, "fused": fused_encoder, "head": head_encoder}
-    kind = spec.get("encoder", "cnn")
-    if kind not in encoders:
-        raise CbirError(f"encoder kind {kind!r} of these vectors is unknown to this cbir; known: {', '.join(encoders)}")
-    return encoders[kind](spec, device, weights)

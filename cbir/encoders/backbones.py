@@ -14,10 +14,9 @@ import torchvision
 from torch import nn
 
 from .. import CbirError
-from .weights import ResolvedWeights, load_partial, load_state_dict, resolve_weights, weights_enum, weights_file
+from ..weights import ResolvedWeights, load_partial, load_state_dict, resolve_weights, weights_enum, weights_file
 
 # ---------------------------------------------------------------- embedding backbones
-
 
 
 @dataclass(frozen=True)

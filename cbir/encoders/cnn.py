@@ -16,9 +16,9 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from .. import CbirError
 from ..images import Photo
+from ..weights import check_fingerprint, relocate
 from .backbones import Backbone, build_backbone
 from .tuning import Tuning, tune
-from .weights import check_fingerprint, relocate
 
 log = logging.getLogger(__name__)
 

@@ -44,12 +44,11 @@ class FusedEncoder:
         return out
 
 
-def fused_encoder(spec: dict, device: torch.device, weights: str | None = None) -> FusedEncoder:
-    """Each part's encoder rebuilt from its spec; parts with the same spec share one model."""
-    from . import encoder_from_spec
-
+def fused_encoder(spec: dict, device: torch.device, weights: str | None = None, *, build) -> FusedEncoder:
+    """Each part's encoder rebuilt from its spec by `build` (any kind, trained ones too); parts with the same
+    spec share one model."""
     built: dict[str, object] = {}
     for part in spec["parts"]:
         if part["fingerprint"] not in built:
-            built[part["fingerprint"]] = encoder_from_spec(part, device, weights)
+            built[part["fingerprint"]] = build(part, device, weights)
     return FusedEncoder([built[p["fingerprint"]] for p in spec["parts"]], spec["modes"], spec)

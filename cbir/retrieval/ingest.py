@@ -14,11 +14,11 @@ import pandas as pd
 from tqdm import tqdm
 
 from .. import CbirError
-from ..artifacts import finish_shards, fingerprint, run_in_shards, writing
+from ..artifacts import fingerprint, finish_shards, run_in_shards, writing
 from ..device import resolve_device
-from ..encoders import encoder_from_spec
 from ..images import open_photo, photo_files
 from ..layout import RunLayout
+from ..training.encoders import encoder_from_spec
 from .query import Querier
 from .saved import SearchIndex, commit_index, load_index
 

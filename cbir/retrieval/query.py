@@ -19,12 +19,12 @@ from ..datasets import load_dataset
 from ..detection import build_detector
 from ..detection.results import kept_boxes
 from ..device import resolve_device
-from ..encoders import encoder_from_spec
 from ..encoders.stage import load_embeddings
-from ..encoders.weights import relocate
 from ..images import Photo
 from ..layout import RunLayout
+from ..training.encoders import encoder_from_spec
 from ..vectors import unit_rows as _unit
+from ..weights import relocate
 from .rerank import Rerank
 from .saved import SearchIndex, load_index
 

@@ -32,13 +32,13 @@ import torch
 
 from .. import CbirError
 from ..artifacts import Artifact, commit, file_sha256, fingerprint, is_fresh, read_json, writing
-from ..datasets import RunDataset, load_dataset
+from ..datasets import RunDataset, check_no_leak, load_dataset
 from ..encoders.stage import load_embeddings
 from ..encoders.text import AttributeEncoder, TextEncoder, text_encoder
-from ..evaluate import check_no_leak
 from ..layout import RunLayout, check_name
 from .head import ProjectionHead, apply_head, load_checked_head
-from .stage import _plot_curves, fit, head_state, hold_out, score_vectors, step, summary_card, write_head_vectors
+from .loop import fit, hold_out, plot_curves, score_vectors, step, summary_card
+from .stage import head_state, write_head_vectors
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ def train_text(cfg: BridgeConfig) -> dict:
             torch.save(best["image"], staged.file("image_head.pt"))
             torch.save(best["text"], staged.file("text_head.pt"))
             staged.write_json("card.json", card)
-            _plot_curves(card["history"], staged.file("curves.png"), f"{name} (text → image)")
+            plot_curves(card["history"], staged.file("curves.png"), f"{name} (text → image)")
             staged.summary.update({k: card[k] for k in ("best_epoch", "baseline", "best", "seconds", "pairs", "text")})
         text_head = model.folder() / "text_head.pt"
         write_head_vectors(layout, cfg.embeddings, name, model, "image_head.pt",

@@ -23,6 +23,7 @@ from ..datasets import load_dataset
 from ..device import resolve_device
 from ..encoders.cnn import CnnEncoder, pool_features
 from ..layout import RunLayout
+from .loop import build_loss, fit, optimizer_for, train_epoch, train_then_refit, validation_scores
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +108,6 @@ def augment(crops: torch.Tensor, how: str) -> torch.Tensor:
 
 def finetune(layout: RunLayout, cfg, rows: pd.DataFrame, info: dict, stamp: str) -> tuple[dict, dict]:
     """Train the trunk; returns (card, the kept state dict as a torchvision model's, `features.` keys)."""
-    from .stage import build_loss, fit, optimizer_for, train_epoch, train_then_refit, validation_scores
-
     spec = info["spec"]
     encoder = base_encoder(spec)
     device = resolve_device(cfg.device)

@@ -106,8 +106,7 @@ def load_checked_head(path: str | Path, fingerprint: str, trainer: str) -> Proje
     return load_head(path)[0]
 
 
-def head_encoder(spec: dict, device: torch.device, weights: str | None = None) -> HeadEncoder:
-    from ..encoders import encoder_from_spec
-
+def head_encoder(spec: dict, device: torch.device, weights: str | None = None, *, build) -> HeadEncoder:
+    """The head of a vector spec over its base encoder, which `build` makes from the spec's `base`."""
     head = load_checked_head(spec["head"], spec["head_fingerprint"], "train-embedder")
-    return HeadEncoder(encoder_from_spec(spec["base"], device, weights), head, spec)
+    return HeadEncoder(build(spec["base"], device, weights), head, spec)

@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import CbirError
-from .artifacts import Artifact, commit, is_fresh, read_json, writing
-from .datasets import RunDataset, load_dataset
-from .detection.report import box_iou_xywh
-from .evaluate import refit_reduction
-from .layout import RunLayout
-from .metrics.sets import AGGREGATIONS, RELEVANCE, BoxSets, category_counts, image_scores, ranking_metrics, relevance
+from .. import CbirError
+from ..artifacts import Artifact, commit, is_fresh, read_json, writing
+from ..datasets import RunDataset, load_dataset
+from ..detection.report import box_iou_xywh
+from ..layout import RunLayout
+from ..metrics.sets import AGGREGATIONS, RELEVANCE, BoxSets, category_counts, image_scores, ranking_metrics, relevance
+from .retrieval import refit_reduction
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ def person_grid(data: RunDataset, rows: pd.DataFrame, path: Path, name: str) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .images import load_rgb
+    from ..images import load_rgb
 
     picks = grid_queries(rows)
     k = len(rows.neighbours.iloc[0])

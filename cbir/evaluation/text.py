@@ -29,11 +29,11 @@ from ..artifacts import Artifact, commit, is_fresh, read_json, writing
 from ..datasets import RunDataset, load_dataset
 from ..datasets.attributes import KINDS
 from ..encoders.stage import load_embeddings
-from ..evaluate import gallery_from
 from ..layout import RunLayout
+from ..metrics.ranking import Gallery, image_sims
+from ..metrics.sets import ranking_metrics
 from ..vectors import unit_rows as unit
-from .ranking import Gallery, image_sims
-from .sets import ranking_metrics
+from .retrieval import gallery_from
 
 log = logging.getLogger(__name__)
 

@@ -8,12 +8,16 @@ instance for box sets), as in `evaluate`.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import faiss
 import numpy as np
+import pandas as pd
 from sklearn.neighbors import NearestNeighbors
 
-from .ranking import first_occurrences
+from ..artifacts import Artifact, commit, writing
+from ..metrics.ranking import first_occurrences
+from .retrieval import load_gallery
 
 K = 10
 KNN_VOTES = 5
@@ -81,3 +85,28 @@ def method_rows(x: np.ndarray, labels: np.ndarray, train: np.ndarray) -> list[di
         rows.append({"method": name, **_quality(_drop_self(ids), labels, exact), "build s": build,
                      "queries/s": n / search})
     return rows
+
+
+def compare_methods(run: Path, embeddings: tuple[str, ...], pca: int | str | None = "auto") -> pd.DataFrame:
+    """NN, kNN vote, FAISS exact / HNSW / IVF on each set's test vectors (refit reduction) → reports/methods."""
+    with writing(run) as layout:
+        rows = []
+        for name in embeddings:
+            gallery, train, _ = load_gallery(layout, name, pca, False)
+            rows += [{"embeddings": name, "pca": str(pca or "none"), "dim": gallery.query.shape[1],
+                      "images": len(gallery.query), **r}
+                     for r in method_rows(gallery.query, gallery.labels, train.instances)]
+        table = pd.DataFrame(rows)
+        upstream = {layout.embeddings(p): Artifact(layout, layout.embeddings(p)).fingerprint
+                    for name in embeddings for p in name.split("+")}
+        art = Artifact(layout, layout.report("methods"))
+        with commit(art, {"embeddings": upstream, "pca": pca}, upstream) as staged:
+            staged.write_json("methods.json", table.to_dict(orient="records"))
+            staged.file("methods.md").write_text("\n".join([
+                "# Retrieval methods on the same vectors", "",
+                f"Run `{layout.root}`: each test image queries all other test images (one vector per image; PCA "
+                "refitted on train). R@1 / P@5: same-class neighbours; the kNN row's R@1 column is its "
+                "leave-one-out classification accuracy; recall@10 against the exact neighbours; times on this "
+                "machine (queries/s over all test queries at once).", "",
+                table.to_markdown(index=False, floatfmt=".3f"), ""]))
+        return table

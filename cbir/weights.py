@@ -16,8 +16,8 @@ import torch
 import torchvision
 from torch import nn
 
-from .. import CbirError
-from ..artifacts import file_sha256
+from . import CbirError
+from .artifacts import file_sha256
 
 log = logging.getLogger(__name__)
 

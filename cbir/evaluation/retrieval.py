@@ -20,16 +20,16 @@ import faiss
 import numpy as np
 import pandas as pd
 
-from . import CbirError
-from .artifacts import Artifact, commit, fingerprint, read_table, writing
-from .datasets import load_dataset
-from .encoders.stage import load_embeddings
-from .layout import RunLayout
-from .metrics.ranking import Gallery, exact_metrics, nmi, ranked_metrics
-from .retrieval.faiss_store import set_search_params
-from .retrieval.reduce import reduce
-from .retrieval.rerank import SERVED_DEFAULT, Rerank, rerank_matrix
-from .retrieval.saved import load_index
+from .. import CbirError
+from ..artifacts import Artifact, commit, fingerprint, read_table, writing
+from ..datasets import check_no_leak, load_dataset
+from ..encoders.stage import load_embeddings
+from ..layout import RunLayout
+from ..metrics.ranking import Gallery, exact_metrics, nmi, ranked_metrics
+from ..retrieval.faiss_store import set_search_params
+from ..retrieval.reduce import reduce
+from ..retrieval.rerank import SERVED_DEFAULT, Rerank, rerank_matrix
+from ..retrieval.saved import load_index
 
 log = logging.getLogger(__name__)
 
@@ -37,22 +37,6 @@ REPORT = "retrieval"
 KEY = ["embeddings", "reduction", "pca", "index", "rerank"]
 SHOWN = ["R@1", "P@1", "R@2", "R@4", "R@8", "P@5", "P@10", "mAP", "MAP@R", "R-precision", "NMI", "recall@10 vs exact"]
 DEPTH = 100  # ranking depth of approximate searches
-
-
-def check_no_leak(layout: RunLayout, name: str, table: pd.DataFrame) -> None:
-    """Refuse embeddings whose split labels disagree with the prepared dataset: a train image among the
-    test queries (or a test image used to fit PCA) would inflate every number."""
-    split = load_dataset(layout).images.set_index("image_id").split
-    known = table.image_id.isin(split.index)
-    if not known.all():
-        raise CbirError(f"embeddings {name}: {int((~known).sum())} rows have image ids not in the dataset; "
-                        f"redo them with `cbir embed --force`")
-    wrong = table.split.to_numpy() != split.loc[table.image_id].to_numpy()
-    if wrong.any():
-        r = table[wrong].iloc[0]
-        raise CbirError(f"embeddings {name}: {int(wrong.sum())} rows disagree with the dataset split (image "
-                        f"{r.image_id} is '{r.split}' there, '{split.loc[r.image_id]}' in the dataset): train rows "
-                        f"would leak into the test queries; redo them with `cbir embed --force`")
 
 
 def gallery_from(name: str, vectors: np.ndarray, table: pd.DataFrame, split: str = "test") -> Gallery:
@@ -132,7 +116,7 @@ class EvalConfig:
     force: bool = False
 
     def __post_init__(self):
-        from .metrics.plots import MAPS
+        from ..metrics.plots import MAPS
 
         unknown = set(self.maps) - set(MAPS)
         if unknown:
@@ -256,11 +240,11 @@ def evaluate(cfg: EvalConfig) -> Evaluation:
             staged.write_table(layout.METRICS, result.metrics)
             staged.write_json("metrics.json", result.metrics.to_dict(orient="records"))
             if cfg.plots:
-                from .metrics.plots import write_plots
+                from ..metrics.plots import write_plots
 
                 write_plots(load_dataset(layout), result, staged.folder, cfg.maps)
             plots = sorted(p.name for p in staged.folder.glob("*.png"))
-            from .training.report import training_table
+            from .trained import training_table
 
             trained = training_table(layout, result.metrics)
             if len(trained):
@@ -312,37 +296,10 @@ def comparison_markdown(metrics: pd.DataFrame, run: Path, plots: list[str] = (),
                   "`served` rows re-rank each query's shortlist from the store (its top 100), as `search` and the "
                   "page do.", "", with_base.to_markdown(index=False), ""]
     if trained is not None and len(trained):
-        from .training.report import training_markdown
+        from .trained import training_markdown
 
         parts += [training_markdown(trained)]
     parts += [BLANKS, ""]
     if plots:
         parts += ["## Plots", "", *[f"- [{name}]({name})" for name in plots], ""]
     return "\n".join(parts)
-
-
-def compare_methods(run: Path, embeddings: tuple[str, ...], pca: int | str | None = "auto") -> pd.DataFrame:
-    """NN, kNN vote, FAISS exact / HNSW / IVF on each set's test vectors (refit reduction) → reports/methods."""
-    from .metrics.methods import method_rows
-
-    with writing(run) as layout:
-        rows = []
-        for name in embeddings:
-            gallery, train, _ = load_gallery(layout, name, pca, False)
-            rows += [{"embeddings": name, "pca": str(pca or "none"), "dim": gallery.query.shape[1],
-                      "images": len(gallery.query), **r}
-                     for r in method_rows(gallery.query, gallery.labels, train.instances)]
-        table = pd.DataFrame(rows)
-        upstream = {layout.embeddings(p): Artifact(layout, layout.embeddings(p)).fingerprint
-                    for name in embeddings for p in name.split("+")}
-        art = Artifact(layout, layout.report("methods"))
-        with commit(art, {"embeddings": upstream, "pca": pca}, upstream) as staged:
-            staged.write_json("methods.json", table.to_dict(orient="records"))
-            staged.file("methods.md").write_text("\n".join([
-                "# Retrieval methods on the same vectors", "",
-                f"Run `{layout.root}`: each test image queries all other test images (one vector per image; PCA "
-                "refitted on train). R@1 / P@5: same-class neighbours; the kNN row's R@1 column is its "
-                "leave-one-out classification accuracy; recall@10 against the exact neighbours; times on this "
-                "machine (queries/s over all test queries at once).", "",
-                table.to_markdown(index=False, floatfmt=".3f"), ""]))
-        return table

@@ -1,0 +1,205 @@
+"""Flags every command group shares — the run folder, weights, devices, detector, embedding and index settings — and the argparse types that check a value before any work, so a flag means the same thing in each command and in `cbir run`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from .. import CbirError
+from ..device import check_device
+from ..images import DEFAULT_MAX_PIXELS
+from ..retrieval import check_store
+from ..retrieval.reduce import parse_pca, parse_shrinkage
+from ..retrieval.rerank import METHODS, SERVED_DEFAULT, SHORTLIST
+
+DEFAULT_WORKERS = max(1, min(8, (os.cpu_count() or 2) - 1))  # leave a core to the model
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error naming the flag and how to get help (no usage block), and help texts
+    that show each default."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsHelp)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+class DefaultsHelp(argparse.HelpFormatter):
+    """Appends "(default: X)" to a flag's help unless its text already says its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def or_default(value, default):
+    return default if value is None else value
+
+
+def csv_list(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def bounded(kind, low=None, high=None):
+    """An argparse type that also checks a range, so bad values fail before any work."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if (low is not None and value < low) or (high is not None and value > high) or value != value:
+            raise argparse.ArgumentTypeError(f"{text!r} must lie in [{low}, {'∞' if high is None else high}]")
+        return value
+    return parse
+
+
+def checked(check):
+    """An argparse type from a checker that raises CbirError, so its one-line message is argparse's."""
+    def parse(text):
+        try:
+            return check(text)
+        except CbirError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse
+
+
+def run_arg(p):
+    p.add_argument("--run", required=True, type=Path, help="run directory (made by `cbir prepare`; every stage "
+                   "reads and writes its artifacts there, see `cbir status`)")
+
+
+def workers_arg(p):
+    p.add_argument("--workers", type=bounded(int, 0, 64), default=None,
+                   help=f"worker processes for decoding (default: cores - 1, here {DEFAULT_WORKERS}; embedding on a "
+                        "CPU of 2 cores or fewer decodes inline, measured faster)")
+
+
+def weights_arg(p, what: str, flag: str = "--weights"):
+    p.add_argument(flag, default="DEFAULT",
+                   help=f"{what} weights: DEFAULT / a torchvision weights name (looked up in $CBIR_WEIGHTS_DIR, "
+                        "the torch hub cache, then downloaded), a state_dict PATH, or 'none' (random, plumbing only)")
+
+
+def moved_weights_args(p):
+    p.add_argument("--weights", help="new place of the backbone weights file if it moved (checked against the "
+                   "recorded fingerprint)")
+    p.add_argument("--detector-weights", help="new place of the detector weights file if it moved")
+
+
+def device_arg(p):
+    p.add_argument("--device", default="auto", type=checked(check_device),
+                   help="auto (CUDA when present), cpu, cuda, cuda:N")
+
+
+def query_detector_arg(p):
+    p.add_argument("--detector", default="run", help="what boxes new photos: run (the detector that boxed the run), "
+                   "none (the whole photo is the query), a train-detector model folder, onnx:PATH (its .labels.txt "
+                   "beside it) or a torchvision detector name — e.g. a trained detector for a run of imported boxes")
+
+
+def force_arg(p, what: str):
+    p.add_argument("--force", action="store_true", help=f"redo {what} even when its inputs are unchanged")
+
+
+def dataset_args(p):
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--cub", type=Path, help="CUB root: the folder holding images.txt and images/")
+    source.add_argument("--coco", type=Path, metavar="INSTANCES.json", help="a COCO instances file (with --images)")
+    p.add_argument("--images", type=Path, help="--coco: the folder its file_name entries are relative to")
+    p.add_argument("--captions", type=Path, help="--coco: a COCO captions file, kept as dataset/captions.parquet")
+    p.add_argument("--split", help="CUB: song (default; classes 1-100 train / 101-200 test, Song et al. 2016), "
+                   "official (train_test_split.txt), or classes:A-B/C-D (e.g. classes:1-10/11-20 for a subset). "
+                   "COCO: random:F[:SEED] (default random:0.5: a share F to train, by a hash of each image id) or "
+                   "coco_split (train2017 → train, val2017 → test)")
+    p.add_argument("--skip-bad", action="store_true", help="drop bad annotation records, undecodable images and "
+                   "empty boxes instead of stopping; they are listed in RUN/dataset/bad_images.txt (with `run`, also "
+                   "bad entries of --detections, listed in RUN/detections/bad_detections.txt)")
+    p.add_argument("--max-pixels", type=bounded(int, 1), default=DEFAULT_MAX_PIXELS,
+                   help=f"refuse photos larger than this (default {DEFAULT_MAX_PIXELS:,}); larger-than-40-Mpx photos "
+                        "are decoded reduced, boxes stay in original pixels")
+
+
+def box_args(p):
+    p.add_argument("--detector", default="fasterrcnn_resnet50_fpn",
+                   help="fasterrcnn_resnet50_fpn (default), fasterrcnn_resnet50_fpn_v2, fasterrcnn_mobilenet_v3_large_fpn, "
+                        "a `cbir train-detector` model folder (RUN/models/NAME), or onnx:PATH (a TF Object Detection "
+                        "API SSD or torchvision export; needs onnxruntime)")
+    weights_arg(p, "detector", "--detector-weights")  # --weights is always the backbone's
+    p.add_argument("--labels", help="label file of an ONNX detector (for names; ids are COCO's)")
+    p.add_argument("--detections", type=Path, help="import boxes from FILE (COCO results of any detector) instead "
+                   "of running one")
+    p.add_argument("--score", type=bounded(float, 0, 1), default=0.3, help="keep boxes scoring at least this (default 0.3)")
+    p.add_argument("--fallback", default="gt", choices=("gt", "full", "none"), help="for an image with no box: gt "
+                   "(its GT boxes), full (whole image), none (no instance); recorded per instance as its source")
+    p.add_argument("--categories", "--classes", dest="categories", default="auto",
+                   help="comma-separated category names to keep, e.g. person,dog (default auto: the dataset's own "
+                        "categories — CUB: bird, COCO: all)")
+    p.add_argument("--min-size", default="auto", help="short side fed to a torchvision detector: auto = the photo's "
+                   "own (clamped to 224-1024 px, ~2.5x faster on CUB; a trained detector: its training size), or "
+                   "pixels (torchvision's default is 800)")
+
+
+def embedding_args(p):
+    p.add_argument("--backbone", default="detector", help="detector (the ResNet-50 body of the run's Faster R-CNN, "
+                   "default), resnet50, any torchvision classifier (mobilenet_v2, efficientnet_b0, ...), timm:NAME")
+    weights_arg(p, "backbone")
+    p.add_argument("--pool", default="gem", choices=("gem", "avg"), help="global pooling: gem (generalised mean, "
+                   "p=3; default, measured better) or avg")
+    p.add_argument("--crop-margin", type=bounded(float, 0, 2), default=0.0,
+                   help="grow each box by this fraction per side (default 0)")
+    p.add_argument("--crop-resize", default="pad", choices=("pad", "squash", "center"), help="box → square input: "
+                   "pad (letterbox, default), squash (stretch) or center (ImageNet recipe); see benchmarks/results")
+    p.add_argument("--batch-size", type=bounded(int, 1, 4096), help="model inputs (boxes, or photos with --roi) per "
+                   "batch (default: the fastest batch and memory format, timed for this backbone and device at first "
+                   "use and cached)")
+
+
+def whiten_arg(p):
+    p.add_argument("--whiten", nargs="?", const=0.0, default=None, metavar="SHRINK",
+                   type=checked(parse_shrinkage),
+                   help="PCA whitening (needs a PCA), its eigenvalues shrunk toward their mean by SHRINK in [0, 1]: "
+                        "0 plain whitening (the flag alone), 1 none; e.g. --whiten 0.5 (default: off)")
+
+
+def index_args(p):
+    p.add_argument("--pca", default="auto", type=parse_pca_arg, help="PCA output dimension, none, or auto (default: "
+                   "none with fewer than 2 train vectors per dimension, else the dimension keeping 99%% of the "
+                   "train variance; the choice and why are in the index's meta.json)")
+    whiten_arg(p)
+    p.add_argument("--factory", default="auto", help="FAISS index_factory body: Flat, HNSW32, IVF1024,PQ32 ... or "
+                   "auto (exact up to 100k vectors, IVF-SQ8 up to 50M, IVF-PQ beyond; benchmarks/results/index_bench_cpu.md)")
+    p.add_argument("--gpu", default="auto", help="auto (GPU when faiss-gpu sees one), off, or a GPU number")
+    p.add_argument("--store", default="faiss", type=checked(check_store),
+                   help="where the vectors live: faiss (default, files in the run), milvus-lite:PATH.db (Milvus Lite, "
+                        "one local file; relative paths are inside the run) or milvus://HOST:PORT (a Milvus server)")
+
+parse_pca_arg = checked(parse_pca)
+
+
+def pca_list(text: str):
+    return tuple(parse_pca_arg(p) for p in csv_list(text))
+
+
+def rerank_arg(p):
+    p.add_argument("--rerank", default=SERVED_DEFAULT, choices=METHODS,
+                   help=f"re-rank each box's top {SHORTLIST} among themselves: none, aqe, dba or kreciprocal "
+                        f"(default {SERVED_DEFAULT}: +16 MAP@R points on the CUB sample, R@1 not lower; README)")
+
+
+def training_loop_args(p, epochs: int | str, patience: int, batch: int, min_batch: int, default_name: str):
+    """The flags of the shared training loop (`training.stage.fit`), with each trainer's own defaults
+    (`epochs`: a number, or the text saying how the trainer chooses it)."""
+    p.add_argument("--epochs", type=bounded(int, 1, 10000), default=epochs if isinstance(epochs, int) else None,
+                   help=f"default {epochs}")
+    p.add_argument("--patience", type=bounded(int, 1, 10000), default=patience, help="stop after this many epochs "
+                   f"without a better validation MAP@R (default {patience})")
+    p.add_argument("--batch-size", type=bounded(int, min_batch, 65536), default=batch, help=f"default {batch}")
+    p.add_argument("--seed", type=bounded(int, 0, 2 ** 31), default=0)
+    p.add_argument("--name", help=f"model and output embeddings name (default {default_name})")
+    force_arg(p, "the training")

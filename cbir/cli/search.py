@@ -1,0 +1,152 @@
+"""Index and search commands: `index` (PCA + a vector store, --add / --remove) and `search`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .. import CbirError
+from ..retrieval.rerank import Rerank
+from .flags import bounded, csv_list, force_arg, index_args, moved_weights_args, query_detector_arg, rerank_arg, run_arg
+
+
+def index_config(a, run: Path, embeddings: str, name: str | None = None):
+    from ..retrieval.index import IndexConfig
+
+    return IndexConfig(run=run, embeddings=embeddings, name=name, pca=a.pca, whiten=a.whiten, factory=a.factory,
+                       gpu=a.gpu, gallery=csv_list(getattr(a, "gallery", "train,test")), store=a.store,
+                       force=getattr(a, "force", False))
+
+
+def cmd_index(a):
+    from ..retrieval.index import build_index
+    from ..retrieval.ingest import add_photos, parse_ids, remove_images
+
+    name = a.name or a.embeddings
+    if not name:
+        raise CbirError("--embeddings NAME (to build) or --name NAME (to --add / --remove) is required")
+    if a.add:
+        added, errors, ids = add_photos(a.run, name, [Path(p) for p in a.add], not a.no_detector, a.moved_weights,
+                                        a.detector_weights)
+        for path, image_id in ids.items():
+            print(f"image_id {image_id}\t{path}")
+        print(f"index {name}: added {added} instance(s) of {len(ids)} photo(s) (image ids above); "
+              f"{len(errors)} unreadable photo(s) skipped")
+    elif a.remove:
+        print(f"index {name}: removed {remove_images(a.run, name, parse_ids(a.remove))} vector(s)")
+    else:
+        if not a.embeddings:
+            raise CbirError("--embeddings NAME is required to build an index (e.g. --embeddings det)")
+        m = build_index(index_config(a, a.run, a.embeddings, a.name)).manifest
+        where = f"Milvus {m['milvus_index']} in {m['uri']} / {m['collection']}" if m["store"] == "milvus" else "FAISS"
+        print(f"{a.run}/index/{m['name']}: {m['count']} vectors, {m['factory']} ({where}; PCA fitted on "
+              f"{m['train_rows']} train rows; {len(m['edits'])} --add/--remove edit(s) kept)")
+
+
+def add_index(sub):
+    p = sub.add_parser("index", help="PCA (fitted on train) + FAISS index over an embeddings set; --add / --remove",
+                       description="Build RUN/index/NAME: L2-normalise, PCA fitted on the train split only, "
+                                   "L2-normalise (inner product = cosine), then a FAISS index_factory index. With "
+                                   "--add: detect → embed → add new photos (resumable); with --remove: drop images by "
+                                   "id. A rebuild replays earlier --add/--remove edits.")
+    run_arg(p)
+    p.add_argument("--embeddings", help="embeddings set to index (e.g. full, gt, det)")
+    p.add_argument("--name", help="index name (default: the embeddings name)")
+    index_args(p)
+    p.add_argument("--gallery", default="train,test", help="splits to put in the index (default train,test)")
+    p.add_argument("--add", nargs="+", metavar="PATH", help="photos or folders of photos to add to an existing index")
+    p.add_argument("--no-detector", action="store_true", help="with --add: embed whole photos, do not detect")
+    p.add_argument("--remove", metavar="IDS", help="comma-separated image ids to remove from an existing index")
+    p.add_argument("--weights", dest="moved_weights", help="with --add: new place of the backbone weights file if "
+                   "it moved (checked against the recorded fingerprint)")
+    p.add_argument("--detector-weights", help="with --add: new place of the detector weights file if it moved")
+    force_arg(p, "the index (earlier --add/--remove edits are replayed)")
+    p.set_defaults(func=cmd_index)
+
+
+def cmd_search(a):
+    from ..images import open_photo
+    from ..retrieval.query import Querier, results_json
+
+    if not (a.image or a.query_id is not None or a.text):
+        raise CbirError("give --image PHOTO, --query-id ID or --text WORDS (or a photo or id with words)")
+    q = Querier(a.run, a.index, "none" if a.no_detector else a.detector, weights=a.weights,
+                detector_weights=a.detector_weights)
+    rerank = Rerank(method=a.rerank)
+    mix = {"text": a.text, "text_weight": a.text_weight}
+    if a.image:
+        photos, names = [open_photo(Path(p)) for p in a.image], [Path(p).name for p in a.image]
+        answers = q.query(photos, a.k, names=names, filter=a.filter, rerank=rerank, category=a.category, **mix)
+        docs = [results_json(p, boxes, merged, q.categories, q.own_image(photo, name))
+                for p, photo, name, (boxes, merged) in zip(a.image, photos, names, answers)]
+    elif a.query_id is not None:
+        docs = [results_json(f"image_id {a.query_id}", *q.query_id(a.query_id, a.k, a.filter, rerank, a.category,
+                                                                   **mix), q.categories)]
+    else:
+        docs = [results_json(f"text {a.text!r}", *q.query_text(a.text, a.k, a.filter, rerank, a.category),
+                             q.categories)]
+    if a.text:
+        words = q.words(a.text, a.text_weight if (a.image or a.query_id is not None) else 1.0)
+        for doc in docs:
+            doc.update(words)
+    if a.json:
+        print(json.dumps(docs[0] if len(docs) == 1 else docs, indent=1))
+        return
+    for doc in docs:
+        print(f"# {doc['query']} — {q.detector_note}" + (f"; filter: {a.filter}" if a.filter else ""))
+        if doc["itself"] is not None:
+            print(f"this photo is image {doc['itself']} of the run: it finds itself (rows marked itself)")
+        if a.text:
+            print(f"words {a.text!r} at weight {doc['text_weight']}: understood {', '.join(doc['understood']) or '-'}"
+                  + (f"; not understood: {', '.join(doc['not_understood'])}" if doc["not_understood"] else ""))
+        if not doc["boxes"]:
+            print(f"\nno {a.category} found in this photo (score >= the run's threshold)")
+        for i, b in enumerate(doc["boxes"], 1):
+            print(f"\nbox {i} {b['category'] or ''} {b['box']} score {b['score']} ({b['source']})")
+            print(_table(b["neighbours"]))
+        print("\nimages (each ranked by its best instance):")
+        print(_table(doc["images"]) + "\n")
+
+
+def _table(records: list[dict]) -> str:
+    import pandas as pd
+
+    if not records:
+        return "(no results)"
+    table = pd.DataFrame(records)
+    columns = ["similarity", "image_id", "instance", "category", "class_name", "box", "path"]
+    if table.itself.any():
+        table["itself"] = table.itself.map({True: "itself", False: ""})
+        columns.append("itself")
+    return table[columns].to_string(index=False)
+
+
+def add_search(sub):
+    p = sub.add_parser("search", help="nearest boxes and images for a new photo (--image) or a run image (--query-id)",
+                       description="Detect the objects in a photo with the run's detector (whole photo when none is "
+                                   "found or the boxes were imported), embed each box with the index's backbone and "
+                                   "preprocessing, and list each box's nearest gallery instances and images. Reads "
+                                   "only: needs no lock, works while another command writes the run.")
+    run_arg(p)
+    p.add_argument("--index", required=True, help="index name under RUN/index/")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--image", nargs="+", metavar="PHOTO", help="one or more photo files (answered together: "
+                       "one detector, encoder and search pass)")
+    group.add_argument("--query-id", type=int, help="an image id already in the run (excluded from its own results)")
+    p.add_argument("--text", metavar="WORDS", help="words: alone, the query; with --image or --query-id, each box's "
+                   "vector moved towards them (needs the index of a `cbir train-text` set, e.g. gt@text-minilm)")
+    p.add_argument("--text-weight", type=bounded(float, 0.0, 1.0), default=0.3,
+                   help="with a photo: unit((1-w)·photo + w·words); 0 = the photo alone, 1 = the words alone "
+                        "(default 0.3)")
+    p.add_argument("--k", type=bounded(int, 1, 10000), default=10, help="neighbours per box (default 10)")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    p.add_argument("--filter", metavar="EXPR", help="search only rows matching a Milvus-style expression over id, "
+                   "image_id, instance, class_id, category_id, split, source, score, path — e.g. \"split == 'test' "
+                   "and class_id in [1, 2]\" (==, !=, <, <=, >, >=, in, not in, and, or, not; any store)")
+    p.add_argument("--no-detector", action="store_true", help="query with the whole photo, no detection (= --detector none)")
+    query_detector_arg(p)
+    p.add_argument("--category", metavar="NAME", help="reverse search for one kind, e.g. person: query with the "
+                   "photo's boxes of that category only, among the gallery's boxes of it")
+    rerank_arg(p)
+    moved_weights_args(p)
+    p.set_defaults(func=cmd_search)
