@@ -10,12 +10,14 @@
 
 from __future__ import annotations
 
+import codecs
 import errno
 import fcntl
 import glob
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -65,8 +67,22 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def to_json(obj: Any) -> str:
-    return json.dumps(obj, indent=1, default=_json_default) + "\n"
+def finite(obj: Any) -> Any:
+    """`obj` with every NaN or infinite number as None (JSON's null), numpy scalars and arrays as Python's:
+    strict JSON readers (browsers, Go, jq, `json.loads` with `parse_constant`) refuse NaN and Infinity. A
+    null in a report means "not computed for that row", and the report's text says why."""
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [finite(v) for v in (obj.tolist() if isinstance(obj, np.ndarray) else obj)]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
+
+
+def to_json(obj: Any, indent: int | None = 1) -> str:
+    """Strict JSON (no NaN or Infinity) of what the tool writes or prints."""
+    return json.dumps(finite(obj), indent=indent, default=_json_default, allow_nan=False) + "\n"
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -74,13 +90,30 @@ def write_json(path: Path, obj: Any) -> None:
         tmp.write_text(to_json(obj))
 
 
+BOMS = {codecs.BOM_UTF32_LE: "UTF-32", codecs.BOM_UTF32_BE: "UTF-32", codecs.BOM_UTF16_LE: "UTF-16",
+        codecs.BOM_UTF16_BE: "UTF-16"}  # UTF-32 first: its little-endian mark starts with UTF-16's
+
+
+def read_text(path: Path) -> str:
+    """A text file people may have saved in an editor: UTF-8, with or without the byte-order mark that
+    Windows tools put first; any other encoding is one line naming the file and what was found."""
+    data = Path(path).read_bytes()
+    found = next((name for bom, name in BOMS.items() if data.startswith(bom)), None)
+    try:
+        if found is None:
+            return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        found = f"a byte that is not UTF-8 (0x{data[e.start]:02x} at byte {e.start}; Latin-1 or Windows-1252?)"
+    raise CbirError(f"{path}: not UTF-8 text: {found}; save it as UTF-8")
+
+
 def read_json(path: Path) -> Any:
     path = Path(path)
     if not path.exists():
         raise CbirError(f"{path}: not found")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as e:
         raise CbirError(f"{path}: not valid JSON ({e})") from None
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -128,6 +129,10 @@ ANNOTATIONS = [
          {"cub": cub(train_test_split=replace_line(1, "1 7"))}),
     Case("cub-empty-images-file", PREPARE, "images.txt", {"cub": cub(images=lambda l: [])}),
     Case("cub-not-utf8", PREPARE, "classes.txt", {"cub": cub(classes=lambda l: l[:-1] + ["200 caf\udce9"])}),
+    Case("cub-utf16", PREPARE, "images.txt: not UTF-8 text: UTF-16", {"cub": lambda ctx: (cub_root(ctx.tmp) / "images.txt")
+         .write_text((MINI / "images.txt").read_text(), encoding="utf-16")}),
+    Case("cub-latin1", PREPARE, "classes.txt: not UTF-8 text: a byte", {"cub": lambda ctx: (cub_root(ctx.tmp) / "classes.txt")
+         .write_bytes((MINI / "classes.txt").read_bytes() + "201 Caf\u00e9\n".encode("latin-1"))}),
     Case("cub-path-escapes-root", PREPARE, "images.txt:1", {"cub": cub(images=replace_line(1, "1 ../../../etc/passwd"))}),
     Case("cub-missing-image", PREPARE, "Nope.jpg", {"cub": cub(images=replace_line(1, "1 001.Black_footed_Albatross/Nope.jpg"))}),
     Case("cub-images-folder-missing", PREPARE, "images", {"cub": lambda ctx: (cub_root(ctx.tmp) / "images").unlink()}),
@@ -203,6 +208,15 @@ FLAGS = [
     Case("remove-not-ids", "index --run {run} --name det --remove abc", "abc"),
     Case("remove-unknown-id", "index --run {run} --name det --remove 99999", "99999"),
     Case("add-missing-photo", "index --run {run} --name det --add {tmp}/gone.jpg", "gone.jpg"),
+    # combined or empty requests: done whole, or refused in one line, never half done or silently nothing
+    Case("add-and-remove-together", "index --run {run} --name det --add {photo} --remove 1", "--remove"),
+    Case("add-with-build-settings", "index --run {run} --name det --add {photo} --pca 4", "--pca"),
+    Case("add-only-unreadable-photos", "index --run {run} --name det --add {tmp}/a.jpg {tmp}/b.jpg", "nothing added",
+         files={"a.jpg": NOT_AN_IMAGE, "b.jpg": b""}),
+    Case("add-folder-without-photos", "index --run {run} --name det --add {tmp}/notes", "no photos",
+         files={"notes": lambda ctx: (ctx.tmp / "notes").mkdir() or (ctx.tmp / "notes" / "a.txt").write_text("x") and None}),
+    Case("search-no-detector-and-detector", "search --run {run} --index det --image {photo} --no-detector --detector none",
+         "--no-detector"),
     Case("device-bogus", "embed --run {run} --mode gt --device bogus", "bogus"),
     Case("device-cuda-letter", "embed --run {run} --mode gt --device cuda:x", "cuda:x"),
     Case("device-cuda-absent", "embed --run {run} --mode gt --backbone mobilenet_v2 --weights {weights} --device cuda "
@@ -474,6 +488,19 @@ GOOD = [
          lambda outcome, ctx: "1 boxes clipped" in outcome.stdout,
          {"cub": cub(bounding_boxes=replace_line(1, "1 60 27 5000 304"))}),
 ]
+
+
+def test_a_byte_order_mark_on_every_cub_file_reads_as_without_one(tmp_path):
+    """Windows editors save UTF-8 with a byte-order mark first: the prepared tables are the same as without."""
+    with_bom = tmp_path / "bom"
+    with_bom.mkdir()
+    cub_root(with_bom, {f.name: (lambda lines: ["\ufeff" + lines[0], *lines[1:]]) for f in MINI.glob("*.txt")})
+    for name, root in (("plain", MINI), ("bom", with_bom / "cub")):
+        assert main(["prepare", "--cub", str(root), "--out", str(tmp_path / name), "--split", MINI_SPLIT, "--workers",
+                     "1", "--no-eda"]) == 0
+    for table in ("images.parquet", "instances.parquet"):
+        plain, bom = (pd.read_parquet(tmp_path / run / "dataset" / table) for run in ("plain", "bom"))
+        pd.testing.assert_frame_equal(plain, bom)
 
 
 @pytest.mark.parametrize("case", GOOD, ids=[c.id for c in GOOD])

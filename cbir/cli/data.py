@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import CbirError
-from .flags import DEFAULT_WORKERS, dataset_args, force_arg, or_default, run_arg, workers_arg
+from .flags import DEFAULT_WORKERS, dataset_args, force_arg, md5, or_default, path, run_arg, url, workers_arg
 
 
 def prepare_config(a, run: Path):
@@ -40,7 +40,7 @@ def add_prepare(sub):
                                    "16 'bird' —, captions.parquet with --captions) and RUN/eda/report.md. Redone only "
                                    "when its inputs change.")
     dataset_args(p)
-    p.add_argument("--out", required=True, type=Path, help="run directory to create or update")
+    p.add_argument("--out", required=True, type=path, help="run directory to create or update")
     p.add_argument("--no-eda", action="store_true", help="skip the EDA report")
     force_arg(p, "the preparation")
     workers_arg(p)
@@ -71,7 +71,7 @@ def add_download(sub):
     p = sub.add_parser("download-cub", help="download and verify the official CUB_200_2011.tgz",
                        description="Download CUB_200_2011.tgz (resuming a partial download), check its md5, extract. "
                                    "Prints the CUB root to pass to `cbir prepare --cub`.")
-    p.add_argument("--out", required=True, help="folder for the archive and the extracted data")
-    p.add_argument("--url", help="mirror URL of the archive (default: CaltechDATA)")
-    p.add_argument("--md5", help="expected md5 of the archive at --url")
+    p.add_argument("--out", type=path, required=True, help="folder for the archive and the extracted data")
+    p.add_argument("--url", type=url, help="mirror URL of the archive (default: CaltechDATA)")
+    p.add_argument("--md5", type=md5, help="expected md5 of the archive at --url")
     p.set_defaults(func=cmd_download)

@@ -4,7 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .flags import DEFAULT_WORKERS, bounded, box_args, csv_list, device_arg, force_arg, or_default, run_arg, workers_arg
+from .flags import (
+    DEFAULT_WORKERS,
+    bounded,
+    box_args,
+    csv_list,
+    device_arg,
+    force_arg,
+    name,
+    or_default,
+    path,
+    run_arg,
+    splits,
+    text,
+    workers_arg,
+)
 
 
 def detect_config(a, run: Path):
@@ -40,8 +54,10 @@ def add_detect(sub):
                                    "with its source). Resumable; redone only when its inputs change (or --force).")
     run_arg(p)
     box_args(p)
-    p.add_argument("--splits", default="train,test", help="comma-separated splits to detect on (default train,test)")
-    p.add_argument("--max-per-image", type=bounded(int, 1, 1000), default=10, help="keep at most this many boxes per image")
+    p.add_argument("--splits", type=splits, default="train,test",
+                   help="comma-separated splits to detect on (default train,test)")
+    p.add_argument("--max-per-image", type=bounded(int, 1, 1000), default=10,
+                   help="keep at most this many boxes per image")
     p.add_argument("--batch-size", dest="detect_batch_size", type=bounded(int, 1, 256), default=4,
                    help="images per batch (default 4)")
     device_arg(p)
@@ -89,21 +105,25 @@ def add_train_detector(sub):
                                    "{c[batch_size]}; CUDA {g[size]} px, {g[epochs]} epochs, batch {g[batch_size]}."
                                    .format(c=cpu, g=gpu))
     run_arg(p)
-    p.add_argument("--coco", type=Path, help="a COCO instances file to train on instead of the run's train split")
-    p.add_argument("--images", type=Path, help="the image folder of --coco")
+    p.add_argument("--coco", type=path, help="a COCO instances file to train on instead of the run's train split")
+    p.add_argument("--images", type=path, help="the image folder of --coco")
     p.add_argument("--trunk", default="mobilenet_v2", choices=TRUNKS)
-    p.add_argument("--trunk-weights", default="DEFAULT", help="ImageNet weights of the trunk: DEFAULT / a torchvision "
+    p.add_argument("--trunk-weights", type=text, default="DEFAULT",
+                   help="ImageNet weights of the trunk: DEFAULT / a torchvision "
                    "weights name (looked up in $CBIR_WEIGHTS_DIR, the torch hub cache, then downloaded), a state_dict "
                    "PATH, or 'none' (random, plumbing only)")
-    p.add_argument("--detector-weights", help="resnet50 only: start from COCO Faster R-CNN weights (DEFAULT or PATH) "
+    p.add_argument("--detector-weights", type=text,
+                   help="resnet50 only: start from COCO Faster R-CNN weights (DEFAULT or PATH) "
                    "instead of the ImageNet trunk")
     p.add_argument("--trainable-layers", type=bounded(int, 0, 6), help="trunk stages trained, from the top; 0 keeps "
                    f"the ImageNet trunk frozen, so --backbone detector embeddings stay the trunk's (default "
                    f"{cpu['trainable_layers']})")
     p.add_argument("--min-size", type=bounded(int, 32, 4096), help="short side at evaluation; training draws it from "
-                   f"{', '.join(f'{f:g}x' for f in JITTER)} of it (default: {cpu['size']} on CPU, {gpu['size']} on CUDA)")
+                   f"{', '.join(f'{f:g}x' for f in JITTER)} of it (default: {cpu['size']} on CPU, {gpu['size']} on "
+                   f"CUDA)")
     p.add_argument("--max-size", type=bounded(int, 32, 8192), help="long-side cap (default 2x --min-size)")
-    p.add_argument("--epochs", type=bounded(int, 1, 1000), help=f"default {cpu['epochs']} on CPU, {gpu['epochs']} on CUDA")
+    p.add_argument("--epochs", type=bounded(int, 1, 1000),
+                   help=f"default {cpu['epochs']} on CPU, {gpu['epochs']} on CUDA")
     p.add_argument("--batch-size", type=bounded(int, 1, 256), help=f"photos per step (default {cpu['batch_size']} on "
                    f"CPU, {gpu['batch_size']} on CUDA)")
     p.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
@@ -116,7 +136,7 @@ def add_train_detector(sub):
                    "hash-drawn subset)")
     p.add_argument("--workers", type=bounded(int, 0, 64), default=1, help="decoding processes")
     p.add_argument("--seed", type=bounded(int, 0, 2 ** 31), default=0)
-    p.add_argument("--name", help="model name (default detector-TRUNK)")
+    p.add_argument("--name", type=name, help="model name (default detector-TRUNK)")
     force_arg(p, "the training")
     device_arg(p)
     p.set_defaults(func=cmd_train_detector)

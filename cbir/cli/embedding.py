@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .flags import bounded, device_arg, embedding_args, force_arg, run_arg, workers_arg
+from .flags import bounded, device_arg, embedding_args, force_arg, name, run_arg, text, workers_arg
 
 
 def embed_config(a, run: Path, mode: str, name: str | None = None):
@@ -49,11 +49,12 @@ def add_embed(sub):
                    "from the feature map (torchvision.ops.roi_align) instead of re-embedding each crop")
     device_arg(p)
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CPU or CUDA)")
-    p.add_argument("--name", help="output name under embeddings/ (default: the mode; with --head SET@MODEL)")
-    p.add_argument("--head", metavar="MODEL", help="instead: put a stored set through a model trained by "
+    p.add_argument("--name", type=name, help="output name under embeddings/ (default: the mode; with --head SET@MODEL)")
+    p.add_argument("--head", type=text, metavar="MODEL", help="instead: put a stored set through a model trained by "
                    "`cbir train-embedder` (RUN/models/MODEL or its name) → embeddings/SET@..., e.g. a head trained on "
                    "gt boxes for the det set")
-    p.add_argument("--embeddings", metavar="SET", help="with --head: the set to transform (default: the model's own)")
+    p.add_argument("--embeddings", type=name, metavar="SET",
+                   help="with --head: the set to transform (default: the model's own)")
     force_arg(p, "the embedding")
     workers_arg(p)
     p.set_defaults(func=cmd_embed)

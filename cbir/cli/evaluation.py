@@ -4,8 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..metrics.plots import MAPS
 from ..retrieval.rerank import SERVED_DEFAULT, parse_methods
-from .flags import checked, csv_list, force_arg, parse_pca_arg, pca_list, run_arg, whiten_arg
+from .flags import (
+    checked,
+    csv_list,
+    factory,
+    force_arg,
+    names,
+    optional_names,
+    parse_pca_arg,
+    pca_list,
+    run_arg,
+    some_of,
+    text,
+    whiten_arg,
+)
 
 
 def evaluate_config(a, run: Path, embeddings: tuple[str, ...]):
@@ -34,20 +48,24 @@ def add_evaluate(sub):
                                    "saved index as users search it). R@K, P@K, mAP, MAP@R, R-precision, NMI → "
                                    "RUN/reports/retrieval; rows of earlier calls are kept.")
     run_arg(p)
-    p.add_argument("--embeddings", default="full,gt,det", help="comma-separated embeddings sets; A+B concatenates "
+    p.add_argument("--embeddings", type=names, default="full,gt,det",
+                   help="comma-separated embeddings sets; A+B concatenates "
                    "per image (e.g. full+det). Missing sets are skipped with a warning (default full,gt,det)")
     p.add_argument("--pca", dest="eval_pca", default="auto", type=pca_list,
                    help="comma-separated PCA settings to compare: dims, none, auto (default auto)")
     whiten_arg(p)
-    p.add_argument("--index", default="exact", help="exact, or a FAISS factory body (e.g. HNSW32, IVF64,PQ16) "
+    p.add_argument("--index", type=factory("exact"), default="exact",
+                   help="exact, or a FAISS factory body (e.g. HNSW32, IVF64,PQ16) "
                    "scored beside exact search with its recall@10 against exact")
-    p.add_argument("--served", default="", help="comma-separated saved index names to score as served")
+    p.add_argument("--served", type=optional_names, default="",
+                   help="comma-separated saved index names to score as served")
     p.add_argument("--rerank", dest="rerank_list", default=f"none,{SERVED_DEFAULT}", type=checked(parse_methods),
                    help="comma-separated re-ranking methods scored side by side: none, aqe (α-query expansion), dba "
                         f"(database-side augmentation), kreciprocal (default none,{SERVED_DEFAULT}: plain and what "
                         "search and the page use)")
     p.add_argument("--no-plots", action="store_true", help="metrics only, no pictures")
-    p.add_argument("--maps", default="pca,tsne", help="comma-separated 2-D maps of each set: pca, tsne, umap "
+    p.add_argument("--maps", type=some_of(*MAPS), default="pca,tsne",
+                   help="comma-separated 2-D maps of each set: pca, tsne, umap "
                    "(umap-learn, `pip install 'cbir[metric]'`; ~20 s of compilation per call)")
     p.set_defaults(func=cmd_evaluate)
 
@@ -75,10 +93,12 @@ def add_evaluate_objects(sub):
                                    "Plus reverse search for --category (every test box of it queries the others): "
                                    "proxy precisions and a picture grid. Redone only when its inputs change.")
     run_arg(p)
-    p.add_argument("--embeddings", default="full,gt,det", help="comma-separated embeddings sets (default full,gt,det)")
+    p.add_argument("--embeddings", type=names, default="full,gt,det",
+                   help="comma-separated embeddings sets (default full,gt,det)")
     p.add_argument("--pca", default="auto", type=parse_pca_arg, help="PCA refitted on the train split: a dimension, "
                    "none or auto (default)")
-    p.add_argument("--category", default="person", help="the kind for reverse search (default person; none: skip)")
+    p.add_argument("--category", type=text, default="person",
+                   help="the kind for reverse search (default person; none: skip)")
     force_arg(p, "the report")
     p.set_defaults(func=cmd_evaluate_objects)
 
@@ -97,7 +117,7 @@ def add_compare_methods(sub):
                        "classification and FAISS exact, HNSW32 and IVF search over each embeddings set's test vectors "
                        "(leave-one-out, PCA refitted on train): R@1, P@5, recall@10 vs exact, build time, queries/s.")
     run_arg(p)
-    p.add_argument("--embeddings", default="det", help="comma-separated embeddings sets (default det)")
+    p.add_argument("--embeddings", type=names, default="det", help="comma-separated embeddings sets (default det)")
     p.add_argument("--pca", default="auto", type=parse_pca_arg, help="a dimension, none or auto (default)")
     p.set_defaults(func=cmd_compare_methods)
 
@@ -119,6 +139,7 @@ def add_evaluate_text(sub):
                                    "image + colour-word queries; COCO captions → their photo (R@K) and category "
                                    "words → photos (mAP). Redone only when its inputs change.")
     run_arg(p)
-    p.add_argument("--models", help="comma-separated bridges (default: every `train-text` model of the run)")
+    p.add_argument("--models", type=names,
+                   help="comma-separated bridges (default: every `train-text` model of the run)")
     force_arg(p, "the report")
     p.set_defaults(func=cmd_evaluate_text)

@@ -1,14 +1,19 @@
-"""Flags every command group shares — the run folder, weights, devices, detector, embedding and index settings — and the argparse types that check a value before any work, so a flag means the same thing in each command and in `cbir run`."""
+"""Flags every command group shares (the run folder, weights, devices, detector, embedding and index
+settings) and the argparse types that check a value before any work, so a flag means the same thing in each
+command and in `cbir run`."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 from pathlib import Path
 
 from .. import CbirError
+from ..datasets import check_splits
 from ..device import check_device
 from ..images import DEFAULT_MAX_PIXELS
+from ..layout import check_name
 from ..retrieval import check_store
 from ..retrieval.reduce import parse_pca, parse_shrinkage
 from ..retrieval.rerank import METHODS, SERVED_DEFAULT, SHORTLIST
@@ -47,49 +52,189 @@ def csv_list(text: str) -> tuple[str, ...]:
 
 
 def bounded(kind, low=None, high=None):
-    """An argparse type that also checks a range, so bad values fail before any work."""
+    """An argparse type that also checks a range, so bad values fail before any work (`low` and `high`
+    are kept on it for the flag tests)."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n' * (kind is int)} {kind.__name__}") from None
         if (low is not None and value < low) or (high is not None and value > high) or value != value:
             raise argparse.ArgumentTypeError(f"{text!r} must lie in [{low}, {'∞' if high is None else high}]")
+        return value
+    parse.low, parse.high = low, high
+    return parse
+
+
+def text(value: str) -> str:
+    """Any text, but not an empty one: an empty value is a slip (a shell variable that was not set)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("an empty value; give one or leave the flag out")
+    return value
+
+
+def path(value: str) -> Path:
+    """A file or folder: an empty value would silently mean the current folder."""
+    return Path(text(value))
+
+
+def name(value: str) -> str:
+    """A name that becomes a folder inside the run (an embeddings set, an index, a model)."""
+    try:
+        return check_name(text(value), "name")
+    except CbirError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def names(value: str, *, empty: bool = False) -> str:
+    """Comma-separated names (`A+B` fusions and `SET@MODEL` sets included), at least one unless `empty`."""
+    items = csv_list(value)
+    if not items and not empty:
+        raise argparse.ArgumentTypeError(f"{value!r}: give at least one name, comma-separated")
+    for item in items:
+        for part in item.split("+"):
+            name(part)
+    return value
+
+
+def some_of(*choices: str):
+    """Comma-separated values, each one of `choices`, at least one (returned as given)."""
+    def parse(value):
+        items = csv_list(value)
+        unknown = [i for i in items if i not in choices]
+        if unknown or not items:
+            raise argparse.ArgumentTypeError(f"{value!r}: use {', '.join(choices)}, comma-separated")
+        return value
+    return parse
+
+
+def auto_or(kind, low, high, *words: str):
+    """'auto' (or another of `words`), else a number of `kind` in [low, high], kept as text."""
+    number = bounded(kind, low, high)
+
+    def parse(value):
+        if value in ("auto", *words):
+            return value
+        try:
+            number(value)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"{value!r}: use {', '.join(('auto', *words))} or a number in "
+                                             f"[{low}, {'∞' if high is None else high}]") from None
         return value
     return parse
 
 
 def checked(check):
     """An argparse type from a checker that raises CbirError, so its one-line message is argparse's."""
-    def parse(text):
+    def parse(value):
         try:
-            return check(text)
+            return check(text(value))
         except CbirError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
     return parse
 
 
+SPLIT = re.compile(r"song|official|coco_split|random:(0?\.\d+|[01](\.\d*)?)(:\d+)?|classes:[\d,\s-]+/[\d,\s-]+")
+
+
+def split(value: str) -> str:
+    """The spelling of --split (whether the dataset has that split is the reader's check)."""
+    if not SPLIT.fullmatch(text(value)):
+        raise argparse.ArgumentTypeError(f"{value!r}: CUB takes song, official or classes:A-B/C-D; COCO takes "
+                                         f"random:F[:SEED] or coco_split")
+    return value
+
+
+def splits(value: str) -> str:
+    """Split names, comma-separated: train and/or test."""
+    try:
+        check_splits(csv_list(text(value)), "splits")
+    except CbirError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
+def filter_expression(value: str) -> str:
+    """--filter, parsed now (fields and brackets) so a typo fails before any photo is read."""
+    from ..retrieval.expression import check_expression
+
+    return checked(check_expression)(value)
+
+
+def optional_names(value: str) -> str:
+    """Comma-separated names, or none at all (an empty value is the default)."""
+    return names(value, empty=True)
+
+
+def image_ids(value: str) -> str:
+    from ..retrieval.ingest import parse_ids
+
+    checked(parse_ids)(value)
+    return value
+
+
+def url(value: str) -> str:
+    if not re.fullmatch(r"(https?|file)://\S+", text(value)):
+        raise argparse.ArgumentTypeError(f"{value!r}: give an http://, https:// or file:// URL")
+    return value
+
+
+def md5(value: str) -> str:
+    if not re.fullmatch(r"[0-9a-fA-F]{32}", text(value)):
+        raise argparse.ArgumentTypeError(f"{value!r}: an md5 is 32 hexadecimal digits")
+    return value
+
+
+def auth(value: str) -> str:
+    """USER:PASS, both parts non-empty (the page's own check, made with the flags)."""
+    from ..ui.app import parse_auth
+
+    checked(parse_auth)(value)
+    return value
+
+
+FACTORY = re.compile(r"[A-Za-z][A-Za-z0-9_.]*(,[A-Za-z][A-Za-z0-9_.]*)*")
+
+
+def factory(*words: str):
+    """One of `words`, or the spelling of a FAISS `index_factory` body (FAISS itself judges it against the
+    vectors' dimension when the index is built)."""
+    def parse(value):
+        if value in words or FACTORY.fullmatch(text(value)):
+            return value
+        raise argparse.ArgumentTypeError(f"{value!r}: use {' or '.join(words)} or a FAISS index_factory body such as "
+                                         f"HNSW32 or IVF1024,PQ32")
+    return parse
+
+
+def detector(value: str) -> str:
+    if value.startswith("onnx:") and not value[len("onnx:"):].strip():
+        raise argparse.ArgumentTypeError(f"{value!r}: onnx:PATH needs the model's path")
+    return text(value)
+
+
 def run_arg(p):
-    p.add_argument("--run", required=True, type=Path, help="run directory (made by `cbir prepare`; every stage "
+    p.add_argument("--run", required=True, type=path, help="run directory (made by `cbir prepare`; every stage "
                    "reads and writes its artifacts there, see `cbir status`)")
 
 
 def workers_arg(p):
     p.add_argument("--workers", type=bounded(int, 0, 64), default=None,
-                   help=f"worker processes for decoding (default: cores - 1, here {DEFAULT_WORKERS}; embedding on a "
-                        "CPU of 2 cores or fewer decodes inline, measured faster)")
+                   help=f"worker processes for decoding; 0 decodes in the main process (default: cores - 1, here "
+                        f"{DEFAULT_WORKERS}; embedding on a CPU of 2 cores or fewer decodes inline, measured faster)")
 
 
 def weights_arg(p, what: str, flag: str = "--weights"):
-    p.add_argument(flag, default="DEFAULT",
+    p.add_argument(flag, type=text, default="DEFAULT",
                    help=f"{what} weights: DEFAULT / a torchvision weights name (looked up in $CBIR_WEIGHTS_DIR, "
                         "the torch hub cache, then downloaded), a state_dict PATH, or 'none' (random, plumbing only)")
 
 
 def moved_weights_args(p):
-    p.add_argument("--weights", help="new place of the backbone weights file if it moved (checked against the "
+    p.add_argument("--weights", type=text,
+                   help="new place of the backbone weights file if it moved (checked against the "
                    "recorded fingerprint)")
-    p.add_argument("--detector-weights", help="new place of the detector weights file if it moved")
+    p.add_argument("--detector-weights", type=text, help="new place of the detector weights file if it moved")
 
 
 def device_arg(p):
@@ -98,7 +243,8 @@ def device_arg(p):
 
 
 def query_detector_arg(p):
-    p.add_argument("--detector", default="run", help="what boxes new photos: run (the detector that boxed the run), "
+    p.add_argument("--detector", type=detector, default="run",
+                   help="what boxes new photos: run (the detector that boxed the run), "
                    "none (the whole photo is the query), a train-detector model folder, onnx:PATH (its .labels.txt "
                    "beside it) or a torchvision detector name — e.g. a trained detector for a run of imported boxes")
 
@@ -109,11 +255,12 @@ def force_arg(p, what: str):
 
 def dataset_args(p):
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--cub", type=Path, help="CUB root: the folder holding images.txt and images/")
-    source.add_argument("--coco", type=Path, metavar="INSTANCES.json", help="a COCO instances file (with --images)")
-    p.add_argument("--images", type=Path, help="--coco: the folder its file_name entries are relative to")
-    p.add_argument("--captions", type=Path, help="--coco: a COCO captions file, kept as dataset/captions.parquet")
-    p.add_argument("--split", help="CUB: song (default; classes 1-100 train / 101-200 test, Song et al. 2016), "
+    source.add_argument("--cub", type=path, help="CUB root: the folder holding images.txt and images/")
+    source.add_argument("--coco", type=path, metavar="INSTANCES.json", help="a COCO instances file (with --images)")
+    p.add_argument("--images", type=path, help="--coco: the folder its file_name entries are relative to")
+    p.add_argument("--captions", type=path, help="--coco: a COCO captions file, kept as dataset/captions.parquet")
+    p.add_argument("--split", type=split,
+                   help="CUB: song (default; classes 1-100 train / 101-200 test, Song et al. 2016), "
                    "official (train_test_split.txt), or classes:A-B/C-D (e.g. classes:1-10/11-20 for a subset). "
                    "COCO: random:F[:SEED] (default random:0.5: a share F to train, by a hash of each image id) or "
                    "coco_split (train2017 → train, val2017 → test)")
@@ -126,27 +273,30 @@ def dataset_args(p):
 
 
 def box_args(p):
-    p.add_argument("--detector", default="fasterrcnn_resnet50_fpn",
+    p.add_argument("--detector", type=detector, default="fasterrcnn_resnet50_fpn",
                    help="fasterrcnn_resnet50_fpn (default), fasterrcnn_resnet50_fpn_v2, fasterrcnn_mobilenet_v3_large_fpn, "
                         "a `cbir train-detector` model folder (RUN/models/NAME), or onnx:PATH (a TF Object Detection "
                         "API SSD or torchvision export; needs onnxruntime)")
     weights_arg(p, "detector", "--detector-weights")  # --weights is always the backbone's
-    p.add_argument("--labels", help="label file of an ONNX detector (for names; ids are COCO's)")
-    p.add_argument("--detections", type=Path, help="import boxes from FILE (COCO results of any detector) instead "
+    p.add_argument("--labels", type=path, help="label file of an ONNX detector (for names; ids are COCO's)")
+    p.add_argument("--detections", type=path, help="import boxes from FILE (COCO results of any detector) instead "
                    "of running one")
-    p.add_argument("--score", type=bounded(float, 0, 1), default=0.3, help="keep boxes scoring at least this (default 0.3)")
+    p.add_argument("--score", type=bounded(float, 0, 1), default=0.3,
+                   help="keep boxes scoring at least this (default 0.3)")
     p.add_argument("--fallback", default="gt", choices=("gt", "full", "none"), help="for an image with no box: gt "
                    "(its GT boxes), full (whole image), none (no instance); recorded per instance as its source")
-    p.add_argument("--categories", "--classes", dest="categories", default="auto",
+    p.add_argument("--categories", "--classes", dest="categories", type=names, default="auto",
                    help="comma-separated category names to keep, e.g. person,dog (default auto: the dataset's own "
                         "categories — CUB: bird, COCO: all)")
-    p.add_argument("--min-size", default="auto", help="short side fed to a torchvision detector: auto = the photo's "
+    p.add_argument("--min-size", type=auto_or(int, 32, 4096), default="auto",
+                   help="short side fed to a torchvision detector: auto = the photo's "
                    "own (clamped to 224-1024 px, ~2.5x faster on CUB; a trained detector: its training size), or "
                    "pixels (torchvision's default is 800)")
 
 
 def embedding_args(p):
-    p.add_argument("--backbone", default="detector", help="detector (the ResNet-50 body of the run's Faster R-CNN, "
+    p.add_argument("--backbone", type=text, default="detector",
+                   help="detector (the ResNet-50 body of the run's Faster R-CNN, "
                    "default), resnet50, any torchvision classifier (mobilenet_v2, efficientnet_b0, ...), timm:NAME")
     weights_arg(p, "backbone")
     p.add_argument("--pool", default="gem", choices=("gem", "avg"), help="global pooling: gem (generalised mean, "
@@ -172,9 +322,12 @@ def index_args(p):
                    "none with fewer than 2 train vectors per dimension, else the dimension keeping 99%% of the "
                    "train variance; the choice and why are in the index's meta.json)")
     whiten_arg(p)
-    p.add_argument("--factory", default="auto", help="FAISS index_factory body: Flat, HNSW32, IVF1024,PQ32 ... or "
-                   "auto (exact up to 100k vectors, IVF-SQ8 up to 50M, IVF-PQ beyond; benchmarks/results/index_bench_cpu.md)")
-    p.add_argument("--gpu", default="auto", help="auto (GPU when faiss-gpu sees one), off, or a GPU number")
+    p.add_argument("--factory", type=factory("auto"), default="auto",
+                   help="FAISS index_factory body: Flat, HNSW32, IVF1024,PQ32 ... or "
+                   "auto (exact up to 100k vectors, IVF-SQ8 up to 50M, IVF-PQ beyond; "
+                   "benchmarks/results/index_bench_cpu.md)")
+    p.add_argument("--gpu", type=auto_or(int, 0, 1024, 'off'), default="auto",
+                   help="auto (GPU when faiss-gpu sees one), off, or a GPU number")
     p.add_argument("--store", default="faiss", type=checked(check_store),
                    help="where the vectors live: faiss (default, files in the run), milvus-lite:PATH.db (Milvus Lite, "
                         "one local file; relative paths are inside the run) or milvus://HOST:PORT (a Milvus server)")
@@ -182,8 +335,11 @@ def index_args(p):
 parse_pca_arg = checked(parse_pca)
 
 
-def pca_list(text: str):
-    return tuple(parse_pca_arg(p) for p in csv_list(text))
+def pca_list(value: str):
+    """Comma-separated PCA settings, at least one."""
+    if not csv_list(value):
+        raise argparse.ArgumentTypeError(f"{value!r}: give dims, none or auto, comma-separated")
+    return tuple(parse_pca_arg(p) for p in csv_list(value))
 
 
 def rerank_arg(p):
@@ -201,5 +357,5 @@ def training_loop_args(p, epochs: int | str, patience: int, batch: int, min_batc
                    f"without a better validation MAP@R (default {patience})")
     p.add_argument("--batch-size", type=bounded(int, min_batch, 65536), default=batch, help=f"default {batch}")
     p.add_argument("--seed", type=bounded(int, 0, 2 ** 31), default=0)
-    p.add_argument("--name", help=f"model and output embeddings name (default {default_name})")
+    p.add_argument("--name", type=name, help=f"model and output embeddings name (default {default_name})")
     force_arg(p, "the training")

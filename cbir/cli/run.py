@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from .. import CbirError
+from ..training.config import LOSSES
 from .data import prepare_config
 from .detection import detect_config
 from .embedding import embed_config
 from .evaluation import evaluate_config
-from .flags import box_args, csv_list, dataset_args, device_arg, embedding_args, index_args, run_arg, workers_arg
+from .flags import (
+    box_args,
+    csv_list,
+    dataset_args,
+    device_arg,
+    embedding_args,
+    factory,
+    index_args,
+    optional_names,
+    path,
+    run_arg,
+    some_of,
+    text,
+    workers_arg,
+)
 from .search import index_config
 
 
@@ -19,7 +33,9 @@ def cmd_run(a):
 
     modes = csv_list(a.modes)
     fused = tuple(f"full+{m}" for m in ("det",) if {"full", m} <= set(modes))
-    index_mode = a.index_mode if a.index_mode in modes + fused else modes[-1]
+    index_mode = a.index_mode or ("det" if "det" in modes else modes[-1])
+    if index_mode not in modes + fused:
+        raise CbirError(f"--index-mode {index_mode}: not among the vectors this run makes ({', '.join(modes + fused)})")
     from ..training.stage import TrainConfig
 
     train = tuple(TrainConfig(run=a.out, embeddings=m, loss=a.train_embedder) for m in modes) \
@@ -48,17 +64,22 @@ def add_run(sub):
                                    "unchanged (rerun the same command to resume), redone when they changed, then "
                                    "print the comparison. Earlier --add/--remove edits of the index are replayed.")
     dataset_args(p)
-    p.add_argument("--out", required=True, type=Path, help="run directory to create or update")
+    p.add_argument("--out", required=True, type=path, help="run directory to create or update")
     box_args(p)
     embedding_args(p)
-    p.add_argument("--modes", default="full,gt,det", help="embedding modes to compare (default full,gt,det)")
+    p.add_argument("--modes", type=some_of('full', 'gt', 'det'), default="full,gt,det",
+                   help="embedding modes to compare (default full,gt,det)")
     index_args(p)
-    p.add_argument("--index-mode", default="det", help="which embeddings get a saved search index: a mode, or "
-                   "full+det (whole photo + detected box fused per image; default det)")
-    p.add_argument("--index", default="exact", help="approximate FAISS factory to score beside exact search")
-    p.add_argument("--served", default="", help="more saved index names to evaluate as served (the run's own "
+    p.add_argument("--index-mode", type=text, help="which embeddings get a saved search index: one of --modes, or "
+                   "full+det (whole photo + detected box fused per image; default det, or the last of --modes "
+                   "without det)")
+    p.add_argument("--index", type=factory("exact"), default="exact",
+                   help="approximate FAISS factory to score beside exact search")
+    p.add_argument("--served", type=optional_names, default="",
+                   help="more saved index names to evaluate as served (the run's own "
                    "index always is)")
-    p.add_argument("--train-embedder", metavar="LOSS", help="after embedding, train a projection head on each mode "
+    p.add_argument("--train-embedder", metavar="LOSS", choices=LOSSES,
+                   help="after embedding, train a projection head on each mode "
                    "with this loss (see `cbir train-embedder`; defaults otherwise) and evaluate it beside the frozen "
                    "vectors")
     p.set_defaults(eval_pca=None, no_plots=False)

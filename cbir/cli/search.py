@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .. import CbirError
+from ..artifacts import to_json
 from ..retrieval.rerank import Rerank
-from .flags import bounded, csv_list, force_arg, index_args, moved_weights_args, query_detector_arg, rerank_arg, run_arg
+from .flags import (
+    bounded,
+    csv_list,
+    filter_expression,
+    force_arg,
+    image_ids,
+    index_args,
+    moved_weights_args,
+    name,
+    path,
+    query_detector_arg,
+    rerank_arg,
+    run_arg,
+    splits,
+    text,
+)
 
 
 def index_config(a, run: Path, embeddings: str, name: str | None = None):
@@ -18,6 +33,13 @@ def index_config(a, run: Path, embeddings: str, name: str | None = None):
                        force=getattr(a, "force", False))
 
 
+def build_only_flags(a) -> list[tuple[str, object, object]]:
+    """(flag, value given, default) of the flags that only building an index reads."""
+    return [("--embeddings", a.embeddings if a.name else None, None), ("--pca", a.pca, "auto"),
+            ("--whiten", a.whiten, None), ("--factory", a.factory, "auto"), ("--store", a.store, "faiss"),
+            ("--gallery", a.gallery, "train,test")]
+
+
 def cmd_index(a):
     from ..retrieval.index import build_index
     from ..retrieval.ingest import add_photos, parse_ids, remove_images
@@ -25,13 +47,24 @@ def cmd_index(a):
     name = a.name or a.embeddings
     if not name:
         raise CbirError("--embeddings NAME (to build) or --name NAME (to --add / --remove) is required")
+    if a.add and a.remove:
+        raise CbirError("--add and --remove in one call: run them one after the other (each is one atomic edit of "
+                        "the index)")
+    unused = [flag for flag, value, default in build_only_flags(a) if value != default] if a.add or a.remove else []
+    if unused:
+        raise CbirError(f"{unused[0]} shapes a new index; --add / --remove edit index {name} with the settings it "
+                        f"was built with (rebuild it with --embeddings to change them)")
     if a.add:
         added, errors, ids = add_photos(a.run, name, [Path(p) for p in a.add], not a.no_detector, a.moved_weights,
                                         a.detector_weights)
+        if not ids and errors:
+            raise CbirError(f"index {name}: nothing added: none of the {len(errors)} photo(s) could be read "
+                            f"(first: {errors[0]}); the index is unchanged")
         for path, image_id in ids.items():
             print(f"image_id {image_id}\t{path}")
         print(f"index {name}: added {added} instance(s) of {len(ids)} photo(s) (image ids above); "
-              f"{len(errors)} unreadable photo(s) skipped")
+              f"{len(errors)} unreadable photo(s) skipped" if ids else
+              f"index {name}: every photo given is in it already; nothing to add")
     elif a.remove:
         print(f"index {name}: removed {remove_images(a.run, name, parse_ids(a.remove))} vector(s)")
     else:
@@ -50,16 +83,21 @@ def add_index(sub):
                                    "--add: detect → embed → add new photos (resumable); with --remove: drop images by "
                                    "id. A rebuild replays earlier --add/--remove edits.")
     run_arg(p)
-    p.add_argument("--embeddings", help="embeddings set to index (e.g. full, gt, det)")
-    p.add_argument("--name", help="index name (default: the embeddings name)")
+    p.add_argument("--embeddings", type=name, help="embeddings set to index (e.g. full, gt, det)")
+    p.add_argument("--name", type=name, help="index name (default: the embeddings name)")
     index_args(p)
-    p.add_argument("--gallery", default="train,test", help="splits to put in the index (default train,test)")
-    p.add_argument("--add", nargs="+", metavar="PATH", help="photos or folders of photos to add to an existing index")
+    p.add_argument("--gallery", type=splits, default="train,test",
+                   help="splits to put in the index (default train,test)")
+    p.add_argument("--add", type=path, nargs="+", metavar="PATH",
+                   help="photos or folders of photos to add to an existing index")
     p.add_argument("--no-detector", action="store_true", help="with --add: embed whole photos, do not detect")
-    p.add_argument("--remove", metavar="IDS", help="comma-separated image ids to remove from an existing index")
-    p.add_argument("--weights", dest="moved_weights", help="with --add: new place of the backbone weights file if "
+    p.add_argument("--remove", type=image_ids, metavar="IDS",
+                   help="comma-separated image ids to remove from an existing index")
+    p.add_argument("--weights", type=text, dest="moved_weights",
+                   help="with --add: new place of the backbone weights file if "
                    "it moved (checked against the recorded fingerprint)")
-    p.add_argument("--detector-weights", help="with --add: new place of the detector weights file if it moved")
+    p.add_argument("--detector-weights", type=text,
+                   help="with --add: new place of the detector weights file if it moved")
     force_arg(p, "the index (earlier --add/--remove edits are replayed)")
     p.set_defaults(func=cmd_index)
 
@@ -70,6 +108,8 @@ def cmd_search(a):
 
     if not (a.image or a.query_id is not None or a.text):
         raise CbirError("give --image PHOTO, --query-id ID or --text WORDS (or a photo or id with words)")
+    if a.no_detector and a.detector != "run":
+        raise CbirError(f"--no-detector and --detector {a.detector}: give one of them")
     q = Querier(a.run, a.index, "none" if a.no_detector else a.detector, weights=a.weights,
                 detector_weights=a.detector_weights)
     rerank = Rerank(method=a.rerank)
@@ -90,7 +130,7 @@ def cmd_search(a):
         for doc in docs:
             doc.update(words)
     if a.json:
-        print(json.dumps(docs[0] if len(docs) == 1 else docs, indent=1))
+        print(to_json(docs[0] if len(docs) == 1 else docs), end="")
         return
     for doc in docs:
         print(f"# {doc['query']} — {q.detector_note}" + (f"; filter: {a.filter}" if a.filter else ""))
@@ -128,24 +168,30 @@ def add_search(sub):
                                    "preprocessing, and list each box's nearest gallery instances and images. Reads "
                                    "only: needs no lock, works while another command writes the run.")
     run_arg(p)
-    p.add_argument("--index", required=True, help="index name under RUN/index/")
+    p.add_argument("--index", type=name, required=True, help="index name under RUN/index/")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--image", nargs="+", metavar="PHOTO", help="one or more photo files (answered together: "
+    group.add_argument("--image", type=path, nargs="+", metavar="PHOTO",
+                       help="one or more photo files (answered together: "
                        "one detector, encoder and search pass)")
-    group.add_argument("--query-id", type=int, help="an image id already in the run (excluded from its own results)")
-    p.add_argument("--text", metavar="WORDS", help="words: alone, the query; with --image or --query-id, each box's "
+    group.add_argument("--query-id", type=bounded(int, 0),
+                       help="an image id already in the run (excluded from its own results)")
+    p.add_argument("--text", type=text, metavar="WORDS",
+                   help="words: alone, the query; with --image or --query-id, each box's "
                    "vector moved towards them (needs the index of a `cbir train-text` set, e.g. gt@text-minilm)")
     p.add_argument("--text-weight", type=bounded(float, 0.0, 1.0), default=0.3,
                    help="with a photo: unit((1-w)·photo + w·words); 0 = the photo alone, 1 = the words alone "
                         "(default 0.3)")
     p.add_argument("--k", type=bounded(int, 1, 10000), default=10, help="neighbours per box (default 10)")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
-    p.add_argument("--filter", metavar="EXPR", help="search only rows matching a Milvus-style expression over id, "
+    p.add_argument("--filter", type=filter_expression, metavar="EXPR",
+                   help="search only rows matching a Milvus-style expression over id, "
                    "image_id, instance, class_id, category_id, split, source, score, path — e.g. \"split == 'test' "
                    "and class_id in [1, 2]\" (==, !=, <, <=, >, >=, in, not in, and, or, not; any store)")
-    p.add_argument("--no-detector", action="store_true", help="query with the whole photo, no detection (= --detector none)")
+    p.add_argument("--no-detector", action="store_true",
+                   help="query with the whole photo, no detection (= --detector none)")
     query_detector_arg(p)
-    p.add_argument("--category", metavar="NAME", help="reverse search for one kind, e.g. person: query with the "
+    p.add_argument("--category", type=text, metavar="NAME",
+                   help="reverse search for one kind, e.g. person: query with the "
                    "photo's boxes of that category only, among the gallery's boxes of it")
     rerank_arg(p)
     moved_weights_args(p)

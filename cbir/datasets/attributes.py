@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from .. import CbirError
+from ..artifacts import read_text
 
 ATTRIBUTE_NAMES = "attributes.txt"
 CLASS_VALUES = "class_attribute_labels_continuous.txt"
@@ -64,10 +65,7 @@ def describe(name: str) -> dict:
 
 
 def _lines(path: Path) -> list[list[str]]:
-    try:
-        return [line.split() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except UnicodeDecodeError as e:
-        raise CbirError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    return [line.split() for line in read_text(path).splitlines() if line.strip()]
 
 
 @dataclass

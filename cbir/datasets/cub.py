@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .. import CbirError
+from ..artifacts import read_text
 from .attributes import attribute_files, read_attributes
 from .base import Tables, relative_image_path
 
@@ -43,10 +44,7 @@ def _read_lines(path: Path, columns: list[str], converters: list) -> tuple[pd.Da
     it has one, "FILE:LINE: what is wrong") so `prepare --skip-bad` can drop that image everywhere."""
     if not path.exists():
         raise CbirError(f"{path}: missing CUB annotation file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise CbirError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    text = read_text(path)
     rows, problems = [], []
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():

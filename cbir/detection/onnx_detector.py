@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from .. import CbirError
+from ..artifacts import read_text
 from ..images import Photo
 from ..weights import weights_file
 
@@ -35,8 +36,8 @@ def label_map(path: Path) -> dict[int, int]:
     from .torchvision_detector import coco_categories
 
     try:
-        names = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
+        names = read_text(path).splitlines()
+    except OSError as e:
         raise CbirError(f"--labels {path}: unreadable ({type(e).__name__})") from None
     coco = {_key(n): i for i, n in enumerate(coco_categories()) if n not in ("N/A", "__background__")}
     mapping = {i: coco[_key(n)] for i, n in enumerate(names) if _key(n) in coco}

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from .. import CbirError
 from ..artifacts import (Artifact, commit, file_sha256, finish_shards, fingerprint, is_fresh, read_json,
-                         run_in_shards, writing)
+                         run_in_shards, to_json, writing)
 from ..datasets import RunDataset, check_splits, load_dataset
 from ..device import batches, resolve_device
 from ..images import open_photo
@@ -171,7 +171,7 @@ def detect(cfg: DetectConfig) -> DetectResult:
         summary = _summary(dets, images, counts, errors, cfg, keep_ids, detector.spec if detector else source)
         summary["bad_detections"] = len(problems)
         with commit(art, inputs, {"dataset": data.fingerprint}) as staged:
-            staged.file(layout.DETECTIONS).write_text(json.dumps(dets))
+            staged.file(layout.DETECTIONS).write_text(to_json(dets, indent=None))
             if problems:
                 staged.file(layout.BAD_DETECTIONS).write_text("\n".join(problems) + "\n")
             staged.summary.update(summary)

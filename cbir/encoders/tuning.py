@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from ..artifacts import to_json
+
 log = logging.getLogger(__name__)
 
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -122,7 +124,7 @@ def tune(trunk: torch.nn.Module, name: str, size: int, device: torch.device) -> 
         path.parent.mkdir(parents=True, exist_ok=True)
         cached[key] = tuning.__dict__
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cached, indent=1))
+        tmp.write_text(to_json(cached))
         tmp.replace(path)
     except OSError as e:  # a read-only home is no reason to fail: measure again next time
         log.warning("could not cache the tuning in %s (%s)", path, e.strerror)

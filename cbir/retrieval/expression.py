@@ -64,3 +64,12 @@ def matching_ids(table: pd.DataFrame, expression: str) -> np.ndarray:
     if not isinstance(mask, pd.Series) or mask.dtype != bool:
         raise CbirError(f"--filter {expression!r}: is not a true/false condition")
     return table.index[mask.to_numpy()].to_numpy(np.int64)
+
+
+def check_expression(expression: str) -> str:
+    """The expression tried on one row of each field's type, so a syntax or type slip is refused before
+    any photo is read (what a real index then matches is its own business)."""
+    row = pd.DataFrame({"image_id": [1], "instance": [0], "class_id": [1], "category_id": [1], "split": ["test"],
+                        "source": ["detected"], "score": [1.0], "path": ["a.jpg"]}, index=pd.Index([0], name="id"))
+    matching_ids(row, expression)
+    return expression

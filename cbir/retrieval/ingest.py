@@ -16,7 +16,7 @@ from tqdm import tqdm
 from .. import CbirError
 from ..artifacts import fingerprint, finish_shards, run_in_shards, writing
 from ..device import resolve_device
-from ..images import open_photo, photo_files
+from ..images import IMAGE_SUFFIXES, open_photo, photo_files
 from ..layout import RunLayout
 from ..training.encoders import encoder_from_spec
 from .query import Querier
@@ -88,7 +88,11 @@ def add_photos(run: Path | RunLayout, name: str, paths: list[Path], use_detector
                     repair=True)
         si = q.si
         known = set(si.table.path[si.table.split == "added"])
-        files = [p for p in photo_files(paths) if str(p) not in known]
+        found = photo_files(paths)
+        if not found:
+            raise CbirError(f"{', '.join(map(str, paths))}: no photos there (looked for "
+                            f"{', '.join(sorted(IMAGE_SUFFIXES))} files); the index is unchanged")
+        files = [p for p in found if str(p) not in known]
         if not files:
             return 0, [], {}
         stamp = fingerprint({"index": si.manifest, "photos": [str(p) for p in files]})
