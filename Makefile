@@ -18,7 +18,7 @@ comma := ,
 space := $(subst ,, )
 TEXT_SPLIT ?= classes:1-10/11-20
 
-.PHONY: setup demo detector coco text metric test test-all browser
+.PHONY: setup demo detector coco text metric test test-all browser docs docs-tables
 
 setup:
 	$(PYTHON) -m pip install -q -e '.[dev]'
@@ -73,8 +73,9 @@ metric: setup
 	for loss in $(LOSSES); do for e in gt det; do \
 	  cbir train-embedder --run $(METRIC_RUN) --embeddings $$e --loss $$loss || exit 1; done; \
 	  cbir train-embedder --run $(METRIC_RUN) --embeddings gt --loss $$loss --mode finetune || exit 1; done
-	cbir evaluate --run $(METRIC_RUN) --rerank none --maps pca,tsne,umap --embeddings \
+	cbir evaluate --run $(METRIC_RUN) --rerank none,kreciprocal --maps pca,tsne,umap --embeddings \
 	  gt,det,$(subst $(space),$(comma),$(foreach l,$(LOSSES),gt@$(l),det@$(l),gt@$(l)-ft))
+	cbir compare-methods --run $(METRIC_RUN) --embeddings full,det,gt,gt@multisimilarity,det@multisimilarity
 
 # Debian's chromium drives the page test (never a browser download); installed when we may.
 browser:
@@ -86,3 +87,11 @@ test: setup browser
 
 test-all: setup browser
 	$(PYTHON) -m pytest -q
+
+# the docs site (MkDocs + Material, the `docs` extra) into build/site; --strict: a broken link fails it
+docs: setup
+	$(PYTHON) -m mkdocs build --strict
+
+# every results table in README.md and docs/ copied again from the report it names (runs/..., benchmarks/results/)
+docs-tables:
+	$(PYTHON) scripts/docs_tables.py
