@@ -17,7 +17,7 @@ from sklearn.neighbors import NearestNeighbors
 
 from ..artifacts import Artifact, commit, writing
 from ..metrics.ranking import first_occurrences
-from .retrieval import load_gallery
+from .retrieval import load_gallery, with_blanks
 
 K = 10
 KNN_VOTES = 5
@@ -107,6 +107,8 @@ def compare_methods(run: Path, embeddings: tuple[str, ...], pca: int | str | Non
                 f"Run `{layout.root}`: each test image queries all other test images (one vector per image; PCA "
                 "refitted on train). R@1 / P@5: same-class neighbours; the kNN row's R@1 column is its "
                 "leave-one-out classification accuracy; recall@10 against the exact neighbours; times on this "
-                "machine (queries/s over all test queries at once).", "",
-                table.to_markdown(index=False, floatfmt=".3f"), ""]))
+                "machine (queries/s over all test queries at once). — : not applicable to that method (P@5 of "
+                "a vote; recall against exact search for the exact ones).", "",
+                with_blanks(table, ["R@1", "P@5", "build s", "queries/s", "recall@10 vs exact"]).to_markdown(
+                    index=False), ""]))
         return table

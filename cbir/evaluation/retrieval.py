@@ -268,15 +268,22 @@ BLANKS = ("— : not computed for that row. Approximate-index rows (`index` othe
           "rows have no NMI. P@1 equals R@1: at K=1 both ask whether the first result is relevant.")
 
 
+def with_blanks(table: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """`columns` as 3-decimal text, "—" where nothing was computed (NaN in the frame, null in the JSON)."""
+    table = table.copy()
+    for c in columns:
+        table[c] = table[c].map(lambda v: "—" if pd.isna(v) else f"{v:.3f}")
+    return table
+
+
 def comparison_markdown(metrics: pd.DataFrame, run: Path, plots: list[str] = (),
                         trained: pd.DataFrame | None = None) -> str:
     """Two tables: the embeddings and reductions without re-ranking, then each re-ranking beside the row it
     re-ranks (same embeddings, reduction, PCA and index); trained sets against their source (when any);
     what a blank means; links to the plots."""
     shown = [c for c in SHOWN if c in metrics]
-    table = metrics[["embeddings", "reduction", "backbone", "pca", "dim", "index", "rerank", "images"] + shown].copy()
-    for c in shown:
-        table[c] = table[c].map(lambda v: "—" if pd.isna(v) else f"{v:.3f}")
+    table = with_blanks(metrics[["embeddings", "reduction", "backbone", "pca", "dim", "index", "rerank", "images"]
+                                + shown], shown)
     plain = table.rerank == "none"
     reranked_keys = table.loc[~plain, ["embeddings", "reduction", "pca", "index"]].drop_duplicates()
     with_base = table.merge(reranked_keys, on=["embeddings", "reduction", "pca", "index"])  # plain + re-ranked
