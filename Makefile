@@ -90,7 +90,7 @@ test-all: setup browser
 
 # the docs site (MkDocs + Material, the `docs` extra) into build/site; --strict: a broken link fails it
 docs: setup
-	$(PYTHON) -m mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(PYTHON) -m mkdocs build --strict
 
 # every results table in README.md and docs/ copied again from the report it names (runs/..., benchmarks/results/)
 docs-tables:
