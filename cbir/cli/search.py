@@ -57,14 +57,12 @@ def cmd_index(a):
     if a.add:
         added, errors, ids = add_photos(a.run, name, [Path(p) for p in a.add], not a.no_detector, a.moved_weights,
                                         a.detector_weights)
-        if not ids and errors:
-            raise CbirError(f"index {name}: nothing added: none of the {len(errors)} photo(s) could be read "
-                            f"(first: {errors[0]}); the index is unchanged")
         for path, image_id in ids.items():
             print(f"image_id {image_id}\t{path}")
         print(f"index {name}: added {added} instance(s) of {len(ids)} photo(s) (image ids above); "
               f"{len(errors)} unreadable photo(s) skipped" if ids else
-              f"index {name}: every photo given is in it already; nothing to add")
+              f"index {name}: nothing new to add: the readable photos given are in it already; {len(errors)} "
+              f"unreadable photo(s) skipped")
     elif a.remove:
         print(f"index {name}: removed {remove_images(a.run, name, parse_ids(a.remove))} vector(s)")
     else:

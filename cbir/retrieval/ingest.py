@@ -104,6 +104,11 @@ def add_photos(run: Path | RunLayout, name: str, paths: list[Path], use_detector
         rows = pd.DataFrame([r for s in shards for r in s[1]], columns=["path", "instance", "x", "y", "w", "h",
                                                                         "source", "score", "category_id"])
         errors = [e for s in shards for e in s[2]]
+        if not len(rows) and len(files) == len(found):
+            finish_shards(partial)
+            why = (f"none of the {len(errors)} photo(s) could be read (first: {errors[0]})" if errors else
+                   f"no object was found in the {len(files)} photo(s)")
+            raise CbirError(f"index {name}: nothing added: {why}; the index is unchanged")
         if errors:
             log.warning("%d unreadable photo(s) skipped, first: %s", len(errors), errors[0])
         if len(rows):

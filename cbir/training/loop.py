@@ -153,7 +153,7 @@ def fit(cfg, layout: RunLayout, stamp: str, model, loss_fn, optimizer, run_epoch
         history, seconds = state["history"], state["seconds"]
         log.info("resuming %s%s after epoch %d", phase, cfg.model_name, len(history) - 1)
     else:
-        history, seconds = [{"epoch": 0, "loss": float("nan"), **scores()}], 0.0
+        history, seconds = [{"epoch": 0, "loss": None, **scores()}], 0.0  # epoch 0 trains nothing
         save_checkpoint(best_file, best_state())
     with tqdm(total=epochs * items, initial=(len(history) - 1) * items, desc=f"{phase}train {cfg.model_name}",
               unit="item") as bar:
