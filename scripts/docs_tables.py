@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SNAPSHOTS = Path("benchmarks/results")  # run reports are kept under SNAPSHOTS / "runs/..."
 OPEN = re.compile(r"^<!-- table: (.+?) -->\s*$")
 CLOSE = "<!-- end table -->"
-BY_HAND = ("by hand:", "not from a report:")  # not results; results no report holds
+NOT_COPIED = ("by hand:", "not from a report:")  # not results; results no report holds
 
 
 @dataclass
@@ -50,12 +50,12 @@ class Block:
     spec: str
 
     @property
-    def by_hand(self) -> bool:
-        return self.spec.startswith(BY_HAND)
+    def not_copied(self) -> bool:
+        return self.spec.startswith(NOT_COPIED)
 
     @property
     def kind(self) -> str:
-        return next(k for k in BY_HAND if self.spec.startswith(k))
+        return next(k for k in NOT_COPIED if self.spec.startswith(k))
 
     @property
     def where(self) -> str:
@@ -160,7 +160,7 @@ def refresh_copies(all_blocks: list[Block]) -> list[str]:
     """Copy each run report a table names from the run (where it is here) to its kept copy."""
     copied = []
     for block in all_blocks:
-        if block.by_hand:
+        if block.not_copied:
             continue
         source = Source.parse(block.spec)
         run_report = ROOT / source.path
@@ -187,7 +187,7 @@ def problems(files: list[Path]) -> tuple[list[str], list[str]]:
             if start not in inside:
                 wrong.append(f"{path.relative_to(ROOT)}:{start + 1}: a table with no source marker")
         for b in framed:
-            if b.by_hand:
+            if b.not_copied:
                 why = b.spec[len(b.kind):].strip()
                 (hand if why else wrong).append(f"{b.where}: {b.kind} {why or 'says not why'}")
                 continue
@@ -211,7 +211,7 @@ def rewrite(files: list[Path]) -> list[str]:
         for b in blocks(path, lines):
             out += lines[at:b.start]
             try:
-                out += lines[b.start:b.end] if b.by_hand else source_table(Source.parse(b.spec))
+                out += lines[b.start:b.end] if b.not_copied else source_table(Source.parse(b.spec))
             except OSError:
                 out += lines[b.start:b.end]
             at = b.end

@@ -80,10 +80,7 @@ def path(value: str) -> Path:
 
 def name(value: str) -> str:
     """A name that becomes a folder inside the run (an embeddings set, an index, a model)."""
-    try:
-        return check_name(text(value), "name")
-    except CbirError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    return checked(lambda v: check_name(v, "name"))(value)
 
 
 def names(value: str, *, empty: bool = False) -> str:
@@ -147,15 +144,12 @@ def split(value: str) -> str:
 
 def splits(value: str) -> str:
     """Split names, comma-separated: train and/or test."""
-    try:
-        check_splits(csv_list(text(value)), "splits")
-    except CbirError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    checked(lambda v: check_splits(csv_list(v), "splits"))(value)
     return value
 
 
 def filter_expression(value: str) -> str:
-    """--filter, parsed now (fields and brackets) so a typo fails before any photo is read."""
+    """--filter, tried now on a row of every field, so a typo fails before any photo is read."""
     from ..retrieval.expression import check_expression
 
     return checked(check_expression)(value)

@@ -33,11 +33,7 @@ def index_config(a, run: Path, embeddings: str, name: str | None = None):
                        force=getattr(a, "force", False))
 
 
-def build_only_flags(a) -> list[tuple[str, object, object]]:
-    """(flag, value given, default) of the flags that only building an index reads."""
-    return [("--embeddings", a.embeddings if a.name else None, None), ("--pca", a.pca, "auto"),
-            ("--whiten", a.whiten, None), ("--factory", a.factory, "auto"), ("--store", a.store, "faiss"),
-            ("--gallery", a.gallery, "train,test")]
+BUILD_ONLY = ("pca", "whiten", "factory", "store", "gallery")  # what only building an index reads
 
 
 def cmd_index(a):
@@ -50,7 +46,9 @@ def cmd_index(a):
     if a.add and a.remove:
         raise CbirError("--add and --remove in one call: run them one after the other (each is one atomic edit of "
                         "the index)")
-    unused = [flag for flag, value, default in build_only_flags(a) if value != default] if a.add or a.remove else []
+    unused = ["--embeddings"] * bool(a.name and a.embeddings) + [
+        f"--{dest}" for dest, default in a.build_defaults.items() if getattr(a, dest) != default]
+    unused = unused if a.add or a.remove else []
     if unused:
         raise CbirError(f"{unused[0]} shapes a new index; --add / --remove edit index {name} with the settings it "
                         f"was built with (rebuild it with --embeddings to change them)")
@@ -97,7 +95,7 @@ def add_index(sub):
     p.add_argument("--detector-weights", type=text,
                    help="with --add: new place of the detector weights file if it moved")
     force_arg(p, "the index (earlier --add/--remove edits are replayed)")
-    p.set_defaults(func=cmd_index)
+    p.set_defaults(func=cmd_index, build_defaults={dest: p.get_default(dest) for dest in BUILD_ONLY})
 
 
 def cmd_search(a):

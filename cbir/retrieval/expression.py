@@ -20,6 +20,8 @@ TOKEN = re.compile(r"""\s*(?:(?P<number>-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)|(?P<st
                    r"""(?P<op>==|!=|<=|>=|<|>|&&|\|\||\(|\)|\[|\]|,)|(?P<word>[A-Za-z_][A-Za-z0-9_]*))""")
 WORDS = {"and": "and", "or": "or", "not": "not", "in": "in", "AND": "and", "OR": "or", "NOT": "not", "IN": "in"}
 SPELLING = {"&&": "and", "||": "or"}
+EXAMPLE = {"image_id": 1, "instance": 0, "class_id": 1, "category_id": 1, "split": "test", "source": "detected",
+           "score": 1.0, "path": "a.jpg"}  # a value of each field's type (id is the index)
 
 
 def _tokens(expression: str) -> list[tuple[str, str]]:
@@ -69,7 +71,6 @@ def matching_ids(table: pd.DataFrame, expression: str) -> np.ndarray:
 def check_expression(expression: str) -> str:
     """The expression tried on one row of each field's type, so a syntax or type slip is refused before
     any photo is read (what a real index then matches is its own business)."""
-    row = pd.DataFrame({"image_id": [1], "instance": [0], "class_id": [1], "category_id": [1], "split": ["test"],
-                        "source": ["detected"], "score": [1.0], "path": ["a.jpg"]}, index=pd.Index([0], name="id"))
+    row = pd.DataFrame({field: [EXAMPLE[field]] for field in FIELDS if field != "id"}, index=pd.Index([0], name="id"))
     matching_ids(row, expression)
     return expression

@@ -1,8 +1,8 @@
 """Every encoder kind, frozen or trained, rebuilt from the spec stored with its vectors (`embeddings/NAME`'s
 meta.json). It lives here, above both the frozen encoders (`cbir.encoders`) and the trained heads
-(`training.head`), so that neither layer imports the other; a new kind is one builder here (`COMPOSITE` for kinds over other encoders).
-Builders of composite kinds (a head over its base encoder, a fusion of parts) get this function to
-build their parts."""
+(`training.head`), so that neither layer imports the other. A new kind is one builder here; the kinds
+built over other encoders (a head over its base encoder, a fusion of parts) are in `COMPOSITE` and get
+this function to build their parts."""
 
 from __future__ import annotations
 
