@@ -22,6 +22,13 @@ _TRANSPOSED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 
 Image.MAX_IMAGE_PIXELS = None  # our own limit (max_pixels) replaces PIL's warning/bomb error, see open_photo
 
+try:  # HEIC/HEIF (iPhone photos) through the optional `heic` extra; AVIF is in Pillow's own wheels
+    from pillow_heif import register_heif_opener
+except ImportError:
+    pass
+else:
+    register_heif_opener()
+
 
 @dataclass
 class Photo:

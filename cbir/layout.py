@@ -54,6 +54,11 @@ class RunLayout:
         """Where a new artifact version is written before it is renamed into place (same filesystem)."""
         return self.root / ".staging"
 
+    @property
+    def run_config(self) -> Path:
+        """The settings of the last `cbir run` (what `cbir sync` reruns)."""
+        return self.root / "run.json"
+
     def partial(self, artifact: str) -> Path:
         """Finished shards of an interrupted stage, so the same command resumes."""
         return self.root / ".partial" / artifact.replace("/", "__")
@@ -101,7 +106,11 @@ class RunLayout:
     CLASS_ATTRIBUTES = "class_attributes.parquet"
     IMAGE_ATTRIBUTES = "image_attributes.parquet"
     BAD_IMAGES = "bad_images.txt"
+    FILES = "files.parquet"  # a photo folder's scan: every file's size, time, hash and check
+    SKIPPED = "skipped.csv"  # the files of a photo folder that are not usable photos, with the reason
+    DUPLICATES = "duplicates.csv"  # paths whose bytes equal another path's (one image, several paths)
     DETECTIONS = "detections.json"
+    RAW_DETECTIONS = "raw_detections.json"  # the detector's own answer per image, before fallbacks (for syncs)
     BAD_DETECTIONS = "bad_detections.txt"
     VECTORS = "vectors.npy"
     ROWS = "rows.parquet"

@@ -3,7 +3,7 @@
 One module per command group, each command's parser beside its handler: `data` (prepare, eda, download-cub),
 `detection` (detect, train-detector), `embedding` (embed), `search` (index, search), `evaluation` (evaluate,
 evaluate-objects, compare-methods, evaluate-text), `training` (train-embedder, train-text), `page` (ui) and
-`run` (run, status); `flags` holds the flag groups they share. The config builders (`prepare_config`,
+`run` (run, sync, status); `flags` holds the flag groups they share. The config builders (`prepare_config`,
 `detect_config`, ...) live with their command and are shared by `cbir run`, so a flag means the same thing
 everywhere.
 """
@@ -22,7 +22,7 @@ from .embedding import add_embed
 from .evaluation import add_compare_methods, add_evaluate, add_evaluate_objects, add_evaluate_text
 from .flags import Parser
 from .page import add_ui
-from .run import add_run, add_status
+from .run import add_run, add_status, add_sync
 from .search import add_index, add_search
 from .training import add_train_embedder, add_train_text
 
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                      add_detect, add_embed, add_index, add_search,
                      add_evaluate, add_evaluate_objects, add_compare_methods, add_train_embedder,
                      add_train_detector, add_train_text, add_evaluate_text, add_run,
-                     add_ui):
+                     add_sync, add_ui):
         register(sub)
     return parser
 

@@ -13,9 +13,26 @@ def prepare_config(a, run: Path):
 
     if a.coco is None and (a.images or a.captions):
         raise CbirError("--images and --captions go with --coco")
-    return PrepareConfig(run=run, root=a.coco or a.cub, dataset="coco" if a.coco else "cub", images=a.images,
-                         captions=a.captions, split=a.split, skip_bad=a.skip_bad, max_pixels=a.max_pixels,
+    if a.photos is None and (a.class_labels or a.boxes or a.strict):
+        raise CbirError("--class-labels, --boxes and --strict go with --photos")
+    dataset = "coco" if a.coco else "photos" if a.photos else "cub"
+    return PrepareConfig(run=run, root=a.coco or a.photos or a.cub, dataset=dataset, images=a.images,
+                         captions=a.captions, class_labels=a.class_labels, boxes=a.boxes, strict=a.strict,
+                         split=a.split, skip_bad=a.skip_bad, max_pixels=a.max_pixels,
                          workers=or_default(a.workers, DEFAULT_WORKERS), force=getattr(a, "force", False))
+
+
+def dataset_line(run: Path, s: dict) -> str:
+    """The prepared dataset in one line (a photo folder: what the scan skipped and merged)."""
+    if s["dataset"] == "photos":
+        split = f"{s['train']} train, {s['test']} test, {s['classes']} classes" if s["labelled"] else "no labels"
+        return (f"{run}/dataset: {s['images']} photos ({split}), {s['instances']} known boxes; {s['skipped']} files "
+                f"skipped (listed in {run}/dataset/skipped.csv), {s['duplicates']} duplicate paths, "
+                f"{s['hidden_or_system']} hidden or system files passed over")
+    return (f"{run}/dataset: {s['images']} images ({s['train']} train, {s['test']} test), {s['classes']} classes, "
+            f"{s['instances']} GT boxes; {s['bad_images']} bad, {s['clipped_boxes']} boxes clipped"
+            + (f"; {s['crowd_skipped']} crowd regions left out, {s['images_without_objects']} images without objects"
+               if "crowd_skipped" in s else ""))
 
 
 def cmd_prepare(a):
@@ -24,17 +41,16 @@ def cmd_prepare(a):
 
     result = prepare(prepare_config(a, a.out))
     s = result.dataset.meta["summary"]
-    print(f"{a.out}/dataset: {s['images']} images ({s['train']} train, {s['test']} test), {s['classes']} classes, "
-          f"{s['instances']} GT boxes; {s['bad_images']} bad, {s['clipped_boxes']} boxes clipped"
-          + (f"; {s['crowd_skipped']} crowd regions left out, {s['images_without_objects']} images without objects"
-             if "crowd_skipped" in s else ""))
+    print(dataset_line(a.out, s))
     if not a.no_eda:
         print(f"EDA report: {eda(a.out)}")
 
 
 def add_prepare(sub):
-    p = sub.add_parser("prepare", help="read CUB or COCO, split it, check every image → RUN/dataset (+ EDA)",
-                       description="Read the official CUB layout (--cub) or a COCO instances file (--coco), split "
+    p = sub.add_parser("prepare", help="read CUB, COCO or a folder of photos, split it, check every image → "
+                       "RUN/dataset (+ EDA)",
+                       description="Read the official CUB layout (--cub), a COCO instances file (--coco) or any "
+                                   "folder of photos (--photos; rescans hash only changed files), split "
                                    "it, decode every image and check every record and box; write RUN/dataset "
                                    "(images.parquet, instances.parquet, gt_coco.json: COCO instances — CUB: category "
                                    "16 'bird' —, captions.parquet with --captions) and RUN/eda/report.md. Redone only "

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .. import CbirError
 from ..datasets import check_splits
+from ..detection.results import FALLBACKS
 from ..device import check_device
 from ..images import DEFAULT_MAX_PIXELS
 from ..layout import check_name
@@ -131,7 +132,7 @@ def checked(check):
     return parse
 
 
-SPLIT = re.compile(r"song|official|coco_split|random:(0?\.\d+|[01](\.\d*)?)(:\d+)?|classes:[\d,\s-]+/[\d,\s-]+")
+SPLIT = re.compile(r"song|official|coco_split|gallery|random:(0?\.\d+|[01](\.\d*)?)(:\d+)?|classes:[\d,\s-]+/[\d,\s-]+")
 
 
 def split(value: str) -> str:
@@ -139,6 +140,14 @@ def split(value: str) -> str:
     if not SPLIT.fullmatch(text(value)):
         raise argparse.ArgumentTypeError(f"{value!r}: CUB takes song, official or classes:A-B/C-D; COCO takes "
                                          f"random:F[:SEED] or coco_split")
+    return value
+
+
+def class_labels(value: str) -> str:
+    """--class-labels: 'folders' or a CSV file of path,label that exists."""
+    if text(value) != "folders" and not Path(value).expanduser().is_file():
+        raise argparse.ArgumentTypeError(f"{value!r}: use folders (the first-level folder is the class) or a CSV "
+                                         f"file of path,label")
     return value
 
 
@@ -251,13 +260,24 @@ def dataset_args(p):
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--cub", type=path, help="CUB root: the folder holding images.txt and images/")
     source.add_argument("--coco", type=path, metavar="INSTANCES.json", help="a COCO instances file (with --images)")
+    source.add_argument("--photos", type=path, metavar="DIR", help="any folder of photos, searched recursively; "
+                        "files that are not usable photos are skipped and listed in RUN/dataset/skipped.csv")
     p.add_argument("--images", type=path, help="--coco: the folder its file_name entries are relative to")
     p.add_argument("--captions", type=path, help="--coco: a COCO captions file, kept as dataset/captions.parquet")
     p.add_argument("--split", type=split,
                    help="CUB: song (default; classes 1-100 train / 101-200 test, Song et al. 2016), "
                    "official (train_test_split.txt), or classes:A-B/C-D (e.g. classes:1-10/11-20 for a subset). "
                    "COCO: random:F[:SEED] (default random:0.5: a share F to train, by a hash of each image id) or "
-                   "coco_split (train2017 → train, val2017 → test)")
+                   "coco_split (train2017 → train, val2017 → test). Photos: gallery (default without labels: every "
+                   "photo is gallery) or random:F[:SEED] (default random:0.5 with --class-labels; by a hash of the "
+                   "photo's bytes, stable across rescans)")
+    p.add_argument("--class-labels", type=class_labels, metavar="folders|FILE.csv",
+                   help="--photos: the class of each photo, from its first-level folder (folders, torchvision's "
+                   "ImageFolder convention) or a CSV of path,label (paths under DIR); default: no labels")
+    p.add_argument("--boxes", type=path, metavar="COCO.json", help="--photos: known boxes, a COCO instances file "
+                   "whose file_name entries are paths under DIR")
+    p.add_argument("--strict", action="store_true", help="--photos: stop at the first file that is not a usable "
+                   "photo instead of skipping it")
     p.add_argument("--skip-bad", action="store_true", help="drop bad annotation records, undecodable images and "
                    "empty boxes instead of stopping; they are listed in RUN/dataset/bad_images.txt (with `run`, also "
                    "bad entries of --detections, listed in RUN/detections/bad_detections.txt)")
@@ -277,8 +297,9 @@ def box_args(p):
                    "of running one")
     p.add_argument("--score", type=bounded(float, 0, 1), default=0.3,
                    help="keep boxes scoring at least this (default 0.3)")
-    p.add_argument("--fallback", default="gt", choices=("gt", "full", "none"), help="for an image with no box: gt "
-                   "(its GT boxes), full (whole image), none (no instance); recorded per instance as its source")
+    p.add_argument("--fallback", default="auto", choices=FALLBACKS, help="for an image with no box: gt (its GT "
+                   "boxes), full (whole image), none (no instance), auto (default: gt, or full for a photo folder "
+                   "without known boxes); recorded per instance as its source")
     p.add_argument("--categories", "--classes", dest="categories", type=names, default="auto",
                    help="comma-separated category names to keep, e.g. person,dog (default auto: the dataset's own "
                         "categories — CUB: bird, COCO: all)")

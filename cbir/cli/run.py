@@ -9,6 +9,7 @@ from .detection import detect_config
 from .embedding import embed_config
 from .evaluation import evaluate_config
 from .flags import (
+    bounded,
     box_args,
     csv_list,
     dataset_args,
@@ -31,7 +32,7 @@ def cmd_run(a):
 
     from ..pipeline import RunConfig, run_all
 
-    modes = csv_list(a.modes)
+    modes = csv_list(a.modes or ("full,det" if a.photos and not a.boxes else "full,gt,det"))  # gt needs known boxes
     fused = tuple(f"full+{m}" for m in ("det",) if {"full", m} <= set(modes))
     index_mode = a.index_mode or ("det" if "det" in modes else modes[-1])
     if index_mode not in modes + fused:
@@ -47,28 +48,36 @@ def cmd_run(a):
                     evaluate=replace(evaluate_config(a, a.out, modes + fused + tuple(t.model_name for t in train)),
                                      served=tuple(dict.fromkeys((index_mode, *csv_list(a.served))))),
                     train=train)
-    steps = run_all(cfg)
-    print("stage                 seconds  result")
-    for name, seconds, note in steps:
-        print(f"{name:<21} {seconds:7.1f}  {note}")
-    print(f"\n{a.out}/reports/retrieval/comparison.md:\n")
-    print((a.out / "reports" / "retrieval" / "comparison.md").read_text())
+    print_steps(run_all(cfg))
+    comparison = a.out / "reports" / "retrieval" / "comparison.md"
+    if comparison.exists():
+        print(f"\n{comparison}:\n")
+        print(comparison.read_text())
     objects = a.out / "reports" / "objects" / "objects.md"
     if objects.exists():
         print(f"multi-object retrieval (object-set relevance, the table to read for COCO-like data): {objects}")
 
 
+def print_steps(steps: list[tuple[str, float, str]]) -> None:
+    print("stage                 seconds  result")
+    for name, seconds, note in steps:
+        print(f"{name:<21} {seconds:7.1f}  {note}")
+
+
 def add_run(sub):
     p = sub.add_parser("run", help="the whole pipeline: prepare → detect → embed → index → evaluate",
-                       description="Run every stage in order on a CUB folder; each is skipped when its inputs are "
-                                   "unchanged (rerun the same command to resume), redone when they changed, then "
-                                   "print the comparison. Earlier --add/--remove edits of the index are replayed.")
+                       description="Run every stage in order on CUB, COCO or a folder of photos; each is skipped when "
+                                   "its inputs are unchanged (rerun the same command to resume), redone when they "
+                                   "changed, then print the comparison. On a photo folder a rerun is a sync: only "
+                                   "added or changed photos are detected and embedded. Earlier --add/--remove "
+                                   "edits of the index are replayed. The settings are kept in RUN/run.json for "
+                                   "`cbir sync`.")
     dataset_args(p)
     p.add_argument("--out", required=True, type=path, help="run directory to create or update")
     box_args(p)
     embedding_args(p)
-    p.add_argument("--modes", type=some_of('full', 'gt', 'det'), default="full,gt,det",
-                   help="embedding modes to compare (default full,gt,det)")
+    p.add_argument("--modes", type=some_of('full', 'gt', 'det'),
+                   help="embedding modes to compare (default full,gt,det; full,det for photos without --boxes)")
     index_args(p)
     p.add_argument("--index-mode", type=text, help="which embeddings get a saved search index: one of --modes, or "
                    "full+det (whole photo + detected box fused per image; default det, or the last of --modes "
@@ -104,3 +113,51 @@ def add_status(sub):
                                    "Reads only.")
     run_arg(p)
     p.set_defaults(func=cmd_status)
+
+
+def cmd_sync(a):
+    from ..datasets.photos import describe
+    from ..pipeline import sync
+
+    if a.watch:
+        return watch(a)
+    result = sync(a.run, a.dry_run)
+    print(f"{a.run}: {describe(result.found)}" + (" (dry run: nothing changed)" if a.dry_run else ""))
+    if result.steps:
+        print_steps(result.steps)
+
+
+def watch(a):
+    """Sync once, then after every batch of changes in the folder once they settle, until Ctrl-C."""
+    from watchfiles import watch as changes_in
+
+    from ..datasets import load_dataset
+    from ..datasets.photos import describe
+    from ..layout import RunLayout
+    from ..pipeline import sync
+
+    folder = load_dataset(RunLayout(a.run)).image_dir
+    print(f"{a.run}: {describe(sync(a.run).found)}; watching {folder} (Ctrl-C stops)", flush=True)
+    try:
+        quiet = int(a.settle * 1000)  # watchfiles: a batch is yielded after `step` ms without a new change
+        for batch in changes_in(folder, step=quiet, debounce=max(1600, 10 * quiet), raise_interrupt=True):
+            print(f"{len(batch)} change(s) in {folder}: {describe(sync(a.run).found)}", flush=True)
+    except KeyboardInterrupt:
+        print(f"stopped watching {folder}; {a.run} holds every sync that finished", flush=True)
+
+
+def add_sync(sub):
+    p = sub.add_parser("sync", help="rescan a photo folder run and update every artifact incrementally",
+                       description="Rescan the folder of a run prepared with --photos; report what was added, "
+                                   "changed, moved, removed and skipped; then bring every artifact up to date: only "
+                                   "added or changed photos are detected and embedded, moved ones keep their "
+                                   "vectors, removed ones leave every index, --add edits stay. Reruns the settings "
+                                   "of the run's last `cbir run` (RUN/run.json); a run made stage by stage gets "
+                                   "its dataset synced.")
+    run_arg(p)
+    p.add_argument("--dry-run", action="store_true", help="only report what changed; write nothing")
+    p.add_argument("--watch", action="store_true", help="keep watching the folder and sync after each batch of "
+                   "changes has settled; Ctrl-C stops")
+    p.add_argument("--settle", type=bounded(float, 0.1, 3600), default=2.0,
+                   help="--watch: seconds without a new change before a batch is synced")
+    p.set_defaults(func=cmd_sync)

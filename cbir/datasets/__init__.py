@@ -28,13 +28,16 @@ from .base import (  # noqa: F401 (the package's API)
     Tables,
     check_splits,
     finite_number,
+    image_file,
     relative_image_path,
     short_name,
 )
 
 
-def reader(name: str, root: Path, images: Path | None = None, captions: Path | None = None) -> DatasetReader:
-    """CUB: `root` is the folder holding images.txt; COCO: `root` is the instances JSON, `images` its folder."""
+def reader(name: str, root: Path, images: Path | None = None, captions: Path | None = None,
+           **photo_options) -> DatasetReader:
+    """CUB: `root` is the folder holding images.txt; COCO: `root` is the instances JSON, `images` its folder;
+    photos: `root` is any folder of photos (`photo_options`: see `PhotoFolderReader`)."""
     root = Path(root).expanduser().absolute()
     if name == "cub":
         from .cub import CubReader
@@ -47,7 +50,11 @@ def reader(name: str, root: Path, images: Path | None = None, captions: Path | N
             raise CbirError("--coco needs --images DIR (the folder of the JSON's file_name entries)")
         return CocoReader(root, Path(images).expanduser().absolute(),
                           Path(captions).expanduser().absolute() if captions else None)
-    raise CbirError(f"unknown dataset kind {name!r}; known: cub, coco")
+    if name == "photos":
+        from .photos import PhotoFolderReader
+
+        return PhotoFolderReader(root, **photo_options)
+    raise CbirError(f"unknown dataset kind {name!r}; known: cub, coco, photos")
 
 
 @dataclass
@@ -60,6 +67,11 @@ class RunDataset:
     fingerprint: str
     meta: dict
     folder: Path  # the committed dataset artifact (gt_coco.json, captions)
+
+    @property
+    def labelled(self) -> bool:
+        """False for a photo folder prepared without --class-labels: no class to score retrieval on."""
+        return self.meta["summary"].get("labelled", True)
 
     @cached_property
     def categories(self) -> list[dict]:
@@ -83,8 +95,7 @@ class RunDataset:
                           read_table(images) if images.is_file() else None)
 
     def image_path(self, path: str) -> Path:
-        p = Path(path)
-        return p if p.is_absolute() else self.image_dir / p
+        return image_file(self.image_dir, path)
 
 
 def load_dataset(layout: RunLayout) -> RunDataset:

@@ -5,9 +5,11 @@ import this module, never the package, so the package can register them without 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import quote_from_bytes, unquote_to_bytes
 
 import pandas as pd
 
@@ -29,6 +31,50 @@ def relative_image_path(text: str) -> str:
     if Path(text).is_absolute() or ".." in Path(text).parts:
         raise ValueError(f"{text!r} leaves the image folder")
     return text
+
+
+def coco_categories() -> list[str]:
+    """COCO category names by COCO id (index == id; 'N/A' for unused ids), from torchvision's metadata: the ids
+    every COCO-trained detector here (torchvision's, the ONNX SSD, YOLO results) reports."""
+    import torchvision
+
+    return list(torchvision.models.detection.FasterRCNN_ResNet50_FPN_Weights.DEFAULT.meta["categories"])
+
+
+ESCAPED = "%"  # a table path starting with this holds its file name's bytes percent-encoded
+
+
+def path_text(relative: str) -> str:
+    """A relative file name as table text. Names that are not UTF-8 (bytes from another system's encoding,
+    which Python holds as surrogate escapes) cannot go into parquet or JSON: they are kept as their bytes,
+    percent-encoded after a leading '%', as are names that start with '%' themselves, so the text is always
+    valid and always leads back to the file (`image_file`). Control characters (a newline in a name) are
+    escaped too, so a listing stays one line per file."""
+    try:
+        relative.encode("utf-8")
+    except UnicodeEncodeError:
+        pass
+    else:
+        if not relative.startswith(ESCAPED) and not any(ord(c) < 32 or ord(c) == 127 for c in relative):
+            return relative
+    return ESCAPED + quote_from_bytes(os.fsencode(relative), safe="/")
+
+
+def text_path(text: str) -> str:
+    """`path_text` undone: the file name itself (with surrogate escapes for bytes that are not UTF-8)."""
+    return os.fsdecode(unquote_to_bytes(text[len(ESCAPED):])) if text.startswith(ESCAPED) else text
+
+
+def image_file(image_dir: Path | None, text: str) -> Path:
+    """The file a table path names: absolute paths as they are, others under `image_dir`, with `path_text`'s
+    escaping undone (only when no file has the escaped text as its literal name: CUB or COCO names)."""
+    p = Path(text)
+    if p.is_absolute() or image_dir is None:
+        return p
+    literal = image_dir / p
+    if text.startswith(ESCAPED) and not literal.exists():
+        return image_dir / text_path(text)
+    return literal
 
 
 def short_name(class_name: str) -> str:
@@ -58,6 +104,10 @@ class Tables:
     crowd: pd.DataFrame | None = None  # crowd regions (image_id, category_id, x, y, w, h): not objects, but
     # COCOeval must see them so a detection on a crowd is neither a hit nor a false positive
     attributes: Attributes | None = None  # an attribute vocabulary with per-class (and per-image) values
+    files: pd.DataFrame | None = None  # a reader that scans a folder itself: every file it saw (its cache of
+    # sizes, times and hashes, kept as dataset/files.parquet) — its images are then already decoded and checked
+    skipped: pd.DataFrame | None = None  # path, reason of every file the scan left out (dataset/skipped.csv)
+    duplicates: pd.DataFrame | None = None  # image_id, path of files with the same bytes as an image's own
 
 
 class DatasetReader(Protocol):

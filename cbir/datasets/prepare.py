@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -12,10 +14,11 @@ import pandas as pd
 from tqdm import tqdm
 
 from .. import CbirError
-from ..artifacts import Artifact, commit, file_sha256, fingerprint, is_fresh, writing
+from ..artifacts import (Artifact, commit, file_sha256, finish_shards, fingerprint, is_fresh, read_table, to_json,
+                         writing)
 from ..images import DEFAULT_MAX_PIXELS, open_photo, upright_size
 from ..layout import RunLayout
-from . import IMAGE_COLUMNS, INSTANCE_COLUMNS, RunDataset, load_dataset, reader
+from . import IMAGE_COLUMNS, INSTANCE_COLUMNS, RunDataset, image_file, load_dataset, reader
 
 log = logging.getLogger(__name__)
 
@@ -23,12 +26,15 @@ log = logging.getLogger(__name__)
 @dataclass(kw_only=True)
 class PrepareConfig:
     run: Path
-    root: Path  # CUB: the folder holding images.txt and images/; COCO: the instances JSON
-    dataset: str = "cub"  # or coco
+    root: Path  # CUB: the folder holding images.txt and images/; COCO: the instances JSON; photos: the folder
+    dataset: str = "cub"  # or coco, photos
     images: Path | None = None  # COCO: the image folder
     captions: Path | None = None  # COCO: a captions JSON (kept as dataset/captions.parquet)
-    split: str | None = None  # default: the reader's own (CUB song, COCO random:0.5)
+    class_labels: str | None = None  # photos: "folders" or a CSV of path,label; None: unlabelled
+    boxes: Path | None = None  # photos: known boxes, a COCO instances file with paths under the folder
+    split: str | None = None  # default: the reader's own (CUB song, COCO random:0.5, photos gallery/random:0.5)
     skip_bad: bool = False
+    strict: bool = False  # photos: the first file that is not a usable photo stops the stage
     max_pixels: int = DEFAULT_MAX_PIXELS
     workers: int = 2
     force: bool = False
@@ -36,6 +42,8 @@ class PrepareConfig:
     def __post_init__(self):
         if self.max_pixels < 1:
             raise CbirError(f"--max-pixels {self.max_pixels}: must be at least 1")
+        if self.dataset != "photos" and (self.class_labels or self.boxes or self.strict):
+            raise CbirError("--class-labels, --boxes and --strict go with --photos")
 
 
 @dataclass
@@ -87,8 +95,17 @@ def gt_coco(images: pd.DataFrame, instances: pd.DataFrame, categories: list[dict
             "categories": categories}
 
 
-def dataset_reader(cfg: PrepareConfig):
-    return reader(cfg.dataset, cfg.root, cfg.images, cfg.captions)
+def dataset_reader(cfg: PrepareConfig, layout: RunLayout | None = None, resumable: bool = True):
+    """The reader of `cfg`; a photo folder's is given the run's previous scan (to rehash only changed files)
+    and, when `resumable`, a folder in the run for its shards."""
+    if cfg.dataset != "photos":
+        return reader(cfg.dataset, cfg.root, cfg.images, cfg.captions)
+    previous = Artifact(layout, layout.dataset) if layout is not None else None
+    return reader("photos", cfg.root, class_labels=cfg.class_labels,
+                  boxes=Path(cfg.boxes).expanduser().absolute() if cfg.boxes else None, max_pixels=cfg.max_pixels,
+                  workers=cfg.workers,
+                  previous=previous.link / layout.FILES if previous is not None and previous.exists() else None,
+                  partial=layout.partial(layout.dataset) if layout is not None and resumable else None)
 
 
 def prepare_inputs(cfg: PrepareConfig) -> dict:
@@ -103,9 +120,12 @@ def prepare_inputs(cfg: PrepareConfig) -> dict:
     image_dir = kind.image_dir()
     if not image_dir.is_dir():
         raise CbirError(f"{image_dir}: image folder not found")
-    return {"dataset": kind.name, "root": str(kind.root), "image_dir": str(image_dir),
-            "split": cfg.split or kind.default_split, "skip_bad": cfg.skip_bad, "max_pixels": cfg.max_pixels,
-            "annotations": sources}
+    inputs = {"dataset": kind.name, "root": str(kind.root), "image_dir": str(image_dir),
+              "split": cfg.split or kind.default_split, "skip_bad": cfg.skip_bad, "max_pixels": cfg.max_pixels,
+              "annotations": sources}
+    if cfg.dataset == "photos":  # (other datasets' fingerprints stay what they were)
+        inputs["class_labels"] = "folders" if cfg.class_labels == "folders" else bool(cfg.class_labels)
+    return inputs
 
 
 def prepare(cfg: PrepareConfig) -> PrepareResult:
@@ -113,27 +133,43 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     with writing(cfg.run) as layout:
         art = Artifact(layout, layout.dataset)
         inputs = prepare_inputs(cfg)
-        kind = dataset_reader(cfg)
+        kind = dataset_reader(cfg, layout)
         tables = kind.read()
         if tables.problems and not cfg.skip_bad:
             raise CbirError(f"{len(tables.problems)} bad record(s), first: {tables.problems[0]} (use --skip-bad to "
                             f"continue without them)")
+        if cfg.strict and tables.skipped is not None and len(tables.skipped):
+            first = tables.skipped.iloc[0]
+            raise CbirError(f"{image_file(kind.image_dir(), first.path)}: {first.reason} (--strict; without it such "
+                            f"files are skipped and listed in {layout.dataset}/{layout.SKIPPED})")
         images = tables.images.assign(split=kind.assign_split(tables.images, inputs["split"]))
         images = images[images.split != ""].reset_index(drop=True)
         image_dir = Path(inputs["image_dir"])
         files = [image_dir / p for p in images.path]
-        inputs["image_files"] = fingerprint([[p, f.stat().st_size if f.exists() else -1]
-                                             for p, f in zip(images.path, files)])
-        if is_fresh(art, inputs, cfg.force):
+        if tables.files is not None:  # a scanning reader: the photos' bytes and the files left out decide
+            inputs["image_files"] = fingerprint(tables.files[["path", "sha256", "reason"]].to_numpy().tolist())
+        else:
+            inputs["image_files"] = fingerprint([[p, f.stat().st_size if f.exists() else -1]
+                                                 for p, f in zip(images.path, files)])
+        if is_fresh(art, inputs, cfg.force) and not _scan_moved_on(art, tables):
             data = load_dataset(layout)
             bad_file = art.folder() / layout.BAD_IMAGES
             return PrepareResult(data, bad_file.read_text().splitlines() if bad_file.exists() else [],
                                  data.meta["summary"]["clipped_boxes"])
-        images, instances, bad, clipped = _checked(cfg, images, tables.instances, files)
+        if tables.files is not None:
+            instances, clipped, empty = clip_instances(tables.instances, images)
+            instances, bad = instances[~empty].reset_index(drop=True), []
+            if empty.any():
+                log.warning("%d known box(es) are empty after clipping to their photo; dropped", int(empty.sum()))
+        else:
+            images, instances, bad, clipped = _checked(cfg, images, tables.instances, files)
         bad = tables.problems + bad
         if tables.problems:
             log.warning("skipped %d bad record(s); listed in %s", len(tables.problems),
                         layout.path(f"{layout.dataset}/{layout.BAD_IMAGES}"))
+        if tables.skipped is not None and len(tables.skipped):
+            log.warning("skipped %d file(s) that are not usable photos; listed in %s", len(tables.skipped),
+                        layout.path(f"{layout.dataset}/{layout.SKIPPED}"))
         counts = images.split.value_counts().to_dict()
         with commit(art, inputs) as staged:
             staged.write_table(layout.IMAGES, images[IMAGE_COLUMNS])
@@ -149,11 +185,31 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
                     staged.write_table(layout.IMAGE_ATTRIBUTES, tables.attributes.images[kept])
             if bad:
                 staged.file(layout.BAD_IMAGES).write_text("\n".join(bad) + "\n")
+            if tables.files is not None:
+                staged.write_table(layout.FILES, tables.files)
+                staged.write_table(layout.SKIPPED, tables.skipped)
+                staged.write_table(layout.DUPLICATES, tables.duplicates)
             staged.summary.update(images=len(images), instances=len(instances), train=counts.get("train", 0),
                                   test=counts.get("test", 0), classes=int(images.class_id.nunique()),
                                   categories=int(instances.category_id.nunique()), bad_images=len(bad),
                                   clipped_boxes=clipped, dataset=kind.name, **tables.counts)
+            if tables.files is not None:  # what `cbir sync` rescans with, when no `cbir run` recorded its settings
+                absolute = {k: str(Path(v).expanduser().absolute()) for k, v in (("root", cfg.root), ("boxes", cfg.boxes),
+                            ("class_labels", cfg.class_labels)) if v not in (None, "folders")}
+                staged.summary["config"] = {**json.loads(to_json(dataclasses.asdict(cfg))), **absolute, "run": None,
+                                            "force": False}
+        finish_shards(layout.partial(layout.dataset))
         return PrepareResult(load_dataset(layout), bad, clipped)
+
+
+def _scan_moved_on(art: Artifact, tables) -> bool:
+    """A photo folder whose content is unchanged but whose files were touched or re-saved with the same bytes:
+    the scan's cache (sizes, times) is recommitted under the same fingerprint, so later stages stay fresh
+    and the next scan does not hash those files again."""
+    if tables.files is None:
+        return False
+    kept = read_table(art.folder() / art.layout.FILES)
+    return not kept[["path", "size", "mtime_ns"]].equals(tables.files[["path", "size", "mtime_ns"]])
 
 
 def _checked(cfg: PrepareConfig, images: pd.DataFrame, instances: pd.DataFrame, files: list[Path]):

@@ -33,7 +33,7 @@ def _key(name: str) -> str:
 
 def label_map(path: Path) -> dict[int, int]:
     """Label index → COCO category id, from a label file (one name per line, line i = label i)."""
-    from .torchvision_detector import coco_categories
+    from ..datasets.base import coco_categories
 
     try:
         names = read_text(path).splitlines()

@@ -13,7 +13,7 @@ from ..artifacts import Artifact, read_json
 from ..datasets import finite_number
 from ..layout import RunLayout
 
-FALLBACKS = ("gt", "full", "none")
+FALLBACKS = ("auto", "gt", "full", "none")  # auto: gt where the dataset has GT boxes, else full
 
 
 def _entry_problem(d) -> str | None:

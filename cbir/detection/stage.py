@@ -24,7 +24,7 @@ from ..device import batches, resolve_device
 from ..images import open_photo
 from . import Detector, build_detector
 from .results import FALLBACKS, apply_fallback, clean_boxes, kept_boxes, read_external
-from .torchvision_detector import coco_categories
+from ..datasets.base import coco_categories
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class DetectConfig:
     min_size: str = "auto"  # 'auto' = native resolution, or a short-side size in pixels (torchvision: 800)
     batch_size: int = 4
     workers: int = 2
-    fallback: str = "gt"
+    fallback: str = "auto"  # gt where the dataset has GT boxes, else full
     categories: tuple[str, ...] = ("auto",)  # names to keep; auto = the dataset's own categories
     detections: Path | None = None  # import boxes from another detector instead of running one
     skip_bad: bool = False  # imported boxes: drop unusable entries (listed in bad_detections.txt) instead of stopping
@@ -128,6 +128,7 @@ def detect(cfg: DetectConfig) -> DetectResult:
         data = load_dataset(layout)
         images = data.images[data.images.split.isin(cfg.splits)].reset_index(drop=True)
         keep_ids = category_ids(cfg.categories, data.categories)
+        fallback = cfg.fallback if cfg.fallback != "auto" else "gt" if len(data.instances) else "full"
         detector = None
         if cfg.detections is not None:
             source = {"detector": "external", "file": str(Path(cfg.detections).absolute()),
@@ -137,7 +138,7 @@ def detect(cfg: DetectConfig) -> DetectResult:
                                       min_size=cfg.min_size, score_floor=min(cfg.score, 0.05), labels=cfg.labels)
             source = {k: v for k, v in detector.spec.items() if k not in ("weights", "labels")}
         inputs = {"source": {k: v for k, v in source.items() if k != "file"}, "score": cfg.score,
-                  "max_per_image": cfg.max_per_image, "fallback": cfg.fallback, "classes": sorted(keep_ids),
+                  "max_per_image": cfg.max_per_image, "fallback": fallback, "classes": sorted(keep_ids),
                   "splits": list(cfg.splits), "dataset": data.fingerprint, "skip_bad": cfg.skip_bad}
         art = Artifact(layout, layout.detections)
         if is_fresh(art, inputs, cfg.force):
@@ -154,8 +155,10 @@ def detect(cfg: DetectConfig) -> DetectResult:
                 log.warning("skipped %d bad detection(s); listed in %s", len(problems),
                             layout.path(f"{layout.detections}/{layout.BAD_DETECTIONS}"))
         else:
-            raw, errors = _run_detector(detector, data, images, cfg, set(keep_ids), layout.partial(art.name),
-                                        fingerprint(inputs))
+            kept = _reusable(art, inputs, data)
+            answers, errors, reused = _run_detector(detector, data, images, cfg, set(keep_ids),
+                                                    layout.partial(art.name), fingerprint(inputs), kept)
+            raw = answers["boxes"]
         if errors:
             log.warning("%d unreadable image(s) skipped, first: %s", len(errors), errors[0]["error"])
         dets, counts = clean_boxes(raw, images, set(keep_ids), cfg.score, cfg.max_per_image, run_ids)
@@ -167,11 +170,14 @@ def detect(cfg: DetectConfig) -> DetectResult:
             log.info("boxes: %d in, dropped %s, %d clipped to the image", counts["input"], dropped or "none",
                      counts["clipped"])
         gt = data.instances[data.instances.category_id.isin(keep_ids)]
-        dets = apply_fallback(dets, images, gt, cfg.fallback, {e["image_id"] for e in errors})
+        dets = apply_fallback(dets, images, gt, fallback, {e["image_id"] for e in errors})
         summary = _summary(dets, images, counts, errors, cfg, keep_ids, detector.spec if detector else source)
-        summary["bad_detections"] = len(problems)
+        summary.update(bad_detections=len(problems), fallback=fallback)
         with commit(art, inputs, {"dataset": data.fingerprint}) as staged:
             staged.file(layout.DETECTIONS).write_text(to_json(dets, indent=None))
+            if detector is not None:
+                staged.file(layout.RAW_DETECTIONS).write_text(to_json(answers, indent=None))
+                summary.update(detected_images=len(images) - reused, reused_images=reused)
             if problems:
                 staged.file(layout.BAD_DETECTIONS).write_text("\n".join(problems) + "\n")
             staged.summary.update(summary)
@@ -179,14 +185,47 @@ def detect(cfg: DetectConfig) -> DetectResult:
         return DetectResult(dets, summary)
 
 
+def _reusable(art: Artifact, inputs: dict, data: RunDataset) -> dict[int, list[dict]] | None:
+    """The previous version's raw boxes of every image it answered (an empty list for one with no box), when
+    they hold for the new inputs: the same detector and settings, on a dataset whose image ids name content (a
+    photo folder), so an image id that is still there is the same bytes. A sync then runs the detector on
+    added and changed photos only, and its boxes equal a fresh run's."""
+    meta = art.meta()
+    if not (data.meta["summary"].get("content_ids") and meta and not art.check_files()
+            and (art.folder() / art.layout.RAW_DETECTIONS).is_file()):
+        return None
+    drop = ("dataset",)
+    if {k: v for k, v in meta["inputs"].items() if k not in drop} != \
+            {k: v for k, v in json.loads(to_json(inputs)).items() if k not in drop}:
+        return None
+    raw = read_json(art.folder() / art.layout.RAW_DETECTIONS)
+    kept: dict[int, list[dict]] = {iid: [] for iid in raw["answered"]}
+    for d in raw["boxes"]:
+        kept[d["image_id"]].append(d)
+    return kept
+
+
 def _run_detector(detector: Detector, data: RunDataset, images: pd.DataFrame, cfg: DetectConfig,
-                  keep_ids: set[int], partial: Path, stamp: str) -> tuple[list[dict], list[dict]]:
-    with tqdm(total=len(images), desc=f"detect ({detector.spec['detector']})", unit="img") as bar:
-        shards = run_in_shards(images, SHARD_IMAGES, partial, stamp,
+                  keep_ids: set[int], partial: Path, stamp: str,
+                  kept: dict[int, list[dict]] | None = None) -> tuple[dict, list[dict], int]:
+    """The raw boxes (the detector's kept ones) of every image in image order, with the images answered, and
+    the unreadable images; with `kept` (see `_reusable`) only the images it has no answer for are detected.
+    Returns how many images were reused."""
+    kept = kept or {}
+    todo = images[~images.image_id.isin(list(kept))]
+    with tqdm(total=len(todo), desc=f"detect ({detector.spec['detector']})", unit="img") as bar:
+        shards = run_in_shards(todo, SHARD_IMAGES, partial, stamp,
                                lambda rows: detect_images(detector, data, rows, cfg, keep_ids, bar),
                                lambda p, res: p.write_text(json.dumps(res)), lambda p: json.loads(p.read_text()),
                                bar)
-    return [d for dets, _ in shards for d in dets], [e for _, errs in shards for e in errs]
+    errors = [e for _, errs in shards for e in errs]
+    unread = {e["image_id"] for e in errors}
+    found = {iid: kept.get(iid, []) for iid in images.image_id if iid not in unread}
+    for dets, _ in shards:
+        for d in dets:
+            found[d["image_id"]].append(d)
+    raw = {"answered": [int(i) for i in found], "boxes": [d for ds in found.values() for d in ds]}
+    return raw, errors, len(images) - len(todo)
 
 
 def _summary(dets: list[dict], images: pd.DataFrame, counts: dict, errors: list[dict], cfg: DetectConfig,

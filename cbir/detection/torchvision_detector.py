@@ -10,16 +10,12 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from .. import CbirError
 from ..images import Photo
+from ..datasets.base import coco_categories
 from ..weights import load_partial, load_state_dict, resolve_weights, weights_enum
 from .frcnn import detect_with
 
 DETECTORS = ("fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", "fasterrcnn_mobilenet_v3_large_fpn")
 NATIVE_BOUNDS = (224, 1024)  # --min-size auto keeps the photo's own short side inside these bounds
-
-
-def coco_categories() -> list[str]:
-    """COCO category names by COCO id (index == id; 'N/A' for unused ids), from torchvision's metadata."""
-    return list(torchvision.models.detection.FasterRCNN_ResNet50_FPN_Weights.DEFAULT.meta["categories"])
 
 
 class NativeResolutionTransform(GeneralizedRCNNTransform):

@@ -3,6 +3,7 @@ the `embeddings/NAME` artifact: vectors.npy (float32 [N, D]) + rows.parquet (row
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +17,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .. import CbirError
-from ..artifacts import Artifact, commit, finish_shards, fingerprint, is_fresh, read_table, run_in_shards, writing
+from ..artifacts import (Artifact, commit, finish_shards, fingerprint, is_fresh, read_table, run_in_shards, to_json,
+                         writing)
 from ..datasets import RunDataset, load_dataset
 from ..detection.results import load_detections
 from ..device import batches, decode_workers, resolve_device
@@ -246,10 +248,11 @@ def embed(cfg: EmbedConfig) -> tuple[np.ndarray, pd.DataFrame, dict]:
         if is_fresh(art, inputs, cfg.force):
             return load_embeddings(layout, cfg.output_name)
         stamp = fingerprint(inputs)
-        image_order = rows.image_id.drop_duplicates().to_numpy()
+        have, reused = _reusable(art, inputs, data, rows)
+        image_order = rows.image_id[~have].drop_duplicates().to_numpy()
 
         def compute(image_ids):
-            part = rows[rows.image_id.isin(image_ids)]
+            part = rows[rows.image_id.isin(image_ids) & ~have]
             return embed_rows(part, data, encoder, cfg.batch_size or encoder.default_batch,
                               decode_workers(encoder.device) if cfg.workers is None else cfg.workers, bar)
 
@@ -258,9 +261,17 @@ def embed(cfg: EmbedConfig) -> tuple[np.ndarray, pd.DataFrame, dict]:
                 np.save(f, array)
 
         partial = layout.partial(art.name)
-        with tqdm(total=len(rows), desc=f"embed {cfg.output_name} ({encoder.backbone.name})", unit="box") as bar:
+        with tqdm(total=int((~have).sum()), desc=f"embed {cfg.output_name} ({encoder.backbone.name})",
+                  unit="box") as bar:
             shards = run_in_shards(image_order, SHARD_IMAGES, partial, stamp, compute, save, np.load, bar)
-        vectors = np.concatenate(shards).astype(np.float32)
+        vectors = np.zeros((len(rows), encoder.dim), np.float32)
+        if have.any():
+            vectors[have] = reused
+        if shards:
+            vectors[~have] = np.concatenate(shards)
+        if have.any():
+            log.info("embed %s: %d vector(s) computed, %d kept from the previous version (same photo and box)",
+                     cfg.output_name, int((~have).sum()), int(have.sum()))
         if not np.isfinite(vectors).all():
             raise CbirError(f"{cfg.output_name}: the backbone produced NaN/inf features; check the weights file")
         table = rows[TABLE_COLUMNS].reset_index(drop=True)
@@ -268,9 +279,35 @@ def embed(cfg: EmbedConfig) -> tuple[np.ndarray, pd.DataFrame, dict]:
             staged.write_npy(layout.VECTORS, vectors)
             staged.write_table(layout.ROWS, table)
             staged.summary.update(spec=encoder.spec, mode=cfg.mode, count=len(table), dim=encoder.dim,
-                                  sources=table.source.value_counts().to_dict(), device=str(encoder.device))
+                                  sources=table.source.value_counts().to_dict(), device=str(encoder.device),
+                                  computed=int((~have).sum()), reused=int(have.sum()))
         finish_shards(partial)
         return load_embeddings(layout, cfg.output_name)
+
+
+REUSE_KEY = ["image_id", "x", "y", "w", "h"]  # a vector is a function of its photo's bytes and its box
+
+
+def _reusable(art: Artifact, inputs: dict, data: RunDataset, rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(which rows the previous version already holds a vector for, those vectors in row order). Only where
+    an image id names the photo's bytes (a photo folder) and the mode and encoder are unchanged: a sync then
+    embeds the added and changed photos' boxes only, and a moved photo keeps its vectors."""
+    have = np.zeros(len(rows), bool)
+    meta = art.meta()
+    if not (data.meta["summary"].get("content_ids") and meta and not art.check_files()):
+        return have, np.zeros((0, 0), np.float32)
+
+    def settings(d):
+        return {k: v for k, v in d.items() if k not in ("dataset", "detections")}
+
+    if settings(meta["inputs"]) != settings(json.loads(to_json(inputs))):
+        return have, np.zeros((0, 0), np.float32)
+    folder = art.folder()
+    old = read_table(folder / art.layout.ROWS)[REUSE_KEY].reset_index(names="old").drop_duplicates(REUSE_KEY)
+    match = rows[REUSE_KEY].reset_index(drop=True).reset_index(names="new").merge(old, on=REUSE_KEY)
+    have[match.new.to_numpy()] = True
+    match = match.sort_values("new")
+    return have, np.asarray(np.load(folder / art.layout.VECTORS, mmap_mode="r")[match.old.to_numpy()], np.float32)
 
 
 def load_embeddings(run: Path | RunLayout, name: str) -> tuple[np.ndarray, pd.DataFrame, dict]:

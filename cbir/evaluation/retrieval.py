@@ -210,9 +210,17 @@ def _body(factory: str) -> str:
     return ",".join(parts) or "Flat"
 
 
+def check_labelled(layout) -> None:
+    """Retrieval is scored on image labels: a photo folder prepared without them has nothing to score."""
+    if not load_dataset(layout).labelled:
+        raise CbirError(f"{layout.root}: the photos have no labels (prepared without --class-labels), so there is "
+                        f"nothing to score; search, the page and --add work without them")
+
+
 def evaluate(cfg: EvalConfig) -> Evaluation:
     """Score every embeddings set x PCA setting (and each served index) → reports/retrieval."""
     with writing(cfg.run) as layout:
+        check_labelled(layout)
         present = [n for n in cfg.embeddings
                    if all(Artifact(layout, layout.embeddings(p)).exists() for p in n.split("+"))]
         missing = sorted(set(cfg.embeddings) - set(present))

@@ -54,7 +54,9 @@ def map_methods(names: tuple[str, ...], n_points: int, seed: int = 0) -> dict:
         if name == "pca":
             methods["PCA"] = PCA(2, random_state=seed)
         elif name == "tsne":
-            methods["t-SNE"] = TSNE(2, init="pca", perplexity=min(30, max(5, n_points // 10)), random_state=seed)
+            # t-SNE needs perplexity below the number of points (a small test split: a few photos of a folder)
+            methods["t-SNE"] = TSNE(2, init="pca", perplexity=max(1, min(30, max(5, n_points // 10), n_points - 1)),
+                                    random_state=seed)
         else:
             import umap
 

@@ -13,6 +13,7 @@ import pandas as pd
 
 from .. import CbirError
 from ..artifacts import Artifact, commit, read_table
+from ..datasets.base import image_file
 from ..layout import RunLayout
 from . import open_store as _open_store
 from .expression import matching_ids, to_pandas
@@ -84,8 +85,7 @@ class SearchIndex:
         return out
 
     def image_path(self, path: str) -> Path:
-        p = Path(path)
-        return p if p.is_absolute() or self.image_dir is None else self.image_dir / p
+        return image_file(self.image_dir, path)
 
 
 def load_index(run: Path | RunLayout, name: str, gpu: str = "auto", repair: bool = False,
