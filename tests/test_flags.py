@@ -29,14 +29,14 @@ MALFORMED = {
     "--url": ["ftp://x/y", "not a url"], "--md5": ["abc", "g" * 32], "--auth": ["nocolon", ":pass", "user:"],
     "--detector": ["onnx:"], "--store": ["mongo://x"], "--device": ["gpu"], "--pca": ["-3", "many", ","],
     "--whiten": ["2", "x"], "--factory": ["a/b", "IVF,"], "--rerank": ["nope"], "--attributes": ["x", "7-x", "7-3", "0"],
-    "--index-mode": ["xyz"],
+    "--index-mode": ["xyz"], "--class-labels": ["no-such-labels.csv"],
     "--query-id": ["-1", "x"],
 }
 # flags whose empty value is the documented default ("no extra names")
 EMPTY_ALLOWED = {"--served"}
 PLAIN_TEXT = {"--weights", "--detector-weights", "--trunk-weights", "--labels", "--detections", "--backbone",
               "--text", "--host", "--head", "--category", "--cub", "--coco", "--images",
-              "--captions", "--out", "--run", "--add", "--image", "--train-embedder"}
+              "--captions", "--out", "--run", "--add", "--image", "--train-embedder", "--photos", "--boxes"}
 
 
 def commands() -> dict[str, argparse.ArgumentParser]:
@@ -96,6 +96,7 @@ def tripwire(monkeypatch):
                    "cbir.evaluation.retrieval.evaluate", "cbir.evaluation.objects.evaluate_objects",
                    "cbir.evaluation.methods.compare_methods", "cbir.evaluation.text.evaluate_text",
                    "cbir.training.stage.train_embedder", "cbir.training.bridge.train_text", "cbir.pipeline.run_all",
+                   "cbir.pipeline.sync",
                    "cbir.ui.app.serve"]
     for target in targets:  # every module imported before any is patched: none may bind a tripwire for good
         importlib.import_module(target.rsplit(".", 1)[0])
@@ -119,7 +120,8 @@ def base_argv(command: str, run, tmp) -> list[str]:
 
 def with_value(argv: list[str], flag: str, value: str) -> list[str]:
     """`argv` with `flag` set to `value` (replacing its value there, and a group partner it excludes)."""
-    partners = {"--cub": "--coco", "--coco": "--cub", "--image": "--query-id", "--query-id": "--image"}
+    partners = {"--cub": "--coco", "--coco": "--cub", "--photos": "--cub", "--image": "--query-id",
+                "--query-id": "--image"}
     out, skip = [], 0
     for i, word in enumerate(argv):
         if skip:

@@ -128,7 +128,8 @@ def cmd_sync(a):
 
 
 def watch(a):
-    """Sync once, then after every batch of changes in the folder once they settle, until Ctrl-C."""
+    """Sync once the watcher is listening (so nothing changed meanwhile is missed), then after every batch of
+    changes in the folder once they settle, until Ctrl-C."""
     from watchfiles import watch as changes_in
 
     from ..datasets import load_dataset
@@ -137,11 +138,16 @@ def watch(a):
     from ..pipeline import sync
 
     folder = load_dataset(RunLayout(a.run)).image_dir
-    print(f"{a.run}: {describe(sync(a.run).found)}; watching {folder} (Ctrl-C stops)", flush=True)
+    quiet = int(a.settle * 1000)  # watchfiles: a batch is yielded after `step` ms without a new change
+    listening = False
     try:
-        quiet = int(a.settle * 1000)  # watchfiles: a batch is yielded after `step` ms without a new change
-        for batch in changes_in(folder, step=quiet, debounce=max(1600, 10 * quiet), raise_interrupt=True):
-            print(f"{len(batch)} change(s) in {folder}: {describe(sync(a.run).found)}", flush=True)
+        for batch in changes_in(folder, step=quiet, debounce=max(1600, 10 * quiet), rust_timeout=quiet,
+                                yield_on_timeout=True, raise_interrupt=True):
+            if not listening:  # the first (empty) answer: the watcher runs and queues what changes from now on
+                listening = True
+                print(f"{a.run}: {describe(sync(a.run).found)}; watching {folder} (Ctrl-C stops)", flush=True)
+            elif batch:
+                print(f"{len(batch)} change(s) in {folder}: {describe(sync(a.run).found)}", flush=True)
     except KeyboardInterrupt:
         print(f"stopped watching {folder}; {a.run} holds every sync that finished", flush=True)
 
