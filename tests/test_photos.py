@@ -361,6 +361,18 @@ def test_sync_after_kill_9_gives_the_same_run(synced_setup):
     assert_same_run(run, synced_setup["fresh"], synced_setup["extra"])
 
 
+def test_page_names_each_result_by_its_path_under_the_folder(synced_setup):
+    from conftest import predict, serve_page
+
+    run = copy_run(synced_setup["fresh"], synced_setup["base"] / "page")
+    paths = set(load_dataset(RunLayout(run)).images.path)
+    with serve_page(run, "det", detector="run") as url:
+        _, _, choice, gallery, _ = predict(url, sample_photos(CLASSES[0])[PER_CLASS + 6], k=5)
+    assert choice["choices"] and len(gallery) == 5
+    for card in gallery:
+        assert card["caption"].split(" (")[0] in paths, card["caption"]
+
+
 def test_watch_syncs_a_new_photo_and_stops_on_ctrl_c(synced_setup, tmp_path):
     run = copy_run(synced_setup["fresh"], synced_setup["base"] / "watched")
     proc = subprocess.Popen([sys.executable, "-m", "cbir", "sync", "--run", str(run), "--watch", "--settle", "0.5"],

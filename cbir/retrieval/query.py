@@ -163,6 +163,7 @@ class Querier:
             self.detector, self.detect_meta = other_detector(self.layout, detector, self.device, detector_weights,
                                                              data.categories)
         self.categories = {int(c["id"]): c["name"] for c in data.categories}
+        self.photo_folder = data.meta["inputs"]["dataset"] == "photos"  # results are named by their path there
         gt = data.instances.merge(data.images[["image_id", "path", "width", "height"]], on="image_id")
         self.run_photos = {Path(r.path).name: (r.width, r.height, [r.x, r.y, r.w, r.h], int(r.image_id))
                            for r in gt.drop_duplicates("image_id").itertuples()}

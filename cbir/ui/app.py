@@ -126,6 +126,8 @@ def neighbour_cards(querier: Querier, cards: CardFiles, rows: list[dict]) -> lis
         name = short_name(r["class_name"]) or "added photo"
         if querier.multi_category and r["category"]:
             name = r["category"]  # the box's kind says more than its photo's label
+        if querier.photo_folder and not Path(r["path"]).is_absolute():  # a user's folder: where the photo lives
+            name = f"{r['path']} ({name})" if r["class_name"] else r["path"]
         out.append((file, f"{'itself: ' if r['itself'] else ''}{name} · sim {r['similarity']:.3f}"))
     return out
 
