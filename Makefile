@@ -18,7 +18,7 @@ comma := ,
 space := $(subst ,, )
 TEXT_SPLIT ?= classes:1-10/11-20
 
-.PHONY: setup demo detector coco text metric test test-all browser docs docs-tables
+.PHONY: setup demo detector coco text metric test test-all browser docs docs-tables sync-bench
 
 setup:
 	$(PYTHON) -m pip install -q -e '.[dev]'
@@ -30,6 +30,11 @@ DEMO_BACKBONE ?= $(if $(wildcard $(BACKBONE)),--backbone mobilenet_v2 --weights 
 
 demo: setup
 	cbir run --cub $(CUB) --out $(RUN) --split $(SPLIT) $(DEMO_BOXES) $(DEMO_BACKBONE) $(ARGS)
+
+# photo folders: scanning 100,000 files, and a 1 % sync against a full build (benchmarks/results/sync_bench_cpu.md)
+sync-bench: setup
+	$(PYTHON) benchmarks/sync_bench.py --photos $(SAMPLE)/images --detector onnx:$(SSD).onnx --labels $(SSD).labels.txt \
+	  --weights $(BACKBONE)
 
 # train the detector on the CUB sample's classes 1-10 (trunk trained, then frozen), then every detector side by side
 DET_RUN ?= runs/det

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import MOBILENET, SAMPLE, SSD, SSD_LABELS, copy_run
 from PIL import Image
 
 from cbir.artifacts import read_json, read_table
@@ -26,8 +27,6 @@ from cbir.encoders.cnn import CnnEncoder
 from cbir.encoders.stage import load_embeddings
 from cbir.layout import RunLayout
 from cbir.retrieval.saved import load_index
-
-from conftest import MOBILENET, SAMPLE, SSD, SSD_LABELS, copy_run
 
 CLASSES = sorted(p.name for p in (SAMPLE / "images").iterdir())[:4]
 PER_CLASS = 8  # photos of each class in the folder; the next ones are held-out queries
@@ -157,7 +156,7 @@ def test_formats_rotation_and_odd_names(prepared, messy):
 
 def test_rescan_hashes_only_changed_files(prepared, messy, monkeypatch):
     """An unchanged rescan opens no file; a touched one is hashed again, and keeps its id."""
-    import cbir.datasets.photos as photos
+    from cbir.datasets import photos
 
     layout = RunLayout(prepared)
     previous = layout.path("dataset") / "files.parquet"
@@ -189,6 +188,30 @@ def test_labels_from_a_csv_and_a_stable_random_split(messy, tmp_path):
     split = reader.assign_split(tables.images, "random:0.5:3")
     subset = tables.images.iloc[1:]
     assert (reader.assign_split(subset, "random:0.5:3") == split.iloc[1:]).all()  # by each photo, not by order
+
+
+def test_photos_over_the_pixel_cap_are_skipped_with_the_reason(messy):
+    reader = PhotoFolderReader(messy[0] / CLASSES[1], max_pixels=150_000)  # CUB photos are ~190,000 px
+    files, _, _ = reader.scan()
+    big = files[files.reason.str.startswith("too large")]
+    assert len(big) >= 1 and (big.width == 0).all()
+    assert "exceeds --max-pixels" in big.reason.iloc[0]
+
+
+def test_unlabelled_run_indexes_and_searches(tmp_path, capsys):
+    folder = tmp_path / "trip"
+    (folder / "day one").mkdir(parents=True)
+    for src in sample_photos(CLASSES[0])[:3] + sample_photos(CLASSES[1])[:3]:
+        shutil.copy(src, folder / "day one" / src.name)
+    flags = [f for f in RUN_FLAGS if f not in ("--class-labels", "folders")]
+    assert main(["run", "--photos", str(folder), "--out", str(tmp_path / "run"), *flags]) == 0
+    out = capsys.readouterr().out
+    assert "skipped: the photos have no labels" in out
+    assert len(load_index(RunLayout(tmp_path / "run"), "det", gpu="off").table.image_id.unique()) == 6
+    assert main(["search", "--run", str(tmp_path / "run"), "--index", "det", "--image",
+                 str(sample_photos(CLASSES[0])[5]), "--json", "--k", "3"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["images"] and all(r["path"].startswith("day one/") for r in doc["images"])
 
 
 def test_content_ids_resolve_collisions():
@@ -347,7 +370,7 @@ def test_sync_equals_a_fresh_build_and_embeds_only_what_changed(synced_setup, mo
 
 def test_sync_after_kill_9_gives_the_same_run(synced_setup):
     run = copy_run(synced_setup["first"], synced_setup["base"] / "killed")
-    dataset = lambda: (run / "dataset").resolve()  # noqa: E731
+    dataset = lambda: (run / "dataset").resolve()
     before = dataset()
     proc = subprocess.Popen([sys.executable, "-m", "cbir", "sync", "--run", str(run)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

@@ -13,8 +13,6 @@ def prepare_config(a, run: Path):
 
     if a.coco is None and (a.images or a.captions):
         raise CbirError("--images and --captions go with --coco")
-    if a.photos is None and (a.class_labels or a.boxes or a.strict):
-        raise CbirError("--class-labels, --boxes and --strict go with --photos")
     dataset = "coco" if a.coco else "photos" if a.photos else "cub"
     return PrepareConfig(run=run, root=a.coco or a.photos or a.cub, dataset=dataset, images=a.images,
                          captions=a.captions, class_labels=a.class_labels, boxes=a.boxes, strict=a.strict,

@@ -309,7 +309,9 @@ def changes(old_images: pd.DataFrame | None, old_duplicates: pd.DataFrame | None
     changed = common[new[common].to_numpy() != old[common].to_numpy()]
     new_ids, old_ids = set(new), set(old)
     at_changed = set(new[changed]) | set(old[changed])
-    moved = [i for i in new_ids & old_ids if set(new.index[new == i]) != set(old.index[old == i])]
+    # moved: an image on both sides whose set of paths differs (one merge, no loop over images)
+    pairs = pd.merge(new.reset_index(), old.reset_index(), on=["path", "image_id"], how="outer", indicator=True)
+    moved = set(pairs.image_id[pairs._merge != "both"]) & new_ids & old_ids
     return {"added": len(new_ids - old_ids - at_changed), "changed": len(changed),
             "moved": len(moved), "removed": len(old_ids - new_ids - at_changed),
             "unchanged": len(new_ids & old_ids) - len(moved), "skipped": len(tables.skipped),

@@ -14,8 +14,17 @@ import pandas as pd
 from tqdm import tqdm
 
 from .. import CbirError
-from ..artifacts import (Artifact, commit, file_sha256, finish_shards, fingerprint, is_fresh, read_table, to_json,
-                         writing)
+from ..artifacts import (
+    Artifact,
+    commit,
+    file_sha256,
+    fingerprint,
+    finish_shards,
+    is_fresh,
+    read_table,
+    to_json,
+    writing,
+)
 from ..images import DEFAULT_MAX_PIXELS, open_photo, upright_size
 from ..layout import RunLayout
 from . import IMAGE_COLUMNS, INSTANCE_COLUMNS, RunDataset, image_file, load_dataset, reader

@@ -17,14 +17,24 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .. import CbirError
-from ..artifacts import (Artifact, commit, file_sha256, finish_shards, fingerprint, is_fresh, read_json,
-                         run_in_shards, to_json, writing)
+from ..artifacts import (
+    Artifact,
+    commit,
+    file_sha256,
+    fingerprint,
+    finish_shards,
+    is_fresh,
+    read_json,
+    run_in_shards,
+    to_json,
+    writing,
+)
 from ..datasets import RunDataset, check_splits, load_dataset
+from ..datasets.base import coco_categories
 from ..device import batches, resolve_device
 from ..images import open_photo
 from . import Detector, build_detector
 from .results import FALLBACKS, apply_fallback, clean_boxes, kept_boxes, read_external
-from ..datasets.base import coco_categories
 
 log = logging.getLogger(__name__)
 

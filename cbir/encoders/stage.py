@@ -17,8 +17,17 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .. import CbirError
-from ..artifacts import (Artifact, commit, finish_shards, fingerprint, is_fresh, read_table, run_in_shards, to_json,
-                         writing)
+from ..artifacts import (
+    Artifact,
+    commit,
+    fingerprint,
+    finish_shards,
+    is_fresh,
+    read_table,
+    run_in_shards,
+    to_json,
+    writing,
+)
 from ..datasets import RunDataset, load_dataset
 from ..detection.results import load_detections
 from ..device import batches, decode_workers, resolve_device

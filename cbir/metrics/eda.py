@@ -111,6 +111,8 @@ def summary(images: pd.DataFrame, boxes: pd.DataFrame) -> pd.DataFrame:
     for name in ("all", "train", "test"):
         part = images if name == "all" else images[images.split == name]
         box = boxes if name == "all" else boxes[boxes.split == name]
+        if part.empty:  # a photo folder without labels is all gallery (train): no test row
+            continue
         rows.append({"split": name, "images": len(part), "classes": part.class_id.nunique(), "boxes": len(box),
                      "greyscale": int((part["mode"] == "L").sum()),
                      "median width": int(part.width.median()), "median height": int(part.height.median()),
