@@ -22,7 +22,7 @@ from PIL import Image
 from cbir.artifacts import read_json, read_table
 from cbir.cli import main
 from cbir.datasets import load_dataset
-from cbir.datasets.photos import PhotoFolderReader, content_ids
+from cbir.datasets.photos import PhotoFolderReader, content_ids, scan
 from cbir.encoders.cnn import CnnEncoder
 from cbir.encoders.stage import load_embeddings
 from cbir.layout import RunLayout
@@ -191,11 +191,18 @@ def test_labels_from_a_csv_and_a_stable_random_split(messy, tmp_path):
 
 
 def test_photos_over_the_pixel_cap_are_skipped_with_the_reason(messy):
-    reader = PhotoFolderReader(messy[0] / CLASSES[1], max_pixels=150_000)  # CUB photos are ~190,000 px
-    files, _, _ = reader.scan()
-    big = files[files.reason.str.startswith("too large")]
-    assert len(big) >= 1 and (big.width == 0).all()
-    assert "exceeds --max-pixels" in big.reason.iloc[0]
+    """The cap is part of each file's verdict: a rescan under a lower cap (cached table, or this process's
+    memo of checks) refuses the big photos, and one under the old cap takes them back."""
+    folder = messy[0] / CLASSES[1]
+    before, _, _ = PhotoFolderReader(folder).scan()  # CUB photos are ~190,000 px
+    assert not before.reason.str.startswith("too large").any()
+    for previous in (None, before):
+        files, _, _ = scan(folder, max_pixels=150_000, previous=previous)
+        big = files[files.reason.str.startswith("too large")]
+        assert len(big) >= 1 and (big.width == 0).all()
+        assert "exceeds --max-pixels" in big.reason.iloc[0]
+    again, _, _ = scan(folder, previous=files)
+    assert again.equals(before)
 
 
 def test_unlabelled_run_indexes_and_searches(tmp_path, capsys):
@@ -212,6 +219,39 @@ def test_unlabelled_run_indexes_and_searches(tmp_path, capsys):
                  str(sample_photos(CLASSES[0])[5]), "--json", "--k", "3"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["images"] and all(r["path"].startswith("day one/") for r in doc["images"])
+
+
+def test_known_boxes_attach_to_the_photos_they_name(messy, tmp_path):
+    """--boxes: a COCO instances file with paths under the folder; a copy's path names the same image, and
+    boxes for files that are not there are counted and left out."""
+    first = sample_photos(CLASSES[0])[0]
+    w, h = Image.open(first).size
+    coco = {"images": [{"id": 1, "file_name": f"{CLASSES[0]}/{first.name}", "width": w, "height": h},
+                       {"id": 2, "file_name": f"{CLASSES[0]}/duplicate.jpg", "width": w, "height": h},
+                       {"id": 3, "file_name": "gone.jpg", "width": w, "height": h}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 16, "bbox": [10, 20, 100, 80]},
+                            {"id": 2, "image_id": 2, "category_id": 16, "bbox": [50, 60, 30, 40]},
+                            {"id": 3, "image_id": 3, "category_id": 16, "bbox": [1, 1, 5, 5]}],
+            "categories": [{"id": 16, "name": "bird"}]}
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps(coco))
+    tables = PhotoFolderReader(messy[0], "folders", boxes=boxes).read()
+    own = tables.images.set_index("path").image_id[f"{CLASSES[0]}/{first.name}"]
+    assert tables.instances.image_id.tolist() == [own, own]
+    assert tables.instances.instance.tolist() == [0, 1] and set(tables.instances.category) == {"bird"}
+    assert tables.counts["boxes_for_missing_photos"] == 1
+    assert [(c["id"], c["name"]) for c in tables.categories] == [(16, "bird")]
+
+
+def test_heic_photos_with_the_extra(tmp_path):
+    pytest.importorskip("pillow_heif")  # the `heic` extra (in `dev`)
+    import cbir.images  # noqa: F401 — registers the HEIF opener
+
+    folder = tmp_path / "phone"
+    folder.mkdir()
+    Image.open(sample_photos(CLASSES[0])[0]).save(folder / "IMG_0001.HEIC", format="HEIF")
+    tables = PhotoFolderReader(folder).read()
+    assert tables.images.path.tolist() == ["IMG_0001.HEIC"] and tables.skipped.empty
 
 
 def test_content_ids_resolve_collisions():

@@ -95,7 +95,7 @@ def read_coco(path: Path) -> tuple[COCO, list[str], int]:
             problems.append(f"{path}: annotations[{i}]: {why}")
         else:
             seen.add(a["id"])
-            annotations.append(a)
+            annotations.append({"iscrowd": 0, **a})  # other tools' files often leave iscrowd out
     if not images:
         raise CbirError(f"{path}: no usable images" + (f" (first problem: {problems[0]})" if problems else ""))
     coco = COCO()

@@ -51,7 +51,7 @@ CHECK_SHARD = 500  # files hashed and decoded per resumable shard
 ID_BITS = 53  # ids stay exact as JSON numbers in every client (doubles hold 53 bits)
 FOLDERS = "folders"
 GALLERY = "gallery"  # the split of unlabelled photos: all of them in the gallery (stored as 'train')
-_checked: dict[tuple[str, int, int], dict] = {}  # this process's checks: a sync's report, then its prepare
+_checked: dict[tuple[str, int, int, int], dict] = {}  # this process's checks: a sync's report, then its prepare
 
 
 def walk(root: Path) -> tuple[list[tuple[str, str, int, int]], list[tuple[str, str]], int]:
@@ -147,16 +147,23 @@ def scan(root: Path, max_pixels: int = DEFAULT_MAX_PIXELS, previous: pd.DataFram
     for rel, file, size, mtime in found:
         text = path_text(rel)
         old = cache.get(text)
-        if old is not None and (old[0], old[1]) == (size, mtime):
+        if old is not None and (old[0], old[1]) == (size, mtime) and _verdict_holds(old, max_pixels):
             rows.append((text, *old))
-        elif (file, size, mtime) in _checked:
-            rows.append((text, size, mtime, *_checked[file, size, mtime].values()))
+        elif (file, size, mtime, max_pixels) in _checked:
+            rows.append((text, size, mtime, *_checked[file, size, mtime, max_pixels].values()))
         else:
             todo.append((text, file, size, mtime))
     if todo:
         rows += _check_all(todo, max_pixels, workers, partial)
     files = pd.DataFrame(rows, columns=FILE_COLUMNS).sort_values("path", ignore_index=True)
     return files.astype({"size": "int64", "mtime_ns": "int64", "width": "int64", "height": "int64"}), skipped, hidden
+
+
+def _verdict_holds(old: list, max_pixels: int) -> bool:
+    """Whether a cached check (FILE_COLUMNS after the path) still stands under this pixel cap: a photo bigger
+    than the new cap, or one refused as too large under an older cap, is checked again."""
+    _, _, _, width, height, _, reason = old
+    return not reason.startswith("too large") and width * height <= max_pixels
 
 
 def _check_all(todo: list[tuple[str, str, int, int]], max_pixels: int, workers: int,
@@ -167,7 +174,7 @@ def _check_all(todo: list[tuple[str, str, int, int]], max_pixels: int, workers: 
             checks = list(pool.map(lambda t: check_file(t[1], t[2], max_pixels), part))
         bar.update(len(part))
         for (_, file, size, mtime), check in zip(part, checks):
-            _checked[file, size, mtime] = check
+            _checked[file, size, mtime, max_pixels] = check
         return [(text, size, mtime, *check.values()) for (text, _, size, mtime), check in zip(part, checks)]
 
     with tqdm(total=len(todo), desc="hash and check photos", unit="file") as bar:
