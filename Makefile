@@ -18,7 +18,7 @@ comma := ,
 space := $(subst ,, )
 TEXT_SPLIT ?= classes:1-10/11-20
 
-.PHONY: setup demo detector coco text metric test test-all browser docs docs-tables sync-bench
+.PHONY: setup demo detector coco text metric test test-all browser docs docs-tables sync-bench serve-bench
 
 setup:
 	$(PYTHON) -m pip install -q -e '.[dev]'
@@ -34,6 +34,11 @@ demo: setup
 # photo folders: scanning 100,000 files, and a 1 % sync against a full build (benchmarks/results/sync_bench_cpu.md)
 sync-bench: setup
 	$(PYTHON) benchmarks/sync_bench.py --photos $(SAMPLE)/images --detector onnx:$(SSD).onnx --labels $(SSD).labels.txt \
+	  --weights $(BACKBONE)
+
+# the service under 1, 10 and 50 concurrent clients against the in-process Querier (benchmarks/results/serve_load_cpu.md)
+serve-bench: setup
+	$(PYTHON) benchmarks/serve_load.py --photos $(SAMPLE)/images --detector onnx:$(SSD).onnx --labels $(SSD).labels.txt \
 	  --weights $(BACKBONE)
 
 # train the detector on the CUB sample's classes 1-10 (trunk trained, then frozen), then every detector side by side

@@ -172,6 +172,10 @@ def machine_fault(e: OSError, run: Path | None) -> str:
 
 # ---------------------------------------------------------------- one writer per run
 
+class RunBusy(CbirError):
+    """Another process holds the run's writer lock (the service answers 409: try again later)."""
+
+
 _held: dict[Path, tuple[int, int]] = {}  # lock path -> (fd, depth): stages nest inside `cbir run`
 
 
@@ -202,7 +206,7 @@ def run_lock(layout: RunLayout) -> Iterator[None]:
             who = f"pid {h['pid']}, `{h['command']}` since {h['since']}"
         except (ValueError, KeyError):
             who = "another process"
-        raise CbirError(f"{layout.root} is busy: {who}; wait for it or use another run directory") from None
+        raise RunBusy(f"{layout.root} is busy: {who}; wait for it or use another run directory") from None
     os.ftruncate(fd, 0)
     os.write(fd, json.dumps({"pid": os.getpid(), "command": command_line(),
                              "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}).encode())

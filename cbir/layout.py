@@ -59,6 +59,12 @@ class RunLayout:
         """The settings of the last `cbir run` (what `cbir sync` reruns)."""
         return self.root / "run.json"
 
+    @property
+    def uploads(self) -> Path:
+        """Photos sent to the service's `POST /v1/images`, named by their content: an index's --add record
+        points at these files, so a rebuild can re-embed them."""
+        return self.root / "uploads"
+
     def partial(self, artifact: str) -> Path:
         """Finished shards of an interrupted stage, so the same command resumes."""
         return self.root / ".partial" / artifact.replace("/", "__")

@@ -19,7 +19,7 @@ LAYERS = [
     ("training", ["cbir.training"]),
     ("retrieval", ["cbir.retrieval"]),
     ("evaluation", ["cbir.evaluation"]),
-    ("front ends", ["cbir.pipeline", "cbir.ui", "cbir.cli", "cbir.__main__"]),
+    ("front ends", ["cbir.pipeline", "cbir.ui", "cbir.service", "cbir.cli", "cbir.__main__"]),
 ]
 
 

@@ -10,7 +10,7 @@ import pytest
 from cbir.cli import build_parser, main
 from conftest import MINI, MINI_SPLIT, MOBILENET, REPO
 
-COMMANDS = ["prepare", "eda", "detect", "embed", "index", "search", "evaluate", "evaluate-objects", "compare-methods", "train-embedder", "train-detector", "train-text", "evaluate-text", "ui", "run", "download-cub", "status", "sync"]
+COMMANDS = ["prepare", "eda", "detect", "embed", "index", "search", "evaluate", "evaluate-objects", "compare-methods", "train-embedder", "train-detector", "train-text", "evaluate-text", "ui", "run", "download-cub", "status", "sync", "serve"]
 
 
 def test_every_command_has_useful_help(capsys):

@@ -30,13 +30,14 @@ MALFORMED = {
     "--detector": ["onnx:"], "--store": ["mongo://x"], "--device": ["gpu"], "--pca": ["-3", "many", ","],
     "--whiten": ["2", "x"], "--factory": ["a/b", "IVF,"], "--rerank": ["nope"], "--attributes": ["x", "7-x", "7-3", "0"],
     "--index-mode": ["xyz"], "--class-labels": ["no-such-labels.csv"],
-    "--query-id": ["-1", "x"],
+    "--query-id": ["-1", "x"], "--server": ["ftp://x/y", "not a url", "http://"],
 }
 # flags whose empty value is the documented default ("no extra names")
 EMPTY_ALLOWED = {"--served"}
 PLAIN_TEXT = {"--weights", "--detector-weights", "--trunk-weights", "--labels", "--detections", "--backbone",
               "--text", "--host", "--head", "--category", "--cub", "--coco", "--images",
-              "--captions", "--out", "--run", "--add", "--image", "--train-embedder", "--photos", "--boxes"}
+              "--captions", "--out", "--run", "--add", "--image", "--train-embedder", "--photos", "--boxes",
+              "--key", "--keys", "--cors"}
 
 
 def commands() -> dict[str, argparse.ArgumentParser]:
@@ -97,7 +98,7 @@ def tripwire(monkeypatch):
                    "cbir.evaluation.methods.compare_methods", "cbir.evaluation.text.evaluate_text",
                    "cbir.training.stage.train_embedder", "cbir.training.bridge.train_text", "cbir.pipeline.run_all",
                    "cbir.pipeline.sync",
-                   "cbir.ui.app.serve"]
+                   "cbir.ui.app.serve", "cbir.service.app.serve", "cbir.service.client.ServiceClient"]
     for target in targets:  # every module imported before any is patched: none may bind a tripwire for good
         importlib.import_module(target.rsplit(".", 1)[0])
     for target in targets:

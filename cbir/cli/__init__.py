@@ -24,6 +24,7 @@ from .flags import Parser
 from .page import add_ui
 from .run import add_run, add_status, add_sync
 from .search import add_index, add_search
+from .serve import add_serve
 from .training import add_train_embedder, add_train_text
 
 
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                      add_detect, add_embed, add_index, add_search,
                      add_evaluate, add_evaluate_objects, add_compare_methods, add_train_embedder,
                      add_train_detector, add_train_text, add_evaluate_text, add_run,
-                     add_sync, add_ui):
+                     add_sync, add_ui, add_serve):
         register(sub)
     return parser
 
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss").setLevel(logging.WARNING)
     logging.getLogger("PML").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
-    for noisy in ("milvus_lite", "pymilvus", "grpc"):  # their failures reach cbir as exceptions: one line each
+    for noisy in ("milvus_lite", "pymilvus", "grpc", "httpx", "httpcore"):  # failures reach cbir as exceptions: one line each
         logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.CRITICAL)
     try:
         args.func(args)

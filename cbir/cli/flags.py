@@ -188,6 +188,14 @@ def md5(value: str) -> str:
     return value
 
 
+def server_url(value: str) -> str:
+    """http(s)://HOST[:PORT][/PREFIX] of a running service."""
+    if not re.fullmatch(r"https?://[^\s/:]+(:\d{1,5})?(/\S*)?", text(value)):
+        raise argparse.ArgumentTypeError(f"{value!r}: give the service's http:// or https:// URL, e.g. "
+                                         f"http://127.0.0.1:8000")
+    return value
+
+
 def auth(value: str) -> str:
     """USER:PASS, both parts non-empty (the page's own check, made with the flags)."""
     from ..ui.app import parse_auth

@@ -20,6 +20,7 @@ from .flags import (
     query_detector_arg,
     rerank_arg,
     run_arg,
+    server_url,
     splits,
     text,
 )
@@ -100,10 +101,14 @@ def add_index(sub):
 
 def cmd_search(a):
     from ..images import open_photo
-    from ..retrieval.query import Querier, results_json
+    from ..retrieval.query import Querier
 
     if not (a.image or a.query_id is not None or a.text):
         raise CbirError("give --image PHOTO, --query-id ID or --text WORDS (or a photo or id with words)")
+    if a.server:
+        return search_server(a)
+    if a.run is None or a.index is None:
+        raise CbirError("--run RUN and --index NAME are required (or --server URL of a running `cbir serve`)")
     if a.no_detector and a.detector != "run":
         raise CbirError(f"--no-detector and --detector {a.detector}: give one of them")
     q = Querier(a.run, a.index, "none" if a.no_detector else a.detector, weights=a.weights,
@@ -112,24 +117,47 @@ def cmd_search(a):
     mix = {"text": a.text, "text_weight": a.text_weight}
     if a.image:
         photos, names = [open_photo(Path(p)) for p in a.image], [Path(p).name for p in a.image]
-        answers = q.query(photos, a.k, names=names, filter=a.filter, rerank=rerank, category=a.category, **mix)
-        docs = [results_json(p, boxes, merged, q.categories, q.own_image(photo, name))
-                for p, photo, name, (boxes, merged) in zip(a.image, photos, names, answers)]
+        docs = q.photo_documents(photos, a.image, names, a.k, filter=a.filter, rerank=rerank, category=a.category,
+                                 **mix)
     elif a.query_id is not None:
-        docs = [results_json(f"image_id {a.query_id}", *q.query_id(a.query_id, a.k, a.filter, rerank, a.category,
-                                                                   **mix), q.categories)]
+        docs = [q.id_document(a.query_id, a.k, a.filter, rerank, a.category, **mix)]
     else:
-        docs = [results_json(f"text {a.text!r}", *q.query_text(a.text, a.k, a.filter, rerank, a.category),
-                             q.categories)]
-    if a.text:
-        words = q.words(a.text, a.text_weight if (a.image or a.query_id is not None) else 1.0)
-        for doc in docs:
-            doc.update(words)
+        docs = [q.text_document(a.text, a.k, a.filter, rerank, a.category)]
+    print_documents(docs, q.detector_note, a)
+
+
+def search_server(a) -> None:
+    """`search --server URL`: the same flags, answered by a running service with its own index and models."""
+    from ..service.client import ServiceClient
+
+    local = [f for f, given in (("--run", a.run), ("--weights", a.weights), ("--detector-weights",
+                                a.detector_weights), ("--no-detector", a.no_detector),
+                                ("--detector", a.detector != "run")) if given]
+    if local:
+        raise CbirError(f"{local[0]} is the server's choice with --server (it serves its own run and models)")
+    client = ServiceClient(a.server, a.key)
+    info = client.info()
+    if a.index and a.index != info["name"]:
+        raise CbirError(f"--index {a.index}: {a.server} serves index {info['name']}")
+    settings = {"k": a.k, "rerank": a.rerank, "filter": a.filter, "category": a.category}
+    if a.image:
+        docs = client.search_photos(a.image, {**settings, "text": a.text, "text_weight": a.text_weight})
+    elif a.query_id is not None:
+        if a.text:
+            raise CbirError("--query-id with --text: the service answers an id alone (GET /v1/images/ID/similar)")
+        docs = [client.similar(a.query_id, settings)]
+    else:
+        docs = [client.text(a.text, settings)]
+    print_documents(docs, info["detector"], a)
+
+
+def print_documents(docs: list[dict], detector_note: str, a) -> None:
+    """What `search` prints: the JSON documents (--json), or per query its boxes' and images' tables."""
     if a.json:
         print(to_json(docs[0] if len(docs) == 1 else docs), end="")
         return
     for doc in docs:
-        print(f"# {doc['query']} — {q.detector_note}" + (f"; filter: {a.filter}" if a.filter else ""))
+        print(f"# {doc['query']} — {detector_note}" + (f"; filter: {a.filter}" if a.filter else ""))
         if doc["itself"] is not None:
             print(f"this photo is image {doc['itself']} of the run: it finds itself (rows marked itself)")
         if a.text:
@@ -163,8 +191,12 @@ def add_search(sub):
                                    "found or the boxes were imported), embed each box with the index's backbone and "
                                    "preprocessing, and list each box's nearest gallery instances and images. Reads "
                                    "only: needs no lock, works while another command writes the run.")
-    run_arg(p)
-    p.add_argument("--index", type=name, required=True, help="index name under RUN/index/")
+    p.add_argument("--run", type=path, help="run directory (not with --server)")
+    p.add_argument("--index", type=name, help="index name under RUN/index/ (with --server: the served one)")
+    p.add_argument("--server", type=server_url, metavar="URL",
+                   help="ask a running `cbir serve` at URL instead (e.g. http://127.0.0.1:8000)")
+    p.add_argument("--key", type=text, help="with --server: an API key (or $CBIR_API_KEY, which stays out of "
+                   "the process list)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--image", type=path, nargs="+", metavar="PHOTO",
                        help="one or more photo files (answered together: "

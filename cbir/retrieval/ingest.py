@@ -79,13 +79,16 @@ def add_rows(si: SearchIndex, vectors: np.ndarray, rows: pd.DataFrame) -> np.nda
 
 
 def add_photos(run: Path | RunLayout, name: str, paths: list[Path], use_detector: bool = True,
-               weights: str | None = None, detector_weights: str | None = None) -> tuple[int, list[str], dict[str, int]]:
+               weights: str | None = None, detector_weights: str | None = None,
+               querier: Querier | None = None) -> tuple[int, list[str], dict[str, int]]:
     """Detect → embed → add new photos to a saved index, in resumable shards; image ids continue after the
     run's, a photo already in the index (same absolute path) is skipped. Returns (instances, errors, the
-    image id given to each added photo), so a user can find, filter or --remove them later."""
+    image id given to each added photo), so a user can find, filter or --remove them later. A long-lived
+    caller (the service) passes its `querier`: its models are used, over the index as committed now."""
     with writing(run) as layout:
-        q = Querier(layout, name, "run" if use_detector else "none", gpu="off", weights=weights, detector_weights=detector_weights,
-                    repair=True)
+        q = querier.reloaded(repair=True) if querier is not None else \
+            Querier(layout, name, "run" if use_detector else "none", gpu="off", weights=weights,
+                    detector_weights=detector_weights, repair=True)
         si = q.si
         known = set(si.table.path[si.table.split == "added"])
         found = photo_files(paths)

@@ -6,6 +6,7 @@ the way the run was built; the CLI's `search`, the page and `index --add` all us
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from functools import cached_property, partial
 from pathlib import Path
@@ -151,22 +152,46 @@ class Querier:
                  gpu: str = "auto", weights: str | None = None, detector_weights: str | None = None,
                  repair: bool = False):
         self.layout = run if isinstance(run, RunLayout) else RunLayout(run)
+        self.settings = {"detector": detector, "device": device, "gpu": gpu, "weights": weights,
+                         "detector_weights": detector_weights}
         self.si = load_index(self.layout, index_name, gpu, repair)
         self.spec = self.si.manifest["embedding_spec"]
         self.device = resolve_device(device)
         self.encoder = encoder_from_spec(self.spec, self.device, weights)
         self.detector, self.detect_meta = None, {}
-        data = load_dataset(self.layout)
+        self._detections = Artifact(self.layout, self.layout.detections).fingerprint  # what the detector boxed
+        data = self._read_dataset()
         if detector == "run" and self.si.manifest["mode"] != "full":
             self.detector, self.detect_meta = run_detector(self.layout, self.device, detector_weights)
         elif detector != "none" and self.si.manifest["mode"] != "full":
             self.detector, self.detect_meta = other_detector(self.layout, detector, self.device, detector_weights,
                                                              data.categories)
+
+    def _read_dataset(self):
+        """What the answers name from the run's dataset: categories, whether it is a photo folder, and the
+        run's own photos (to recognise one given as a query)."""
+        data = load_dataset(self.layout)
         self.categories = {int(c["id"]): c["name"] for c in data.categories}
         self.photo_folder = data.meta["inputs"]["dataset"] == "photos"  # results are named by their path there
         gt = data.instances.merge(data.images[["image_id", "path", "width", "height"]], on="image_id")
         self.run_photos = {Path(r.path).name: (r.width, r.height, [r.x, r.y, r.w, r.h], int(r.image_id))
                            for r in gt.drop_duplicates("image_id").itertuples()}
+        return data
+
+    def reloaded(self, repair: bool = False) -> Querier:
+        """This querier over the index's committed version now (after an --add, --remove, rebuild or sync by
+        any process): the loaded models are kept while the index's embedding spec and detections are the
+        ones they were loaded for, and loaded again when not. The old querier is left as it was, so a batch
+        that holds it finishes on the version it started with."""
+        si = load_index(self.layout, self.si.name, self.settings["gpu"], repair)
+        detections = Artifact(self.layout, self.layout.detections).fingerprint
+        if si.manifest["embedding_spec"]["fingerprint"] != self.spec["fingerprint"] or \
+                detections != self._detections:
+            return Querier(self.layout, self.si.name, repair=repair, **self.settings)
+        fresh = copy.copy(self)
+        fresh.si = si
+        fresh._read_dataset()
+        return fresh
 
     def own_image(self, photo: Photo, name: str | None) -> int | None:
         """The run's image id of a photo that is one of the run's own (same file name and size), else None."""
@@ -304,3 +329,32 @@ class Querier:
                               exclude_image=image_id,
                               filter=category_filter(category_id, filter), rerank=rerank)
         return found, merged_images(found, k)
+
+    def photo_documents(self, photos: list[Photo], queries: list[str], names: list[str | None], k: int,
+                        score: float | None = None, filter: str | None = None, rerank: Rerank = Rerank(),
+                        category: str | None = None, text: str | None = None,
+                        text_weight: float = 0.3) -> list[dict]:
+        """`query`'s answers as the results documents `search --json` prints (and the service sends): one per
+        photo, named by `queries`; with words, what was understood of them."""
+        answers = self.query(photos, k, score=score, names=names, filter=filter, rerank=rerank, category=category,
+                             text=text, text_weight=text_weight)
+        return [self._with_words(results_json(query, boxes, merged, self.categories, self.own_image(photo, name)),
+                                 text, text_weight)
+                for query, photo, name, (boxes, merged) in zip(queries, photos, names, answers)]
+
+    def id_document(self, image_id: int, k: int, filter: str | None = None, rerank: Rerank = Rerank(),
+                    category: str | None = None, text: str | None = None, text_weight: float = 0.3) -> dict:
+        """`query_id`'s answer as a results document."""
+        found = self.query_id(image_id, k, filter, rerank, category, text, text_weight)
+        return self._with_words(results_json(f"image_id {image_id}", *found, self.categories), text, text_weight)
+
+    def text_document(self, text: str, k: int, filter: str | None = None, rerank: Rerank = Rerank(),
+                      category: str | None = None) -> dict:
+        """`query_text`'s answer as a results document (the words at weight 1: they are the whole query)."""
+        found = self.query_text(text, k, filter, rerank, category)
+        return self._with_words(results_json(f"text {text!r}", *found, self.categories), text, 1.0)
+
+    def _with_words(self, doc: dict, text: str | None, weight: float) -> dict:
+        if text:
+            doc.update(self.words(text, weight))
+        return doc

@@ -15,6 +15,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
+from functools import partial
 from pathlib import Path
 
 import gradio as gr
@@ -185,7 +186,11 @@ def words_line(doc: dict) -> str:
 
 
 def build_app(querier: Querier, examples: list[str], cards: CardFiles, default_k: int = 10,
-              rerank: str = SERVED_DEFAULT) -> gr.Blocks:
+              rerank: str = SERVED_DEFAULT, answer=None) -> gr.Blocks:
+    """The page. `answer` (a batch of requests → `run_queries`' answers) is how its searches reach the models:
+    by default `run_queries` on `querier`; the service passes its batcher, so the page and the API share one
+    queue, one model pass at a time and the index version of the moment."""
+    answer = answer or partial(run_queries, querier)
     default_score = float(querier.detect_meta.get("score_threshold", 0.3))
     whole = NOTHING_FOUND if querier.detector is not None else "whole photo, no detector in this run"
     with gr.Blocks(title="cbir — find similar objects", analytics_enabled=False) as app:
@@ -257,7 +262,7 @@ def build_app(querier: Querier, examples: list[str], cards: CardFiles, default_k
             """Batched: Gradio hands over up to MAX_BATCH queued requests at once; one list per output."""
             start = time.perf_counter()
             try:
-                answers = run_queries(querier, list(zip(paths, scores, ks, methods, texts, weights)))
+                answers = answer(list(zip(paths, scores, ks, methods, texts, weights)))
             except CbirError as e:
                 answers = [({"error": str(e)}, None)] * len(paths)
             except Exception as e:
