@@ -37,7 +37,7 @@ EMPTY_ALLOWED = {"--served"}
 PLAIN_TEXT = {"--weights", "--detector-weights", "--trunk-weights", "--labels", "--detections", "--backbone",
               "--text", "--host", "--head", "--category", "--cub", "--coco", "--images",
               "--captions", "--out", "--run", "--add", "--image", "--train-embedder", "--photos", "--boxes",
-              "--key", "--keys", "--cors"}
+              "--key", "--keys", "--cors", "--openapi"}
 
 
 def commands() -> dict[str, argparse.ArgumentParser]:

@@ -10,15 +10,17 @@ import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
+import zlib
 from pathlib import Path
 
 import pytest
-from conftest import MINI, MOBILENET, SHARED, SSD, SSD_LABELS, _free_port, copy_run
+from conftest import MINI, MOBILENET, REPO, SHARED, SSD, SSD_LABELS, _free_port, copy_run
 from PIL import Image
 
 from cbir.service.batcher import Batcher, Busy
@@ -179,12 +181,23 @@ def test_bad_requests_get_their_status_and_one_readable_message(run, what, reque
     assert state_of(run) == before
 
 
+def png_claiming(width: int, height: int) -> bytes:
+    """A few bytes of PNG whose header claims width × height (a decompression bomb's shape)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
 def test_other_refusals_change_nothing(run, tmp_path):
     tiny = tmp_path / "tiny.png"
     Image.new("RGB", (12, 40), "red").save(tiny)
     before = state_of(run)
     with client(run, max_upload_mb=0.02) as c:
+        bomb = {"photo": ("bomb.png", png_claiming(30_000, 30_000), "image/png")}
         cases = [(c.post("/v1/search", files=upload(PHOTOS[0])), 413, "upload cap"),
+                 (c.post("/v1/search", files=bomb), 413, "too large"),
                  (c.post("/v1/search", files=upload(tiny, kind="image/png")), 422, "too small"),
                  (c.post("/v1/images", files=[("photos", ("t.png", tiny.read_bytes(), "image/png"))]), 422, "too small"),
                  (c.get("/v1/images/424242"), 404, "not in index"),
@@ -216,6 +229,17 @@ def test_an_edit_while_another_process_writes_the_run_is_409_and_writes_nothing(
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_cors_is_off_unless_origins_are_named(run):
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+    with client(run) as c:
+        assert "access-control-allow-origin" not in c.options("/v1/search", headers=preflight).headers
+    with client(run, cors=("https://app.example",)) as c:
+        allowed = c.options("/v1/search", headers=preflight)
+        assert allowed.headers["access-control-allow-origin"] == "https://app.example"
+        other = c.options("/v1/search", headers={**preflight, "Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
 
 
 def test_keys_and_scopes(run, tmp_path, monkeypatch):
@@ -323,6 +347,16 @@ def test_health_readiness_and_metrics(run):
     assert spec["openapi"].startswith("3.") and {"/v1/search", "/v1/search/text", "/v1/images", "/v1/images/{image_id}",
                                                  "/v1/images/{image_id}/thumbnail", "/healthz", "/readyz",
                                                  "/metrics"} <= set(spec["paths"])
+
+
+def test_the_published_spec_is_the_apps(run, tmp_path):
+    """docs/openapi.json (linked from the README) is what `cbir serve --openapi` writes for this code."""
+    out = tmp_path / "openapi.json"
+    done = subprocess.run([sys.executable, "-m", "cbir.cli", "serve", "--run", str(run), "--index", "det",
+                           "--openapi", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(out.read_text()) == json.loads((REPO / "docs" / "openapi.json").read_text()), \
+        "docs/openapi.json is stale: `cbir serve --run RUN --index det --openapi docs/openapi.json`"
 
 
 def test_fuzzed_against_its_own_openapi_spec(run):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .. import __version__
 from .flags import (
     auth,
     bounded,
@@ -18,13 +19,20 @@ from .flags import (
 
 
 def cmd_serve(a):
-    from ..service.app import ServeConfig, serve
+    from ..service.app import ServeConfig, build_service, serve
 
-    serve(ServeConfig(run=a.run, index=a.index, host=a.host, port=a.port, detector=a.detector, device=a.device,
+    cfg = ServeConfig(run=a.run, index=a.index, host=a.host, port=a.port, detector=a.detector, device=a.device,
                       weights=a.weights, detector_weights=a.detector_weights, rerank=a.rerank, keys=a.keys,
                       public_read=a.public_read, cors=csv_list(a.cors or ""), max_upload_mb=a.max_upload_mb,
                       max_batch=a.max_batch, max_queue=a.max_queue, timeout_s=a.timeout, ui=not a.no_ui,
-                      ui_auth=a.auth))
+                      ui_auth=a.auth)
+    if a.openapi:
+        from ..artifacts import to_json
+
+        a.openapi.write_text(to_json(build_service(cfg).openapi()))
+        print(f"{a.openapi}: the OpenAPI spec of `cbir serve` {__version__}")
+        return
+    serve(cfg)
 
 
 def add_serve(sub):
@@ -54,6 +62,7 @@ def add_serve(sub):
     p.add_argument("--timeout", type=bounded(float, 0.1, 3600.0), default=30.0,
                    help="seconds a request may take before 504 (default 30)")
     p.add_argument("--no-ui", action="store_true", help="do not mount the page at /ui")
+    p.add_argument("--openapi", type=path, metavar="FILE", help="write the service's OpenAPI spec to FILE and exit")
     p.add_argument("--auth", type=auth, metavar="USER:PASS",
                    help="the page's login (or $CBIR_UI_AUTH); API keys guard the API")
     query_detector_arg(p)

@@ -55,6 +55,10 @@ SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": 
 IMAGE_TYPES = ("image/", "application/octet-stream")  # what an upload may say it is (clients often say octet)
 
 
+DESCRIPTION = ("Object-level image search: a photo's boxes, each box's nearest gallery boxes and images, over one "
+               "index of a cbir run (`GET /v1/index` names it). Every error is `{\"detail\": message}`.")
+
+
 @dataclass(kw_only=True)
 class ServeConfig:
     run: Path
@@ -257,9 +261,7 @@ def build_service(cfg: ServeConfig, querier: Querier | None = None) -> FastAPI:
         batcher.close()
         shutil.rmtree(temp, ignore_errors=True)
 
-    app = FastAPI(title="cbir", version=__version__, lifespan=lifespan,
-                  description=f"Object-level image search over index **{querier.si.name}** of run "
-                              f"`{querier.layout.root.name}`. Every error is `{{\"detail\": message}}`.")
+    app = FastAPI(title="cbir", version=__version__, lifespan=lifespan, description=DESCRIPTION)
     app.state.live, app.state.batcher, app.state.metrics = live, batcher, metrics
     if cfg.cors:
         app.add_middleware(CORSMiddleware, allow_origins=list(cfg.cors), allow_methods=["GET", "POST", "DELETE"],
