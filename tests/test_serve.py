@@ -6,7 +6,10 @@ the app is fuzzed against its own OpenAPI spec with schemathesis."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -63,11 +66,23 @@ def upload(path: Path, name: str | None = None, kind: str = "image/jpeg"):
     return {"photo": (name or path.name, path.read_bytes(), kind)}
 
 
+def cli(*argv: str) -> tuple[int, str, str]:
+    """`cbir ARGV` as the command line runs it (argparse, the handler, the printing), in this process."""
+    from cbir.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(argv))
+        except SystemExit as e:
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
 def cli_search(run: Path, *args: str) -> dict | list:
-    out = subprocess.run([sys.executable, "-m", "cbir.cli", "search", "--run", str(run), "--index", "det", "--json",
-                          *args], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout)
+    code, out, err = cli("search", "--run", str(run), "--index", "det", "--json", *args)
+    assert code == 0, err[-2000:]
+    return json.loads(out)
 
 
 def state_of(run: Path) -> dict:
@@ -242,7 +257,7 @@ def test_cors_is_off_unless_origins_are_named(run):
         assert "access-control-allow-origin" not in other.headers
 
 
-def test_keys_and_scopes(run, tmp_path, monkeypatch):
+def test_keys_and_scopes(run, tmp_path, monkeypatch, caplog):
     keys = tmp_path / "keys.txt"
     keys.write_text(f"# service keys\n{WRITE_KEY} write\n")
     monkeypatch.setenv("CBIR_API_KEYS", f"{READ_KEY} read")
@@ -264,6 +279,11 @@ def test_keys_and_scopes(run, tmp_path, monkeypatch):
         assert c.get("/v1/index").status_code == 200 and c.delete("/v1/images/1").status_code == 401
     with pytest.raises(Exception, match="loopback"):
         build_service(ServeConfig(run=run, index="det", host="0.0.0.0", keys=keys, public_read=True, ui=False))
+    monkeypatch.delenv("CBIR_API_KEYS")
+    with caplog.at_level(logging.WARNING, logger="cbir.service.app"):
+        with TestClient(build_service(ServeConfig(run=run, index="det", host="0.0.0.0", ui=False))):
+            pass  # its lifespan stops its worker
+    assert "reachable from other machines and asks for no key" in caplog.text
     keys.write_text("short write\n")
     with pytest.raises(Exception, match="at least 16"):
         build_service(ServeConfig(run=run, index="det", keys=keys, ui=False))
@@ -352,9 +372,8 @@ def test_health_readiness_and_metrics(run):
 def test_the_published_spec_is_the_apps(run, tmp_path):
     """docs/openapi.json (linked from the README) is what `cbir serve --openapi` writes for this code."""
     out = tmp_path / "openapi.json"
-    done = subprocess.run([sys.executable, "-m", "cbir.cli", "serve", "--run", str(run), "--index", "det",
-                           "--openapi", str(out)], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    code, _, err = cli("serve", "--run", str(run), "--index", "det", "--openapi", str(out))
+    assert code == 0, err
     assert json.loads(out.read_text()) == json.loads((REPO / "docs" / "openapi.json").read_text()), \
         "docs/openapi.json is stale: `cbir serve --run RUN --index det --openapi docs/openapi.json`"
 
@@ -410,16 +429,14 @@ def test_real_serve_process_with_keys_the_client_and_the_page(run, tmp_path):
     try:
         _wait_ready(url, proc, tmp_path / "serve.log")
         photo = str(PHOTOS[5])
-        command = [sys.executable, "-m", "cbir.cli", "search", "--image", photo, "--k", "4"]
-        remote = subprocess.run([*command, "--server", url, "--json"], capture_output=True, text=True, timeout=120)
-        assert remote.returncode == 0, remote.stderr
-        assert json.loads(remote.stdout) == cli_search(run, "--image", photo, "--k", "4")
-        printed = [subprocess.run([*command, *where], capture_output=True, text=True, timeout=300).stdout
+        code, remote, err = cli("search", "--server", url, "--image", photo, "--k", "4", "--json")
+        assert code == 0, err
+        assert json.loads(remote) == cli_search(run, "--image", photo, "--k", "4")
+        printed = [cli("search", *where, "--image", photo, "--k", "4")[1]
                    for where in (["--server", url], ["--run", str(run), "--index", "det"])]
         assert printed[0] == printed[1] and "box 1" in printed[0]
-        refused = subprocess.run([sys.executable, "-m", "cbir.cli", "search", "--server", url, "--query-id", "999999"],
-                                 capture_output=True, text=True, timeout=120)
-        assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "404 image 999999" in refused.stderr
+        code, _, err = cli("search", "--server", url, "--query-id", "999999")
+        assert code == 2 and err.count("\n") == 1 and "404 image 999999" in err
         add = _curl(url + "/v1/images", OUTSIDE, "photos")
         assert add[0] == 401
         add = _curl(url + "/v1/images", OUTSIDE, "photos", WRITE_KEY)
@@ -435,10 +452,8 @@ def test_real_serve_process_with_keys_the_client_and_the_page(run, tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)  # uvicorn's graceful stop, then it re-raises the signal: exit -15
         assert proc.wait(30) in (0, -signal.SIGTERM), (tmp_path / "serve.log").read_text()[-2000:]
-    unreachable = subprocess.run([sys.executable, "-m", "cbir.cli", "search", "--server", url, "--text", "a bird"],
-                                 capture_output=True, text=True, timeout=120)
-    assert unreachable.returncode == 2 and "cannot reach the service" in unreachable.stderr
-    assert unreachable.stderr.count("\n") == 1
+    code, _, err = cli("search", "--server", url, "--text", "a bird")
+    assert code == 2 and "cannot reach the service" in err and err.count("\n") == 1
 
 
 def _wait_ready(url: str, proc, log: Path) -> None:

@@ -365,6 +365,18 @@ def pca_list(value: str):
     return tuple(parse_pca_arg(p) for p in csv_list(value))
 
 
+def serving_args(p, port: int) -> None:
+    """What the page and the service share: the run, its index, where to listen, and how queries are answered."""
+    run_arg(p)
+    p.add_argument("--index", type=name, default="det", help="index name under RUN/index/ (default det)")
+    p.add_argument("--host", type=text, default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--port", type=bounded(int, 1, 65535), default=port, help=f"port (default {port})")
+    query_detector_arg(p)
+    rerank_arg(p)
+    device_arg(p)
+    moved_weights_args(p)
+
+
 def rerank_arg(p):
     p.add_argument("--rerank", default=SERVED_DEFAULT, choices=METHODS,
                    help=f"re-rank each box's top {SHORTLIST} among themselves: none, aqe, dba or kreciprocal "

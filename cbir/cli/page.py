@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from .flags import auth, bounded, device_arg, moved_weights_args, name, query_detector_arg, rerank_arg, run_arg, text
+from .flags import auth, serving_args
 
 log = logging.getLogger("cbir")
 
@@ -22,16 +22,9 @@ def add_ui(sub):
     p = sub.add_parser("ui", help="Gradio page: upload a photo, see the boxes and each box's neighbours",
                        description="Serve a page over `cbir search`: upload a photo (or click a test-split example), "
                                    "see every object boxed with its score, and each box's nearest gallery images.")
-    run_arg(p)
-    p.add_argument("--index", type=name, default="det", help="index name under RUN/index/ (default det)")
-    p.add_argument("--host", type=text, default="127.0.0.1", help="bind address (default loopback only)")
-    p.add_argument("--port", type=bounded(int, 1, 65535), default=7860)
+    serving_args(p, 7860)
     p.add_argument("--share", action="store_true", help="also publish a public gradio.live link (off by default)")
     p.add_argument("--auth", type=auth, metavar="USER:PASS",
                    help="ask for this login (or set $CBIR_UI_AUTH, which stays out of "
                    "the process list); use it whenever --host is not loopback or with --share")
-    query_detector_arg(p)
-    rerank_arg(p)
-    device_arg(p)
-    moved_weights_args(p)
     p.set_defaults(func=cmd_ui)

@@ -3,19 +3,7 @@
 from __future__ import annotations
 
 from .. import __version__
-from .flags import (
-    auth,
-    bounded,
-    csv_list,
-    device_arg,
-    moved_weights_args,
-    name,
-    path,
-    query_detector_arg,
-    rerank_arg,
-    run_arg,
-    text,
-)
+from .flags import auth, bounded, csv_list, path, serving_args, text
 
 
 def cmd_serve(a):
@@ -42,10 +30,7 @@ def add_serve(sub):
                                    "/similar), POST /v1/images and DELETE /v1/images/ID (the edits of `index "
                                    "--add/--remove`), /healthz, /readyz, /metrics. Concurrent requests are answered "
                                    "in shared batches; a commit by any process is served without a restart.")
-    run_arg(p)
-    p.add_argument("--index", type=name, default="det", help="index name under RUN/index/ (default det)")
-    p.add_argument("--host", type=text, default="127.0.0.1", help="bind address (default loopback only)")
-    p.add_argument("--port", type=bounded(int, 1, 65535), default=8000, help="port (default 8000)")
+    serving_args(p, 8000)
     p.add_argument("--keys", type=path, metavar="FILE",
                    help="API keys, one `KEY SCOPE[,SCOPE]` per line (scopes read, write); "
                    "or $CBIR_API_KEYS with `;` between entries. Without keys every request is let in")
@@ -65,8 +50,4 @@ def add_serve(sub):
     p.add_argument("--openapi", type=path, metavar="FILE", help="write the service's OpenAPI spec to FILE and exit")
     p.add_argument("--auth", type=auth, metavar="USER:PASS",
                    help="the page's login (or $CBIR_UI_AUTH); API keys guard the API")
-    query_detector_arg(p)
-    rerank_arg(p)
-    device_arg(p)
-    moved_weights_args(p)
     p.set_defaults(func=cmd_serve)

@@ -394,7 +394,7 @@ def build_service(cfg: ServeConfig, querier: Querier | None = None) -> FastAPI:
 
     @app.get("/v1/images/{image_id}", response_model=GalleryImage, tags=["gallery"], dependencies=[read],
              responses=errors(401, 403, 404))
-    async def image(image_id: ImageId):
+    def image(image_id: ImageId):  # plain def: FastAPI runs it in a thread (an index switch reads files)
         """The gallery row of one image: its path, label, split and indexed boxes."""
         rows = gallery_rows(image_id)
         categories = live.current().categories
@@ -409,12 +409,12 @@ def build_service(cfg: ServeConfig, querier: Querier | None = None) -> FastAPI:
 
     @app.get("/v1/images/{image_id}/thumbnail", tags=["gallery"], dependencies=[read], response_class=Response,
              responses={200: {"content": {"image/jpeg": {}}, "description": "a JPEG"}, **errors(401, 403, 404)})
-    async def thumbnail(image_id: ImageId, size: Annotated[int, Query(ge=16, le=1024)] = 256):
+    def thumbnail(image_id: ImageId, size: Annotated[int, Query(ge=16, le=1024)] = 256):
         """A JPEG of the gallery photo, at most `size` px a side: only an id reaches a file, never a path."""
         rows = gallery_rows(image_id)
         file = live.current().si.image_path(str(rows.iloc[0].path))
         try:
-            data = await run_in_threadpool(jpeg_thumbnail, file, size)
+            data = jpeg_thumbnail(file, size)
         except CbirError:
             raise HTTPException(404, f"image {image_id}: its photo file is gone from the gallery") from None
         return Response(data, media_type="image/jpeg")
@@ -426,7 +426,7 @@ def build_service(cfg: ServeConfig, querier: Querier | None = None) -> FastAPI:
                       filter: Annotated[str | None, Query(max_length=MAX_FILTER)] = None,
                       category: Annotated[str | None, Query(max_length=200)] = None):
         """Neighbours of an image of the run (`search --query-id`), itself left out."""
-        gallery_rows(image_id)
+        await run_in_threadpool(gallery_rows, image_id)
         call = partial(Querier.id_document, image_id=image_id, k=k, filter=filter,
                        rerank=Rerank(method=rerank or cfg.rerank),
                        category=category)
@@ -439,7 +439,7 @@ def build_service(cfg: ServeConfig, querier: Querier | None = None) -> FastAPI:
         kept under RUN/uploads/ by its content; the same bytes twice are one image."""
         if len(photos) > MAX_PHOTOS_PER_ADD:
             raise HTTPException(413, f"{len(photos)} photos in one request; send at most {MAX_PHOTOS_PER_ADD}")
-        uploads = live.current().layout.uploads
+        uploads = querier.layout.uploads  # the run folder never changes
         checked = []
         with tempfile.TemporaryDirectory(dir=temp) as folder:
             for upload in photos:  # every photo is checked before anything is written to the run
@@ -455,12 +455,12 @@ def build_service(cfg: ServeConfig, querier: Querier | None = None) -> FastAPI:
                 responses=errors(401, 403, 404, 409, 503, 504))
     async def remove(image_id: ImageId):
         """Remove an image's boxes from the index (`index --remove`, replayed on rebuilds)."""
-        gallery_rows(image_id)
+        await run_in_threadpool(gallery_rows, image_id)
         return await through_batcher(answer_each, "each", partial(remove_image, image_id=image_id))
 
     @app.get("/v1/index", response_model=IndexInfo, tags=["service"], dependencies=[read],
              responses=errors(401, 403))
-    async def index_info():
+    def index_info():
         q = live.current()
         m = q.si.manifest
         return IndexInfo(name=m["name"], count=m["count"], backbone=q.spec["backbone"], mode=m["mode"],
@@ -473,7 +473,7 @@ def build_service(cfg: ServeConfig, querier: Querier | None = None) -> FastAPI:
         return Health(status="ok")
 
     @app.get("/readyz", response_model=Ready, tags=["service"], responses={503: {"model": Ready}})
-    async def readyz():
+    def readyz():
         """Models loaded and the index open (503 while the newest committed version could not be opened)."""
         q = live.current()
         body = Ready(ready=live.problem is None, index=q.si.name, count=q.si.manifest["count"], version=live.version,
