@@ -169,6 +169,20 @@ def test_a_batch_keeps_the_index_version_it_started_with(run):
         assert new.encoder is old.encoder and new.detector is old.detector  # same spec: models kept
 
 
+def test_a_version_that_cannot_be_opened_keeps_the_old_one_served_and_readiness_says_why(run):
+    from cbir.retrieval.ingest import remove_images
+
+    with client(run) as c:
+        count = c.get("/readyz").json()["count"]
+        remove_images(run, "det", [3])
+        rows = (run / "index" / "det").resolve() / "rows.parquet"
+        rows.write_bytes(rows.read_bytes()[:100])  # the new version is damaged on disk
+        ready = c.get("/readyz")
+        assert ready.status_code == 503 and "damaged" in ready.json()["problem"] and ready.json()["count"] == count
+        answer = c.post("/v1/search", files=upload(PHOTOS[0]), data={"k": "3"})
+        assert answer.status_code == 200 and answer.json()["images"][0]["image_id"] == 3  # still the old version
+
+
 BAD = [  # (what, request, status, words in the one-line message)
     ("not an image", dict(files={"photo": ("notes.jpg", b"just some words", "image/jpeg")}), 422, "not a photo"),
     ("0 bytes", dict(files={"photo": ("empty.jpg", b"", "image/jpeg")}), 422, "empty"),
