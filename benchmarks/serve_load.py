@@ -38,12 +38,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pandas as pd
+from report import write_report
 
 from cbir.images import open_photo
 from cbir.retrieval.query import Querier
 from cbir.retrieval.rerank import Rerank
 
-OUT = Path(__file__).parent / "results"
 CLIENTS = (1, 10, 50)
 
 
@@ -180,10 +180,7 @@ def main() -> None:
              table.to_markdown(index=False), "", *[f"- {v}" for v in verdicts], "",
              "The clients share the server's 2 cores (HTTP, multipart encoding, threads): at 50 clients they take "
              "CPU the in-process baseline does not pay.", ""]
-    OUT.mkdir(exist_ok=True)
-    (OUT / "serve_load_cpu.json").write_text(json.dumps(result, indent=1) + "\n")
-    (OUT / "serve_load_cpu.md").write_text("\n".join(parts))
-    print("\n".join(parts))
+    write_report("serve_load_cpu", result, parts)
     if a.work is None:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -19,7 +19,6 @@ Results → benchmarks/results/sync_bench_cpu.{md,json}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
@@ -31,10 +30,9 @@ import time
 from pathlib import Path
 
 import pandas as pd
+from report import write_report
 
 from cbir.datasets.photos import PhotoFolderReader, changes, scan
-
-OUT = Path(__file__).parent / "results"
 
 
 def make_tree(photos: list[Path], root: Path, files: int, per_folder: int = 1000) -> list[Path]:
@@ -181,10 +179,7 @@ def main() -> None:
             parts += [f"{detail['folder']}: sync's report `{detail['sync said']}`; stage seconds (full build → "
                       "sync): " + ", ".join(f"{k} {v:.1f} → {detail['sync stages'].get(k, 0):.1f}"
                                           for k, v in detail["full build stages"].items()), ""]
-    OUT.mkdir(exist_ok=True)
-    (OUT / "sync_bench_cpu.json").write_text(json.dumps(result, indent=1) + "\n")
-    (OUT / "sync_bench_cpu.md").write_text("\n".join(parts))
-    print("\n".join(parts))
+    write_report("sync_bench_cpu", result, parts)
     if a.work is None:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -297,7 +297,7 @@ def build_service(cfg: ServeConfig, querier: Querier | None = None) -> FastAPI:
 
     async def read_photo(upload: UploadFile, folder: Path):
         """An upload checked as the page checks one (bytes cap, decodable, pixel cap, 16 px a side) → (photo,
-        its file, the name it came with)."""
+        its bytes, the name it came with)."""
         kind = (upload.content_type or "application/octet-stream").lower()
         if not kind.startswith(IMAGE_TYPES):
             raise HTTPException(415, f"{upload.filename or 'the upload'}: content type {kind} is not an image")
@@ -313,7 +313,7 @@ def build_service(cfg: ServeConfig, querier: Querier | None = None) -> FastAPI:
             photo = await run_in_threadpool(read_upload, file)
         except CbirError as e:  # the page's words: "too large" is the pixel cap
             raise HTTPException(413 if " is too large" in str(e) else 422, str(e)) from None
-        return photo, file, name
+        return photo, data, name
 
     @app.exception_handler(CbirError)
     async def user_error(request: Request, e: CbirError):
@@ -385,19 +385,19 @@ def build_service(cfg: ServeConfig, querier: Querier | None = None) -> FastAPI:
                        rerank=Rerank(method=query.rerank or cfg.rerank), category=query.category)
         return await through_batcher(answer_each, "each", call)
 
-    def gallery_rows(image_id: int):
-        table = live.current().si.table
-        rows = table[table.image_id == image_id]
+    def gallery_rows(q: Querier, image_id: int):
+        rows = q.si.table[q.si.table.image_id == image_id]
         if rows.empty:
-            raise HTTPException(404, f"image {image_id} is not in index {live.current().si.name}")
+            raise HTTPException(404, f"image {image_id} is not in index {q.si.name}")
         return rows
 
     @app.get("/v1/images/{image_id}", response_model=GalleryImage, tags=["gallery"], dependencies=[read],
              responses=errors(401, 403, 404))
     def image(image_id: ImageId):  # plain def: FastAPI runs it in a thread (an index switch reads files)
         """The gallery row of one image: its path, label, split and indexed boxes."""
-        rows = gallery_rows(image_id)
-        categories = live.current().categories
+        q = live.current()  # one index version for the whole answer
+        rows = gallery_rows(q, image_id)
+        categories = q.categories
         first = rows.iloc[0]
         return GalleryImage(image_id=image_id, path=str(first.path), class_id=int(first.class_id),
                             class_name=str(first.class_name) if isinstance(first.class_name, str) else "",
@@ -411,8 +411,8 @@ def build_service(cfg: ServeConfig, querier: Querier | None = None) -> FastAPI:
              responses={200: {"content": {"image/jpeg": {}}, "description": "a JPEG"}, **errors(401, 403, 404)})
     def thumbnail(image_id: ImageId, size: Annotated[int, Query(ge=16, le=1024)] = 256):
         """A JPEG of the gallery photo, at most `size` px a side: only an id reaches a file, never a path."""
-        rows = gallery_rows(image_id)
-        file = live.current().si.image_path(str(rows.iloc[0].path))
+        q = live.current()
+        file = q.si.image_path(str(gallery_rows(q, image_id).iloc[0].path))
         try:
             data = jpeg_thumbnail(file, size)
         except CbirError:
@@ -426,7 +426,7 @@ def build_service(cfg: ServeConfig, querier: Querier | None = None) -> FastAPI:
                       filter: Annotated[str | None, Query(max_length=MAX_FILTER)] = None,
                       category: Annotated[str | None, Query(max_length=200)] = None):
         """Neighbours of an image of the run (`search --query-id`), itself left out."""
-        await run_in_threadpool(gallery_rows, image_id)
+        gallery_rows(await run_in_threadpool(live.current), image_id)
         call = partial(Querier.id_document, image_id=image_id, k=k, filter=filter,
                        rerank=Rerank(method=rerank or cfg.rerank),
                        category=category)
@@ -440,22 +440,21 @@ def build_service(cfg: ServeConfig, querier: Querier | None = None) -> FastAPI:
         if len(photos) > MAX_PHOTOS_PER_ADD:
             raise HTTPException(413, f"{len(photos)} photos in one request; send at most {MAX_PHOTOS_PER_ADD}")
         uploads = querier.layout.uploads  # the run folder never changes
-        checked = []
+        kept = []
         with tempfile.TemporaryDirectory(dir=temp) as folder:
             for upload in photos:  # every photo is checked before anything is written to the run
-                photo_, file, name = await read_photo(upload, Path(folder))
-                checked.append((name, file.read_bytes(), photo_))
-        kept = []
-        for name, data, photo_ in checked:
-            target = uploads / f"{hashlib.sha256(data).hexdigest()[:32]}{SUFFIX.get(photo_format(data), '.jpg')}"
-            kept.append((name, target, data))
-        return await through_batcher(answer_each, "each", partial(add_uploads, kept=kept))
+                _, data, name = await read_photo(upload, Path(folder))
+                suffix = SUFFIX.get(photo_format(data), ".jpg")
+                kept.append((name, uploads / f"{hashlib.sha256(data).hexdigest()[:32]}{suffix}", data))
+        new = await through_batcher(answer_each, "each", partial(add_uploads, kept=kept))
+        table = (await run_in_threadpool(live.current)).si.table  # the version just committed (served from now)
+        return added_result(table, kept, new)
 
     @app.delete("/v1/images/{image_id}", response_model=Removed, tags=["gallery"], dependencies=[write],
                 responses=errors(401, 403, 404, 409, 503, 504))
     async def remove(image_id: ImageId):
         """Remove an image's boxes from the index (`index --remove`, replayed on rebuilds)."""
-        await run_in_threadpool(gallery_rows, image_id)
+        gallery_rows(await run_in_threadpool(live.current), image_id)
         return await through_batcher(answer_each, "each", partial(remove_image, image_id=image_id))
 
     @app.get("/v1/index", response_model=IndexInfo, tags=["service"], dependencies=[read],
@@ -513,8 +512,9 @@ def chosen_box(doc: dict, box: int | None) -> dict:
     return {**doc, "boxes": [one], "images": one["images"]}
 
 
-def add_uploads(querier: Querier, kept: list[tuple[str, Path, bytes]]) -> AddResult:
-    """Write the checked uploads under RUN/uploads/ and add them with `add_photos` (under the run's lock)."""
+def add_uploads(querier: Querier, kept: list[tuple[str, Path, bytes]]) -> dict[str, int]:
+    """Write the checked uploads under RUN/uploads/ and add them with `add_photos` (under the run's lock);
+    the image id of each photo that was not in the index yet, by its file."""
     with writing(querier.layout):  # the lock first: a busy run (409) gets no upload files either
         for _, target, data in kept:
             if not target.exists():
@@ -522,8 +522,11 @@ def add_uploads(querier: Querier, kept: list[tuple[str, Path, bytes]]) -> AddRes
                 staged = target.with_name(f".{target.name}.part")
                 staged.write_bytes(data)
                 staged.replace(target)
-        _, _, ids = add_photos(querier.layout, querier.si.name, [t for _, t, _ in kept], querier=querier)
-    table = querier.reloaded().si.table
+        return add_photos(querier.layout, querier.si.name, [t for _, t, _ in kept], querier=querier)[2]
+
+
+def added_result(table, kept: list[tuple[str, Path, bytes]], ids: dict[str, int]) -> AddResult:
+    """What `POST /v1/images` answers: per upload, its image id and boxes in the index, and whether it is new."""
     out, total = [], 0
     for name, target, _ in kept:
         rows = table[table.path == str(target.absolute())]
@@ -567,8 +570,8 @@ def mount_page(app: FastAPI, querier: Querier, batcher: Batcher, temp: Path, cfg
 
     from ..ui.app import CardFiles, build_app, example_photos, parse_auth, run_queries
 
-    def page_batch(live_querier, _key, items):
-        return [run_queries(live_querier, items[0])]
+    def page_batch(live_querier, _key, items):  # each item: one batch of the page's requests
+        return [run_queries(live_querier, requests) for requests in items]
 
     def answer(requests):
         try:
