@@ -191,7 +191,8 @@ def refresh_indexes(layout: RunLayout, cfg: RunConfig) -> list[tuple[str, float,
         inputs = meta["inputs"]
         index = IndexConfig(run=layout.root, embeddings=embeddings, name=name.split("/", 1)[1], pca=inputs["pca"],
                             whiten=inputs.get("whiten"), factory=inputs["factory"], gallery=tuple(inputs["gallery"]),
-                            store=inputs["store"], gpu=cfg.index.gpu)
+                            store=inputs["store"], memory_budget=inputs.get("memory_budget"),
+                            refine=inputs.get("refine", 0), gpu=cfg.index.gpu)
         started = time.perf_counter()
         build_index(index)
         steps.append((f"index {index.index_name}", time.perf_counter() - started, "rebuilt over the synced vectors"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -59,6 +60,35 @@ def sample_run(tmp_path_factory) -> Path:
         embed(EmbedConfig(run=run, mode=mode, backbone="mobilenet_v2", weights=str(MOBILENET), workers=2,
                           batch_size=64))
     return run
+
+
+MILVUS_USER, MILVUS_PASSWORD = "cbir_tests", "Pw-never-written-7f3a9c"  # the tests look for it in every file
+
+
+@pytest.fixture(scope="session")
+def milvus_server(tmp_path_factory):
+    """One real Milvus standalone server per test run (the PyPI `milvus` package, loopback only), with
+    authentication on; cbir reaches it as a user of its own through $CBIR_MILVUS_TOKEN."""
+    from pymilvus import MilvusClient
+
+    from cbir.retrieval.milvus_store import TOKEN_VARIABLE
+    from support.milvus_server import TOKEN, MilvusServer
+
+    server = MilvusServer(tmp_path_factory.mktemp("milvus-server"), authorization=True).start()
+    previous = os.environ.get(TOKEN_VARIABLE)
+    try:
+        admin = MilvusClient(uri=f"http://127.0.0.1:{server.port}", token=TOKEN)
+        admin.create_user(MILVUS_USER, MILVUS_PASSWORD)
+        admin.grant_role(MILVUS_USER, "admin")
+        admin.close()
+        os.environ[TOKEN_VARIABLE] = f"{MILVUS_USER}:{MILVUS_PASSWORD}"
+        yield server
+    finally:
+        server.stop()
+        if previous is None:
+            os.environ.pop(TOKEN_VARIABLE, None)
+        else:
+            os.environ[TOKEN_VARIABLE] = previous
 
 
 def copy_run(src: Path, dest: Path) -> Path:

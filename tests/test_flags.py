@@ -31,6 +31,7 @@ MALFORMED = {
     "--whiten": ["2", "x"], "--factory": ["a/b", "IVF,"], "--rerank": ["nope"], "--attributes": ["x", "7-x", "7-3", "0"],
     "--index-mode": ["xyz"], "--class-labels": ["no-such-labels.csv"],
     "--query-id": ["-1", "x"], "--server": ["ftp://x/y", "not a url", "http://"],
+    "--memory-budget": ["4X", "-1G", "0", "G"],
 }
 # flags whose empty value is the documented default ("no extra names")
 EMPTY_ALLOWED = {"--served"}

@@ -1,6 +1,7 @@
-"""The Milvus store (on Milvus Lite, a local file): the same answers as FAISS, stable ids through edits,
-filtered search, reopening in a new process, repair after a half-done edit, one-line errors, and the
-whole pipeline and the page on a Milvus index."""
+"""The Milvus store, on Milvus Lite (a local file) and on a real Milvus server started by the tests (the
+`milvus_server` fixture, authentication on): the same answers as FAISS, stable ids through edits, filtered
+search, reopening in a new process, repair after a half-done edit or a server killed mid-add, one-line
+errors, credentials never written, and the whole pipeline, the page and `evaluate --served` on a Milvus index."""
 
 import json
 import shutil
@@ -15,23 +16,28 @@ from cbir.encoders.stage import load_embeddings
 from cbir.retrieval.expression import matching_ids
 from cbir.retrieval.index import IndexConfig, build_index
 from cbir.retrieval.ingest import add_photos, remove_images
+from cbir.retrieval.milvus_store import MilvusStore, connect
 from cbir.retrieval.saved import load_index
-from conftest import MINI, MINI_SPLIT, MOBILENET, copy_run, predict, serve_page
+from conftest import MILVUS_PASSWORD, MINI, MINI_SPLIT, MOBILENET, copy_run, predict, serve_page
 
 pytest.importorskip("milvus_lite")
 
 LITE = "milvus-lite:milvus.db"  # inside the run
 
 
-def _cli(*args, check=True):
+@pytest.fixture(params=["lite", "server"])
+def store(request) -> str:
+    """The --store of each Milvus test: Milvus Lite inside the run, then the shared real server."""
+    return LITE if request.param == "lite" else request.getfixturevalue("milvus_server").uri
+
+
+def _cli(*args, check=True, env=None):
     return subprocess.run([sys.executable, "-m", "cbir.cli", *map(str, args)], capture_output=True, text=True,
-                          check=check)
+                          check=check, env=env)
 
 
-def _collections(run):
-    from pymilvus import MilvusClient
-
-    client = MilvusClient(str(run / "milvus.db"))
+def _collections(run, spec):
+    client = connect(spec, run)
     try:
         return client.list_collections()
     finally:
@@ -45,10 +51,10 @@ def _same_up_to_ties(sims_a, ids_a, sims_b, ids_b, tol=1e-5):
     return bool(np.all(np.abs(sims_a[differ] - sims_b[differ]) <= tol)), int(differ.sum())
 
 
-def test_milvus_flat_equals_faiss_exact_for_every_sample_query(sample_run, tmp_path):
+def test_milvus_flat_equals_faiss_exact_for_every_sample_query(sample_run, tmp_path, store):
     run = copy_run(sample_run, tmp_path / "run")
     faiss_index = build_index(IndexConfig(run=run, embeddings="det", name="fx", pca=128, factory="Flat"))
-    milvus = build_index(IndexConfig(run=run, embeddings="det", name="mx", pca=128, factory="Flat", store=LITE))
+    milvus = build_index(IndexConfig(run=run, embeddings="det", name="mx", pca=128, factory="Flat", store=store))
     assert milvus.manifest["milvus_index"] == "FLAT" and milvus.manifest["collection"].startswith("cbir_mx_")
     vectors, table, _ = load_embeddings(run, "det")
     queries = np.asarray(vectors[(table.split == "test").to_numpy()])
@@ -60,7 +66,7 @@ def test_milvus_flat_equals_faiss_exact_for_every_sample_query(sample_run, tmp_p
     tied, differing = _same_up_to_ties(sims_f, ids_f, sims_m, ids_m)
     assert tied, f"{differing} ids differ without a tie"
     # HNSW in Milvus against exact FAISS: approximate, but close on this gallery
-    hnsw = build_index(IndexConfig(run=run, embeddings="det", name="mh", pca=128, factory="HNSW32", store=LITE))
+    hnsw = build_index(IndexConfig(run=run, embeddings="det", name="mh", pca=128, factory="HNSW32", store=store))
     _, ids_h = hnsw.search(queries, 10)
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids_h, ids_f)])
     assert recall >= 0.95
@@ -68,11 +74,15 @@ def test_milvus_flat_equals_faiss_exact_for_every_sample_query(sample_run, tmp_p
         si.store.close()
 
 
-@pytest.fixture
-def milvus_run(mini_run, tmp_path):
-    run = copy_run(mini_run, tmp_path / "run")
-    build_index(IndexConfig(run=run, embeddings="det", name="mv", pca=16, factory="Flat", store=LITE)).store.close()
+def _indexed(mini_run, folder, spec):
+    run = copy_run(mini_run, folder)
+    build_index(IndexConfig(run=run, embeddings="det", name="mv", pca=16, factory="Flat", store=spec)).store.close()
     return run
+
+
+@pytest.fixture
+def milvus_run(mini_run, tmp_path, store):
+    return _indexed(mini_run, tmp_path / "run", store)
 
 
 def test_edits_keep_ids_filter_selects_and_a_new_process_answers_the_same(milvus_run, tmp_path):
@@ -111,7 +121,7 @@ def test_edits_keep_ids_filter_selects_and_a_new_process_answers_the_same(milvus
                           "--no-detector", "--filter", expression).stdout)
     assert {n["class_id"] for n in out["images"]} <= {14, 17}
 
-    # the run moved elsewhere: a run-relative Milvus Lite file travels with it
+    # the run moved elsewhere: a run-relative Milvus Lite file travels with it, a server collection is found
     moved = tmp_path / "moved"
     shutil.move(str(run), moved)
     again = load_index(moved, "mv")
@@ -119,16 +129,17 @@ def test_edits_keep_ids_filter_selects_and_a_new_process_answers_the_same(milvus
     again.store.close()
 
 
-def test_rebuild_replays_edits_and_drops_collections_two_builds_old(milvus_run):
+def test_rebuild_replays_edits_and_drops_collections_two_builds_old(milvus_run, store):
     run = milvus_run
     victim = int(load_index(run, "mv", open_store=False).table.image_id.iloc[0])
     remove_images(run, "mv", [victim])
     first = load_index(run, "mv", open_store=False).manifest["collection"]
+    others = set(_collections(run, store)) - {first}  # a server holds other tests' collections too
     for pca in (8, 4):
-        si = build_index(IndexConfig(run=run, embeddings="det", name="mv", pca=pca, factory="Flat", store=LITE))
+        si = build_index(IndexConfig(run=run, embeddings="det", name="mv", pca=pca, factory="Flat", store=store))
         assert victim not in set(si.table.image_id) and si.store.count == len(si.table)
         si.store.close()
-    names = _collections(run)
+    names = set(_collections(run, store)) - others
     assert first not in names and len([n for n in names if n.startswith("cbir_mv_")]) == 2
 
 
@@ -152,9 +163,9 @@ def test_half_done_edit_is_refused_to_readers_and_repaired_by_writers(milvus_run
     fixed.store.close()
 
 
-def test_bad_stores_get_one_line(milvus_run):
+def test_bad_stores_get_one_line(mini_run, tmp_path):
     # store names and ports that do not parse are in the bad-input corpus; these need a Milvus behind them
-    run = milvus_run
+    run = _indexed(mini_run, tmp_path / "run", LITE)
     cases = [
         (["--store", "milvus://127.0.0.1:1"], "cannot open http://127.0.0.1:1"),
         (["--store", LITE, "--factory", "IVF8,PQ4"], "Milvus Lite has no IVF_PQ"),
@@ -182,6 +193,7 @@ def test_bad_stores_get_one_line(milvus_run):
 
 
 def test_whole_pipeline_and_page_on_milvus_lite(tmp_path):
+    # the server's end-to-end run is test_a_run_indexed_into_the_server_answers_as_faiss_does
     run = tmp_path / "run"
     out = _cli("run", "--cub", MINI, "--out", run, "--split", MINI_SPLIT, "--detections",
                MINI / "external_detections.json", "--backbone", "mobilenet_v2", "--weights", MOBILENET,
@@ -191,3 +203,83 @@ def test_whole_pipeline_and_page_on_milvus_lite(tmp_path):
     with serve_page(run, "det") as url:
         _, _, choice, gallery, merged = predict(url, sorted((MINI / "images" / "017.Cardinal").glob("*.jpg"))[0])
     assert len(gallery) == 5 and "Cardinal" in gallery[0]["caption"] and len(merged["data"]) == 5
+
+
+def _search_json(run, index, photo):
+    out = json.loads(_cli("search", "--run", run, "--index", index, "--image", photo, "--k", "6", "--json",
+                          "--no-detector").stdout)
+    return [[(n["image_id"], round(n["similarity"], 5)) for n in box["neighbours"]] for box in out["boxes"]]
+
+
+def test_a_run_indexed_into_the_server_answers_as_faiss_does(mini_run, tmp_path, milvus_server):
+    run = copy_run(mini_run, tmp_path / "run")
+    for name, spec in (("fx", "faiss"), ("det", milvus_server.uri)):
+        _cli("index", "--run", run, "--embeddings", "det", "--name", name, "--pca", "16", "--factory", "Flat",
+             "--store", spec)
+    assert load_index(run, "det", open_store=False).manifest["uri"] == milvus_server.uri
+    photo = sorted((MINI / "images" / "017.Cardinal").glob("*.jpg"))[1]
+    assert _search_json(run, "det", photo) == _search_json(run, "fx", photo)
+    _cli("evaluate", "--run", run, "--embeddings", "det", "--served", "fx,det", "--no-plots", "--maps", "")
+    import pandas as pd
+
+    metrics = pd.read_csv(run / "reports" / "retrieval" / "metrics.csv")
+    served = {name: metrics[metrics.reduction == f"served:{name}"].select_dtypes("number").reset_index(drop=True)
+              for name in ("fx", "det")}
+    assert len(served["det"]) >= 2 and set(metrics[metrics.reduction == "served:det"]["index"]) == {"milvus:FLAT"}
+    pd.testing.assert_frame_equal(served["det"], served["fx"], atol=1e-6)
+    with serve_page(run, "det") as url:
+        _, _, _, gallery, _ = predict(url, photo, k=6)
+    assert len(gallery) == 6 and "Cardinal" in gallery[0]["caption"]
+    # the server's credentials come from $CBIR_MILVUS_TOKEN only: no file of the run holds them, logs included
+    for path in run.rglob("*"):
+        if path.is_file():
+            assert MILVUS_PASSWORD.encode() not in path.read_bytes(), path
+
+
+def test_server_credentials_and_a_server_down_get_one_line(mini_run, tmp_path, milvus_server):
+    import os
+    import time
+
+    run = _indexed(mini_run, tmp_path / "run", milvus_server.uri)
+    for token in (None, "cbir_tests:wrong-password"):
+        env = {k: v for k, v in os.environ.items() if k != "CBIR_MILVUS_TOKEN"} | ({"CBIR_MILVUS_TOKEN": token} if token else {})
+        result = _cli("search", "--run", run, "--index", "mv", "--query-id", "1", check=False, env=env)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        line = result.stderr.strip().splitlines()[-1]
+        assert milvus_server.uri in line and "CBIR_MILVUS_TOKEN" in line and "refused" in line, line
+        assert MILVUS_PASSWORD not in result.stderr
+    started = time.monotonic()
+    result = _cli("index", "--run", run, "--embeddings", "det", "--name", "down", "--store", "milvus://127.0.0.1:9",
+                  check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "milvus://127.0.0.1:9" in result.stderr.strip().splitlines()[-1] and time.monotonic() - started < 20
+
+
+def test_server_killed_during_add_is_refused_then_repaired_to_an_unbroken_runs_state(mini_run, tmp_path,
+                                                                                   milvus_server, monkeypatch):
+    photos = sorted((MINI / "images" / "014.Indigo_Bunting").glob("*.jpg"))[:2]
+    unbroken = _indexed(mini_run, tmp_path / "unbroken", milvus_server.uri)
+    add_photos(unbroken, "mv", photos, use_detector=False)
+    run = _indexed(mini_run, tmp_path / "run", milvus_server.uri)
+    upsert = MilvusStore.add
+
+    def killed_after_upsert(self, vectors, ids, meta):
+        upsert(self, vectors, ids, meta)
+        milvus_server.kill()  # kill -9: the vectors are in, the run's record is not
+
+    monkeypatch.setattr(MilvusStore, "add", killed_after_upsert)
+    with pytest.raises(CbirError, match="failed"):
+        add_photos(run, "mv", photos, use_detector=False)
+    monkeypatch.undo()
+    milvus_server.start()
+    with pytest.raises(CbirError, match="does not match its record"):
+        load_index(run, "mv")  # readers refuse the collection that holds more than the record
+    added, _, _ = add_photos(run, "mv", photos, use_detector=False)  # the writer repairs, then adds again
+    assert added >= 2
+    mine, theirs = load_index(run, "mv"), load_index(unbroken, "mv")
+    assert list(mine.table.index) == list(theirs.table.index) and mine.store.count == theirs.store.count
+    queries = theirs.raw_vectors(theirs.table.index[-3:].to_numpy())
+    for a, b in zip(mine.search(queries, 8), theirs.search(queries, 8)):
+        assert np.allclose(a, b, atol=1e-6)
+    mine.store.close()
+    theirs.store.close()

@@ -16,6 +16,7 @@ from ..device import check_device
 from ..images import DEFAULT_MAX_PIXELS
 from ..layout import check_name
 from ..retrieval import check_store
+from ..retrieval.budget import parse_budget
 from ..retrieval.reduce import parse_pca, parse_shrinkage
 from ..retrieval.rerank import METHODS, SERVED_DEFAULT, SHORTLIST
 
@@ -351,6 +352,13 @@ def index_args(p):
                    "benchmarks/results/index_bench_cpu.md)")
     p.add_argument("--gpu", type=auto_or(int, 0, 1024, 'off'), default="auto",
                    help="auto (GPU when faiss-gpu sees one), off, or a GPU number")
+    p.add_argument("--memory-budget", type=checked(parse_budget), metavar="SIZE",
+                   help="choose the FAISS layout for this RAM budget and the vector count, as autofaiss does: exact, "
+                        "IVF-SQ8, IVF-PQ, or IVF-SQ8 with its inverted lists on disk (memory-mapped); e.g. 4G, 512M. "
+                        "The choice and its reason go into the index's meta.json (default: --factory)")
+    p.add_argument("--refine", type=bounded(int, 0, 100_000), default=0, metavar="K",
+                   help="re-score each query's top K exactly from the float vectors on disk, to win back the "
+                        "recall that compressed codes lose (e.g. 100; default 0: off)")
     p.add_argument("--store", default="faiss", type=checked(check_store),
                    help="where the vectors live: faiss (default, files in the run), milvus-lite:PATH.db (Milvus Lite, "
                         "one local file; relative paths are inside the run) or milvus://HOST:PORT (a Milvus server)")

@@ -31,10 +31,10 @@ def index_config(a, run: Path, embeddings: str, name: str | None = None):
 
     return IndexConfig(run=run, embeddings=embeddings, name=name, pca=a.pca, whiten=a.whiten, factory=a.factory,
                        gpu=a.gpu, gallery=csv_list(getattr(a, "gallery", "train,test")), store=a.store,
-                       force=getattr(a, "force", False))
+                       memory_budget=a.memory_budget, refine=a.refine, force=getattr(a, "force", False))
 
 
-BUILD_ONLY = ("pca", "whiten", "factory", "store", "gallery")  # what only building an index reads
+BUILD_ONLY = ("pca", "whiten", "factory", "store", "gallery", "memory_budget", "refine")  # what only building an index reads
 
 
 def cmd_index(a):

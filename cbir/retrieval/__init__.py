@@ -76,10 +76,14 @@ def store_class(kind: str):
     return stores[kind]
 
 
-def new_store(spec: str, root: Path, name: str, dim: int, reduction: str, body: str, gpu: str) -> VectorStore:
+def new_store(spec: str, root: Path, name: str, dim: int, reduction: str, body: str, gpu: str,
+              layout: dict | None = None) -> VectorStore:
     """An empty store of the kind `--store` names, for index `name`: raw vectors of `dim` go through
-    `reduction` (a FAISS transform prefix) into an index of `body` (a FAISS factory body)."""
-    return store_class("faiss" if spec == "faiss" else "milvus").for_index(spec, root, name, dim, reduction, body, gpu)
+    `reduction` (a FAISS transform prefix) into an index of `body` (a FAISS factory body); `layout`: what
+    `--memory-budget` chose (budget.Layout.describe(); FAISS only)."""
+    kind = store_class("faiss" if spec == "faiss" else "milvus")
+    extra = {"layout": layout} if layout else {}
+    return kind.for_index(spec, root, name, dim, reduction, body, gpu, **extra)
 
 
 def open_store(description: dict, folder: Path, root: Path, gpu: str = "auto") -> VectorStore:

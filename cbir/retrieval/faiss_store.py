@@ -1,8 +1,17 @@
-"""The FAISS `VectorStore`: one `index_factory` string (reduction + IDMap2 + index), CPU or GPU."""
+"""The FAISS `VectorStore`: one `index_factory` string (reduction + index, with an IDMap2 unless the index keeps
+ids itself as IVF does), CPU or GPU; layouts chosen for a memory budget (budget.py) are opened memory-mapped,
+and an on-disk layout keeps its inverted lists in `lists.ivfdata` beside the index (FAISS OnDiskInvertedLists).
+
+A saved version is never written to: an edit of a memory-mapped index first reads it into RAM (it fits the
+budget it was chosen for), an edit of on-disk lists first copies them to a scratch folder of the run, and
+the edited lists move into the new version when it is saved."""
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import faiss
@@ -17,6 +26,7 @@ HNSW_EF_SEARCH = 128
 IVF_NPROBE = 32
 SEARCH_PARAMS = {"efSearch": HNSW_EF_SEARCH, "nprobe": IVF_NPROBE}
 FILE = "index.faiss"
+LISTS_FILE = "lists.ivfdata"  # an on-disk layout's inverted lists
 
 
 PROBE_DIMS = (128, 256, 512, 768, 1024, 1280, 2048)  # a body must build at one of these (PQ needs a divisor)
@@ -59,9 +69,21 @@ class FaissStore:
     kind = "faiss"
     filters = False  # `--filter` is evaluated on the index's table and searched as an id subset
 
-    def __init__(self, index: faiss.Index, factory: str, params: dict | None = None, add_gpu: str = "off"):
+    def __init__(self, index: faiss.Index, factory: str, params: dict | None = None, add_gpu: str = "off",
+                 layout: dict | None = None, root: Path | None = None):
         self.index, self.factory, self.add_gpu = index, factory, add_gpu
         self.params = set_search_params(index, params if params is not None else SEARCH_PARAMS)
+        self.layout = layout or {}  # budget.Layout.describe() when --memory-budget chose it
+        self.root = root
+        self._mapped_from: Path | None = None  # folder of a saved index searched memory-mapped (read-only)
+        self._lists_dir: Path | None = None  # folder holding the on-disk lists that back the index
+        self._owned = False  # whether that folder is this store's scratch (else a saved version's)
+        self._shards: list[tuple[Path, int]] = []  # on-disk lists: added chunks, merged at the first use
+        self._shard_dir: Path | None = None
+
+    @property
+    def on_disk(self) -> bool:
+        return bool(self.layout.get("on_disk"))
 
     @staticmethod
     def check_factory(body: str) -> None:
@@ -76,26 +98,30 @@ class FaissStore:
         raise CbirError(f"--factory {body}: FAISS cannot build it ({reason}); e.g. Flat, HNSW32, IVF1024,SQ8")
 
     @classmethod
-    def build(cls, dim: int, factory: str, gpu: str = "off") -> FaissStore:
+    def build(cls, dim: int, factory: str, gpu: str = "off", layout: dict | None = None,
+              root: Path | None = None) -> FaissStore:
         """An untrained index; `gpu` also adds the build's vectors on the GPU when one is there."""
         try:
             index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as e:
             raise CbirError(f"--factory: FAISS cannot build {factory!r} ({str(e).splitlines()[-1][:120]})") from None
-        return cls(index, factory, add_gpu=gpu)
+        return cls(index, factory, add_gpu=gpu, layout=layout, root=root)
 
     @classmethod
-    def for_index(cls, spec: str, root: Path, name: str, dim: int, reduction: str, body: str, gpu: str) -> FaissStore:
-        """One factory string: the reduction, an id map (unless the body brings one), the body."""
-        return cls.build(dim, reduction + ("" if body.startswith("IDMap") else "IDMap2,") + body, gpu)
+    def for_index(cls, spec: str, root: Path, name: str, dim: int, reduction: str, body: str, gpu: str,
+                  layout: dict | None = None) -> FaissStore:
+        """One factory string: the reduction, an id map (unless the body keeps ids itself), the body."""
+        keeps_ids = body.startswith(("IDMap", "IVF"))
+        return cls.build(dim, reduction + ("" if keeps_ids else "IDMap2,") + body, gpu, layout, root)
 
     @property
     def description(self) -> dict:
-        return {"store": self.kind, "factory": self.factory, "search_params": self.params, "dim_in": self.index.d}
+        return {"store": self.kind, "factory": self.factory, "search_params": self.params, "dim_in": self.index.d,
+                **({"layout": self.layout} if self.layout else {})}
 
     @property
     def count(self) -> int:
-        return int(self.index.ntotal)
+        return int(self.index.ntotal) + sum(n for _, n in self._shards)
 
     def matches(self, rows: int, next_id: int) -> bool:
         """Whether the index holds the record's vectors (it is saved with its table, so a count suffices)."""
@@ -115,14 +141,28 @@ class FaissStore:
                             f"({reason}); use a smaller one (fewer IVF lists, Flat, HNSW32)") from None
 
     def add(self, vectors: np.ndarray, ids: np.ndarray, meta=None) -> None:
-        """`meta` (scalar fields) is unused: FAISS holds vectors only, the index's table holds the rest."""
+        """`meta` (scalar fields) is unused: FAISS holds vectors only, the index's table holds the rest. On-disk
+        lists are never grown in place (FAISS 1.15's OnDiskInvertedLists corrupts ids when a list outgrows its
+        slot): each added chunk becomes a small shard file, and the shards are merged with the current lists
+        into a new lists file at the first search, removal or save."""
+        vectors, ids = np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids, np.int64)
+        if self.on_disk:
+            shard = self._empty_copy()
+            shard.add_with_ids(vectors, ids)
+            self._shard_dir = self._shard_dir or self._scratch()
+            path = self._shard_dir / f"shard{len(self._shards):05d}.faiss"
+            faiss.write_index(shard, str(path))
+            self._shards.append((path, len(ids)))
+            return
+        self._writable()
         work = to_gpu(self.index, self.add_gpu)
-        work.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids, np.int64))
+        work.add_with_ids(vectors, ids)
         if work is not self.index:
             self.index = faiss.index_gpu_to_cpu(work)
             set_search_params(self.index, self.params)
 
     def remove(self, ids: np.ndarray) -> int:
+        self._writable()
         try:
             return int(self.index.remove_ids(faiss.IDSelectorBatch(np.asarray(ids, np.int64))))
         except RuntimeError:
@@ -133,6 +173,7 @@ class FaissStore:
         return apply_chain(self.index, vectors)
 
     def search(self, queries: np.ndarray, k: int, subset: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        self._merge()
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         if subset is None:
             return self.index.search(queries, k)
@@ -152,21 +193,110 @@ class FaissStore:
         search = getattr(below, "search_numpy", below.search)
         return search(queries, k, params=params)
 
+    def _scratch(self) -> Path:
+        """A folder for lists being written, in the run (the same file system as the version it moves into)."""
+        base = Path(self.root or tempfile.gettempdir()) / ".staging"
+        base.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix="faiss-lists-", dir=base))
+
+    def _empty_copy(self) -> faiss.Index:
+        """The trained index without its lists (serialised with empty lists swapped in for a moment)."""
+        ivf = faiss.extract_index_ivf(self.index)
+        lists, owned = ivf.invlists, ivf.own_invlists
+        ivf.own_invlists = False
+        empty = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)  # kept referenced while the index points at it
+        ivf.replace_invlists(empty, False)
+        try:
+            copy = faiss.deserialize_index(faiss.serialize_index(self.index))
+        finally:
+            ivf.replace_invlists(lists, owned)
+        copy.ntotal = faiss.extract_index_ivf(copy).ntotal = 0
+        return copy
+
+    def _merge(self, copy: bool = False) -> None:
+        """Pending shards and the current lists → one new lists file in scratch (FAISS's merge_from_multiple,
+        the shards memory-mapped); with `copy`, also when nothing is pending but the lists are a saved
+        version's (before a removal edits them in place)."""
+        if not self._shards and not (copy and self._lists_dir is not None and not self._owned):
+            return
+        scratch, index = self._scratch(), self._empty_copy()
+        ivf = faiss.extract_index_ivf(index)
+        shards = [faiss.read_index(str(path), faiss.IO_FLAG_MMAP) for path, _ in self._shards]
+        sources = faiss.InvertedListsPtrVector()
+        if self._lists_dir is not None:
+            sources.push_back(faiss.extract_index_ivf(self.index).invlists)
+        for shard in shards:
+            sources.push_back(faiss.extract_index_ivf(shard).invlists)
+        lists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(scratch / LISTS_FILE))
+        total = lists.merge_from_multiple(sources.data(), sources.size(), False)
+        ivf.replace_invlists(lists, True)
+        lists.this.disown()
+        index.ntotal = ivf.ntotal = total
+        set_search_params(index, self.params)
+        previous = self._lists_dir if self._owned else None
+        self.index, self._lists_dir, self._owned = index, scratch, True
+        del shards
+        for folder in (self._shard_dir, previous):
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+        self._shards, self._shard_dir = [], None
+
+    def _writable(self) -> None:
+        """Before an edit: never write a saved version's files (see the module's docstring)."""
+        if self._mapped_from is not None:
+            self.index = faiss.read_index(str(self._mapped_from / FILE))
+            set_search_params(self.index, self.params)
+            self._mapped_from = None
+        if self.on_disk:
+            self._merge(copy=True)
+
     def save(self, folder: Path) -> None:
-        faiss.write_index(self.index, str(Path(folder) / FILE))
+        folder = Path(folder)
+        self._merge()
+        if self._mapped_from is not None:
+            self._writable()  # its lists are views of the saved file: written out whole, they would refer to it
+        if self.on_disk and self._lists_dir is not None:
+            if self._owned:  # edited or new: the lists move into the version (one rename in the run)
+                os.replace(self._lists_dir / LISTS_FILE, folder / LISTS_FILE)
+                _rename_lists(self.index, folder / LISTS_FILE)
+                shutil.rmtree(self._lists_dir, ignore_errors=True)
+            else:  # unchanged: the saved version's lists, shared (never written: an edit copies them first)
+                _link_or_copy(self._lists_dir / LISTS_FILE, folder / LISTS_FILE)
+            self._lists_dir, self._owned = folder, False
+        faiss.write_index(self.index, str(folder / FILE))
 
     @classmethod
     def load(cls, folder: Path, gpu: str = "off", description: dict | None = None, root: Path | None = None) -> FaissStore:
+        description = description or {}
+        layout = description.get("layout") or {}
         path = Path(folder) / FILE
+        flags = faiss.IO_FLAG_ONDISK_SAME_DIR if layout.get("on_disk") else faiss.IO_FLAG_MMAP if layout else 0
         try:
-            index = faiss.read_index(str(path))
+            index = faiss.read_index(str(path), flags)
         except RuntimeError:
             raise CbirError(f"{path}: not a readable FAISS index; rebuild it with `cbir index --force`") from None
-        store = cls(index, (description or {}).get("factory", "?"), (description or {}).get("search_params"))
-        if gpu != "off":
+        store = cls(index, description.get("factory", "?"), description.get("search_params"), layout=layout,
+                    root=root)
+        if layout.get("on_disk"):
+            store._lists_dir = Path(folder)
+        elif layout:
+            store._mapped_from = Path(folder)
+        if gpu != "off" and not layout:
             store.index = to_gpu(index, gpu)
         return store
 
     @classmethod
     def release(cls, description: dict, root: Path) -> None:
         """Nothing to drop: a FAISS index lives inside its artifact folder, which the run's versioning removes."""
+
+
+def _rename_lists(index, path: Path) -> None:
+    """Record the on-disk lists under the file's new place (the mapping itself survives the rename)."""
+    faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists).filename = str(path)
+
+
+def _link_or_copy(source: Path, dest: Path) -> None:
+    try:
+        os.link(source, dest)
+    except OSError:
+        shutil.copyfile(source, dest)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 from .. import CbirError
 from ..artifacts import Artifact, is_fresh, writing
@@ -17,6 +18,7 @@ from ..datasets import check_splits, load_dataset
 from ..encoders.stage import load_embeddings
 from ..layout import RunLayout, check_name
 from . import check_store, new_store, release_store
+from .budget import choose_layout, human, train_sample_size
 from .ingest import replay_edits
 from .faiss_store import FaissStore
 from .milvus_store import check_factory
@@ -30,6 +32,7 @@ log = logging.getLogger(__name__)
 # the memory with ~1,900 queries/s, beating HNSW32 there (recall 0.92, 5x the memory) and, unlike HNSW,
 # supports removal; IVF-PQ compresses 4x more but recall fell to 0.49, so it is only the choice past ~5*10^7.
 AUTO_EXACT_MAX = 100_000
+ADD_CHUNK = 65_536  # vectors read from disk and added at a time
 AUTO_SQ8_MAX = 50_000_000
 
 
@@ -54,6 +57,8 @@ class IndexConfig:
     gpu: str = "auto"
     gallery: tuple[str, ...] = ("train", "test")
     store: str = "faiss"  # faiss | milvus-lite:PATH.db | milvus://HOST:PORT
+    memory_budget: int | None = None  # bytes: the FAISS layout is chosen to fit (budget.choose_layout)
+    refine: int = 0  # re-score each query's top `refine` exactly from the float vectors on disk (0: off)
     force: bool = False
 
     def __post_init__(self):
@@ -66,6 +71,14 @@ class IndexConfig:
             check_factory(self.factory, self.store)
         if self.pca is not None and self.pca != "auto" and (not isinstance(self.pca, int) or self.pca < 1):
             raise CbirError(f"--pca {self.pca}: a positive dimension, auto or none")
+        if self.memory_budget is not None and self.store != "faiss":
+            raise CbirError(f"--memory-budget chooses a FAISS layout; with --store {self.store} the Milvus server "
+                            f"sizes its own memory (choose its index with --factory)")
+        if self.memory_budget is not None and self.factory != "auto":
+            raise CbirError(f"--memory-budget and --factory {self.factory}: give one of them (the budget chooses "
+                            f"the factory)")
+        if self.refine < 0:
+            raise CbirError(f"--refine {self.refine}: a shortlist length (e.g. 100), or 0 for off")
 
     @property
     def index_name(self) -> str:
@@ -78,7 +91,9 @@ def build_index(cfg: IndexConfig) -> SearchIndex:
     with writing(cfg.run) as layout:
         vectors, table, emb = load_embeddings(layout, cfg.embeddings)
         inputs = {"embeddings": emb["fingerprint"], "pca": cfg.pca, "whiten": cfg.whiten, "factory": cfg.factory,
-                  "gallery": list(cfg.gallery), "store": cfg.store}
+                  "gallery": list(cfg.gallery), "store": cfg.store,
+                  **({"memory_budget": cfg.memory_budget} if cfg.memory_budget else {}),
+                  **({"refine": cfg.refine} if cfg.refine else {})}
         art = Artifact(layout, layout.index(cfg.index_name))
         if is_fresh(art, inputs, cfg.force):
             return load_index(layout, cfg.index_name, cfg.gpu)
@@ -115,23 +130,37 @@ def _build(layout: RunLayout, cfg: IndexConfig, vectors: np.ndarray, table: pd.D
     gallery = table.split.isin(cfg.gallery).to_numpy()
     if not gallery.any():
         raise CbirError(f"embeddings {cfg.embeddings}: no rows in gallery splits {cfg.gallery}")
-    dim = emb["dim"]
-    pca, pca_reason = resolve_pca(cfg.pca, vectors[is_train])
+    dim, n, train_rows = emb["dim"], int(gallery.sum()), np.flatnonzero(is_train)
+    if cfg.memory_budget:  # a 10^7 train split is not read whole: a sample fits the PCA and the codebooks
+        size = train_sample_size(choose_layout(n, dim, cfg.memory_budget, len(train_rows)).factory, len(train_rows))
+        train_rows = np.sort(np.random.default_rng(0).choice(train_rows, size, replace=False))
+    train = np.asarray(vectors[train_rows], np.float32)
+    pca, pca_reason = resolve_pca(cfg.pca, train)
     log.info("index %s: PCA %s", cfg.index_name, pca_reason)
     if cfg.whiten is not None and not pca:
         log.warning("index %s: --whiten needs a PCA (%s); not whitened", cfg.index_name, pca_reason)
-    body = auto_factory(int(gallery.sum()), pca or dim, int(is_train.sum())) if cfg.factory == "auto" else cfg.factory
-    store = new_store(cfg.store, layout.root, cfg.index_name, dim, transform_prefix(pca, cfg.whiten), body, cfg.gpu)
+    chosen = choose_layout(n, pca or dim, cfg.memory_budget, len(train_rows)) if cfg.memory_budget else None
+    if chosen:
+        log.info("index %s: --memory-budget %s: %s → %s", cfg.index_name, human(cfg.memory_budget), chosen.reason,
+                 chosen.factory)
+    body = chosen.factory if chosen else \
+        auto_factory(n, pca or dim, int(is_train.sum())) if cfg.factory == "auto" else cfg.factory
+    store = new_store(cfg.store, layout.root, cfg.index_name, dim, transform_prefix(pca, cfg.whiten), body, cfg.gpu,
+                      chosen.describe() | {"budget": cfg.memory_budget} if chosen else None)
     ids = np.flatnonzero(gallery).astype(np.int64)
     data = load_dataset(layout)
     meta = table[gallery].merge(data.images[["image_id", "path", "class_name"]], on="image_id", how="left")
     with _dropped_on_failure(store, layout):
-        store.train(vectors[is_train], cfg.whiten)
-        store.add(vectors[gallery], ids, meta)
+        store.train(train, cfg.whiten)
+        for start in tqdm(range(0, len(ids), ADD_CHUNK), desc=f"index {cfg.index_name}", unit="chunk",
+                          disable=len(ids) <= ADD_CHUNK):  # the vectors stay on disk: one chunk in RAM at a time
+            part = slice(start, start + ADD_CHUNK)
+            store.add(np.asarray(vectors[ids[part]], np.float32), ids[part], meta.iloc[part])
     manifest = {"name": cfg.index_name, "embeddings": cfg.embeddings, "mode": emb["mode"],
                 "backbone": emb["spec"]["backbone"], "embedding_spec": emb["spec"], "pca": pca, "pca_reason": pca_reason,
-                "whiten": cfg.whiten,
-                "gallery": list(cfg.gallery), "trained_on": "train split", "train_rows": int(is_train.sum()),
+                "whiten": cfg.whiten, "refine": cfg.refine,
+                "gallery": list(cfg.gallery), "trained_on": "train split" if len(train_rows) == is_train.sum() else
+                f"{len(train_rows)} train rows drawn at random (seed 0)", "train_rows": int(is_train.sum()),
                 "next_id": int(len(table)), "next_image_id": int(data.images.image_id.max()) + 1, "edits": [],
                 "image_dir": str(data.image_dir), "upstream": emb["upstream"]}
     return SearchIndex(store, meta.assign(id=ids).set_index("id"), manifest, np.zeros((0, dim), np.float32),

@@ -28,7 +28,7 @@ from .reduce import apply_chain, train_chain
 log = logging.getLogger(__name__)
 
 REDUCTION_FILE = "reduction.faiss"
-CONNECT_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 5.0  # a server that is down is reported within seconds
 TOKEN_VARIABLE = "CBIR_MILVUS_TOKEN"  # USER:PASSWORD (or an API key) for a server with authentication on
 INSERT_BATCH = 4096
 HNSW_EF_CONSTRUCTION = 200
@@ -83,7 +83,21 @@ def connect(spec: str, root: Path):
     try:
         return MilvusClient(uri=uri, timeout=CONNECT_TIMEOUT_S, **token)
     except Exception as e:  # pymilvus raises MilvusException, milvus-lite its own I/O errors
+        if _refused_credentials(e):
+            given = "a wrong USER:PASSWORD in" if token.get("token") else "no credentials: set"
+            raise CbirError(f"--store {spec}: the server refused the connection (authentication is on; {given} "
+                            f"${TOKEN_VARIABLE})") from None
         raise CbirError(f"--store {spec}: cannot open {uri} ({_reason(e)})") from None
+
+
+def _refused_credentials(e: BaseException) -> bool:
+    """pymilvus reports a refused token as a failed connection; the gRPC status it wraps says which it was."""
+    while e is not None:
+        code = getattr(e, "code", None)
+        if callable(code) and getattr(code(), "name", "") == "UNAUTHENTICATED":
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _reason(e: Exception) -> str:

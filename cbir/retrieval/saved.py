@@ -57,13 +57,17 @@ class SearchIndex:
         if k < 1:
             raise CbirError(f"--k {k}: must be at least 1")
         k = min(k, self.store.count)
+        refine = self.manifest.get("refine") or 0
+        shortlist = min(max(k, refine), self.store.count)
         if filter and self.store.filters:
             to_pandas(filter)  # the same checked subset as for any other store
-            return self.store.search(queries, k, subset, expression=filter)
-        if filter:
-            matching = matching_ids(self.table, filter)
-            subset = matching if subset is None else np.intersect1d(matching, subset)
-        return self.store.search(queries, k, subset)
+            found = self.store.search(queries, shortlist, subset, expression=filter)
+        else:
+            if filter:
+                matching = matching_ids(self.table, filter)
+                subset = matching if subset is None else np.intersect1d(matching, subset)
+            found = self.store.search(queries, shortlist, subset)
+        return exact_rescore(self.store, queries, found[1], self.raw_vectors, k) if refine else found
 
     @cached_property
     def base_vectors(self) -> np.ndarray:
@@ -86,6 +90,20 @@ class SearchIndex:
 
     def image_path(self, path: str) -> Path:
         return image_file(self.image_dir, path)
+
+
+def exact_rescore(store, queries: np.ndarray, ids: np.ndarray, raw_vectors, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """`--refine`: each query's shortlist `ids` re-scored with its float vectors (`raw_vectors(ids)`, read from
+    the memory-mapped embeddings, so RAM holds one batch of shortlists), exact in the store's reduced space;
+    the top k by exact similarity. What compressed codes (PQ, SQ8) lose in the ranking comes back."""
+    queries = store.transform(np.atleast_2d(queries))
+    valid = ids >= 0
+    sims = np.full(ids.shape, -np.inf, np.float32)
+    if valid.any():
+        vectors = store.transform(raw_vectors(ids[valid]))
+        sims[valid] = np.einsum("ij,ij->i", vectors, queries[np.nonzero(valid)[0]])
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(sims, order, 1), np.take_along_axis(ids, order, 1)
 
 
 def load_index(run: Path | RunLayout, name: str, gpu: str = "auto", repair: bool = False,
