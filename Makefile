@@ -18,7 +18,7 @@ comma := ,
 space := $(subst ,, )
 TEXT_SPLIT ?= classes:1-10/11-20
 
-.PHONY: setup demo detector coco text metric test test-all browser docs docs-tables sync-bench serve-bench
+.PHONY: setup demo detector coco text metric test test-all browser docs docs-tables sync-bench serve-bench scale-bench store-bench
 
 setup:
 	$(PYTHON) -m pip install -q -e '.[dev]'
@@ -105,3 +105,12 @@ docs: setup
 # every results table in README.md and docs/ copied again from the report it names (runs/..., benchmarks/results/)
 docs-tables:
 	$(PYTHON) scripts/docs_tables.py
+
+# 10^7 x 256-d vectors within a memory budget, built from disk and searched memory-mapped, with and without
+# --refine (benchmarks/results/scale_bench_cpu.md; ~10 GB of vectors in /tmp/cbir_scale_bench)
+scale-bench: setup
+	cd benchmarks && $(PYTHON) scale_bench.py --budget 2G --refine 100
+
+# FAISS, Milvus Lite and a real Milvus server (started on loopback by the script) at 10^5 and 10^6
+store-bench: setup
+	cd benchmarks && $(PYTHON) store_bench.py --sizes 100000,1000000 --factories Flat,IVFSQ8 --stores faiss,milvus,milvus-server

@@ -1,7 +1,12 @@
-"""FAISS against Milvus Lite through cbir's own `VectorStore`s, on the same clustered vectors: build
-time, insert rate, queries/s (one at a time and batched), recall@10 against exact search, and disk size.
+"""FAISS against Milvus Lite and a real Milvus server through cbir's own `VectorStore`s, on the same clustered
+vectors: build time, insert rate, queries/s (one at a time and batched), recall@10 against exact search, and
+disk size.
 
     python benchmarks/store_bench.py [--sizes 10000,100000] [--dim 256] [--factories Flat,HNSW32,IVFSQ8]
+                                     [--stores faiss,milvus,milvus-server]
+
+`milvus-server` starts the PyPI `milvus` package's standalone server on loopback for the run (as the tests do,
+tests/support/milvus_server.py) and stops it at the end.
 
 Both stores get the same L2-normalised vectors (no PCA, so nothing but the store differs). Rows are
 merged into benchmarks/results/store_bench_cpu.{md,json}, keyed by store, factory and size.
@@ -13,6 +18,7 @@ import argparse
 import json
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +32,7 @@ from index_bench import clustered, factory_for, timed_search
 
 OUT = Path(__file__).parent / "results"
 K = 10
+SERVER = {}  # the running Milvus server, when --stores names milvus-server
 
 
 def _meta(n: int) -> pd.DataFrame:
@@ -41,7 +48,7 @@ def _size(path: Path) -> int:
 
 def _store(kind: str, factory: str, dim: int, folder: Path):
     """The store `cbir index --store` would make, without PCA."""
-    spec = "faiss" if kind == "faiss" else "milvus-lite:bench.db"
+    spec = {"faiss": "faiss", "milvus": "milvus-lite:bench.db"}.get(kind) or SERVER["server"].uri
     return new_store(spec, folder, "bench", dim, "L2norm,", factory, "off")
 
 
@@ -58,10 +65,13 @@ def measure(kind: str, factory: str, x: np.ndarray, queries: np.ndarray, exact: 
         built = time.perf_counter()
         ids, batched, one = timed_search(store, queries, K, single)  # the same timing as index_bench's
         recall = float(np.mean([len(set(a) & set(b)) / K for a, b in zip(ids, exact)]))
-        disk = _size(folder / "bench.db") if kind == "milvus" else _size(folder / "index.faiss")
-        if kind == "milvus":
+        disk = {"faiss": lambda: _size(folder / "index.faiss"), "milvus": lambda: _size(folder / "bench.db"),
+                "milvus-server": lambda: _size(SERVER["server"].folder / "data") - SERVER["empty"]}[kind]()
+        if kind != "faiss":
             store.close()
-        return {"store": "milvus-lite" if kind == "milvus" else "faiss", "factory": factory, "n": len(x),
+            if kind == "milvus-server":
+                store.release(store.description, folder)
+        return {"store": "milvus-lite" if kind == "milvus" else kind, "factory": factory, "n": len(x),
                 "queries": len(queries), "single_queries": single,
                 "build_s": round(built - start, 2), "train_s": round(trained - start, 2),
                 "insert_per_s": round(len(x) / (added - trained)), "single_qps": round(one, 1),
@@ -79,6 +89,21 @@ def main():
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--single", type=int, default=200, help="queries timed one at a time")
     a = p.parse_args()
+    if "milvus-server" in a.stores.split(","):
+        sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+        from support.milvus_server import MilvusServer
+
+        SERVER["server"] = MilvusServer(Path(tempfile.mkdtemp(prefix="store_bench_server_"))).start()
+        SERVER["empty"] = _size(SERVER["server"].folder / "data")
+    try:
+        run(a)
+    finally:
+        if SERVER:
+            SERVER["server"].stop()
+            shutil.rmtree(SERVER["server"].folder, ignore_errors=True)
+
+
+def run(a) -> None:
     rng = np.random.default_rng(0)
     path = OUT / "store_bench_cpu.json"
     rows = {(r["store"], r["factory"], r["n"]): r for r in (json.loads(path.read_text())["rows"] if path.exists() else [])}

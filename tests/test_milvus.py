@@ -219,7 +219,7 @@ def test_a_run_indexed_into_the_server_answers_as_faiss_does(mini_run, tmp_path,
     assert load_index(run, "det", open_store=False).manifest["uri"] == milvus_server.uri
     photo = sorted((MINI / "images" / "017.Cardinal").glob("*.jpg"))[1]
     assert _search_json(run, "det", photo) == _search_json(run, "fx", photo)
-    _cli("evaluate", "--run", run, "--embeddings", "det", "--served", "fx,det", "--no-plots", "--maps", "")
+    _cli("evaluate", "--run", run, "--embeddings", "det", "--served", "fx,det", "--no-plots")
     import pandas as pd
 
     metrics = pd.read_csv(run / "reports" / "retrieval" / "metrics.csv")

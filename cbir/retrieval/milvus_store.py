@@ -92,7 +92,9 @@ def connect(spec: str, root: Path):
 
 def _refused_credentials(e: BaseException) -> bool:
     """pymilvus reports a refused token as a failed connection; the gRPC status it wraps says which it was."""
-    while e is not None:
+    seen = set()
+    while e is not None and id(e) not in seen:  # pymilvus chains can loop (`raise e from e`)
+        seen.add(id(e))
         code = getattr(e, "code", None)
         if callable(code) and getattr(code(), "name", "") == "UNAUTHENTICATED":
             return True
