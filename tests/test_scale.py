@@ -2,6 +2,7 @@
 built in chunks and searched memory-mapped, edits that never write a saved version, and exact re-scoring."""
 
 import hashlib
+import json
 
 import faiss
 import numpy as np
@@ -64,7 +65,7 @@ def _recall(a, b):
     return float(np.mean([len(set(x) & set(y)) / len(x) for x, y in zip(a, b)]))
 
 
-def test_on_disk_lists_searched_mapped_edited_without_touching_a_saved_version(sample_run, tmp_path):
+def test_on_disk_lists_searched_mapped_edited_without_touching_a_saved_version(sample_run, tmp_path, capfd):
     run = copy_run(sample_run, tmp_path / "run")
     exact = build_index(IndexConfig(run=run, embeddings="det", name="exact", pca=64, factory="Flat"))
     si = build_index(IndexConfig(run=run, embeddings="det", name="disk", pca=64, memory_budget=8192))
@@ -100,6 +101,14 @@ def test_on_disk_lists_searched_mapped_edited_without_touching_a_saved_version(s
     new_id = int(edited.table.index[edited.table.split == "added"][0])
     assert edited.search(edited.raw_vectors(np.array([new_id])), 1)[1][0, 0] == new_id
     assert not list((run / ".staging").glob("faiss-lists-*"))  # no scratch left behind
+    # FAISS reports on-disk work with printf; none of it may reach stdout, where --json answers go
+    capfd.readouterr()
+    image_id = int(edited.table.image_id[edited.table.split == "test"].iloc[0])
+    code = main(["search", "--run", str(run), "--index", "disk", "--query-id", str(image_id), "--k", "3", "--json"])
+    printed = capfd.readouterr()
+    assert code in (0, None), printed.err[-500:]
+    answer = json.loads(printed.out)
+    assert answer["query"] == f"image_id {image_id}" and len(answer["boxes"][0]["neighbours"]) == 3
     # a rebuild replays both edits onto fresh lists and answers the same
     rebuilt = build_index(IndexConfig(run=run, embeddings="det", name="disk", pca=64, memory_budget=8192, refine=200,
                                       force=True))

@@ -8,10 +8,13 @@ the edited lists move into the new version when it is saved."""
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import shutil
+import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import faiss
@@ -55,6 +58,21 @@ def to_gpu(index, gpu: str):
     except RuntimeError as e:  # e.g. HNSW has no GPU implementation
         log.info("index stays on CPU (%s)", str(e).splitlines()[0][:100])
         return index
+
+
+@contextmanager
+def _chatter_to_stderr():
+    """FAISS's on-disk lists report progress with C printf on stdout, where `search --json` answers go:
+    C-level stdout points at stderr meanwhile."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        ctypes.CDLL(None).fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _inner(index):
@@ -164,7 +182,8 @@ class FaissStore:
     def remove(self, ids: np.ndarray) -> int:
         self._writable()
         try:
-            return int(self.index.remove_ids(faiss.IDSelectorBatch(np.asarray(ids, np.int64))))
+            with _chatter_to_stderr():
+                return int(self.index.remove_ids(faiss.IDSelectorBatch(np.asarray(ids, np.int64))))
         except RuntimeError:
             raise CbirError(f"index {self.factory} does not support removal (HNSW); rebuild it with `cbir index` "
                             f"or use a Flat/IVF factory") from None
@@ -221,14 +240,16 @@ class FaissStore:
             return
         scratch, index = self._scratch(), self._empty_copy()
         ivf = faiss.extract_index_ivf(index)
-        shards = [faiss.read_index(str(path), faiss.IO_FLAG_MMAP) for path, _ in self._shards]
+        with _chatter_to_stderr():
+            shards = [faiss.read_index(str(path), faiss.IO_FLAG_MMAP) for path, _ in self._shards]
         sources = faiss.InvertedListsPtrVector()
         if self._lists_dir is not None:
             sources.push_back(faiss.extract_index_ivf(self.index).invlists)
         for shard in shards:
             sources.push_back(faiss.extract_index_ivf(shard).invlists)
         lists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(scratch / LISTS_FILE))
-        total = lists.merge_from_multiple(sources.data(), sources.size(), False)
+        with _chatter_to_stderr():
+            total = lists.merge_from_multiple(sources.data(), sources.size(), False)
         ivf.replace_invlists(lists, True)
         lists.this.disown()
         index.ntotal = ivf.ntotal = total
@@ -272,7 +293,8 @@ class FaissStore:
         path = Path(folder) / FILE
         flags = faiss.IO_FLAG_ONDISK_SAME_DIR if layout.get("on_disk") else faiss.IO_FLAG_MMAP if layout else 0
         try:
-            index = faiss.read_index(str(path), flags)
+            with _chatter_to_stderr():
+                index = faiss.read_index(str(path), flags)
         except RuntimeError:
             raise CbirError(f"{path}: not a readable FAISS index; rebuild it with `cbir index --force`") from None
         store = cls(index, description.get("factory", "?"), description.get("search_params"), layout=layout,
