@@ -70,9 +70,9 @@ def milvus_server(tmp_path_factory):
     """One real Milvus standalone server per test run (the PyPI `milvus` package, loopback only), with
     authentication on; cbir reaches it as a user of its own through $CBIR_MILVUS_TOKEN."""
     from pymilvus import MilvusClient
+    from support.milvus_server import TOKEN, MilvusServer
 
     from cbir.retrieval.milvus_store import TOKEN_VARIABLE
-    from support.milvus_server import TOKEN, MilvusServer
 
     server = MilvusServer(tmp_path_factory.mktemp("milvus-server"), authorization=True).start()
     previous = os.environ.get(TOKEN_VARIABLE)

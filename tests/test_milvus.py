@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import MILVUS_PASSWORD, MINI, MINI_SPLIT, MOBILENET, copy_run, predict, serve_page
 
 from cbir import CbirError
 from cbir.encoders.stage import load_embeddings
@@ -18,7 +19,6 @@ from cbir.retrieval.index import IndexConfig, build_index
 from cbir.retrieval.ingest import add_photos, remove_images
 from cbir.retrieval.milvus_store import MilvusStore, connect
 from cbir.retrieval.saved import load_index
-from conftest import MILVUS_PASSWORD, MINI, MINI_SPLIT, MOBILENET, copy_run, predict, serve_page
 
 pytest.importorskip("milvus_lite")
 

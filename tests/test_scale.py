@@ -7,6 +7,7 @@ import json
 import faiss
 import numpy as np
 import pytest
+from conftest import MINI, copy_run
 
 from cbir import CbirError
 from cbir.cli import main
@@ -15,7 +16,6 @@ from cbir.retrieval.faiss_store import LISTS_FILE
 from cbir.retrieval.index import IndexConfig, build_index
 from cbir.retrieval.ingest import add_photos, remove_images
 from cbir.retrieval.saved import load_index
-from conftest import MINI, copy_run
 
 
 def test_the_budget_picks_the_most_accurate_layout_that_fits():

@@ -19,8 +19,8 @@ from ..encoders.stage import load_embeddings
 from ..layout import RunLayout, check_name
 from . import check_store, new_store, release_store
 from .budget import choose_layout, human, train_sample_size
-from .ingest import replay_edits
 from .faiss_store import FaissStore
+from .ingest import replay_edits
 from .milvus_store import check_factory
 from .reduce import resolve_pca, transform_prefix
 from .saved import SearchIndex, commit_index, load_index
@@ -161,7 +161,7 @@ def _build(layout: RunLayout, cfg: IndexConfig, vectors: np.ndarray, table: pd.D
                 "whiten": cfg.whiten, "refine": cfg.refine,
                 "gallery": list(cfg.gallery), "trained_on": "train split" if len(train_rows) == is_train.sum() else
                 f"{len(train_rows)} train rows drawn at random (seed 0)", "train_rows": int(is_train.sum()),
-                "next_id": int(len(table)), "next_image_id": int(data.images.image_id.max()) + 1, "edits": [],
+                "next_id": len(table), "next_image_id": int(data.images.image_id.max()) + 1, "edits": [],
                 "image_dir": str(data.image_dir), "upstream": emb["upstream"]}
     return SearchIndex(store, meta.assign(id=ids).set_index("id"), manifest, np.zeros((0, dim), np.float32),
                        data.image_dir, inputs, layout)

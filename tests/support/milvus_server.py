@@ -40,7 +40,7 @@ class MilvusServer:
     def uri(self) -> str:
         return f"milvus://127.0.0.1:{self.port}"
 
-    def start(self) -> "MilvusServer":
+    def start(self) -> MilvusServer:
         self.folder.mkdir(parents=True, exist_ok=True)
         extra = [f"--extra-config={c}.ip=127.0.0.1" for c in COMPONENTS]
         if self.authorization:  # the package parses this flag with bool(): any value given, even "false", is on
@@ -97,7 +97,7 @@ class MilvusServer:
                     proc.poll()
             time.sleep(0.2)
 
-    def __enter__(self) -> "MilvusServer":
+    def __enter__(self) -> MilvusServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
