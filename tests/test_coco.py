@@ -308,6 +308,7 @@ def test_multi_object_report_beats_random_order(coco_run):
     assert (coco_run / "reports" / "objects" / "person_grid.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow  # kept out of CI's run (25-minute budget); `make test-all` runs it
 def test_person_search_returns_persons_only(coco_run):
     _cli("index", "--run", coco_run, "--embeddings", "det")
     photo = COCO / "images" / "000000000036.jpg"

@@ -192,6 +192,7 @@ def test_bad_stores_get_one_line(mini_run, tmp_path):
         holder.wait()
 
 
+@pytest.mark.slow  # kept out of CI's run (25-minute budget); `make test-all` runs it
 def test_whole_pipeline_and_page_on_milvus_lite(tmp_path):
     # the server's end-to-end run is test_a_run_indexed_into_the_server_answers_as_faiss_does
     run = tmp_path / "run"

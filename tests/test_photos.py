@@ -436,6 +436,7 @@ def test_page_names_each_result_by_its_path_under_the_folder(synced_setup):
         assert card["caption"].split(" (")[0] in paths, card["caption"]
 
 
+@pytest.mark.slow  # kept out of CI's run (25-minute budget); `make test-all` runs it
 def test_watch_syncs_a_new_photo_and_stops_on_ctrl_c(synced_setup, tmp_path):
     run = copy_run(synced_setup["fresh"], synced_setup["base"] / "watched")
     proc = subprocess.Popen([sys.executable, "-m", "cbir", "sync", "--run", str(run), "--watch", "--settle", "0.5"],

@@ -194,6 +194,7 @@ def test_kill_9_at_random_points_then_rerun_gives_the_clean_bytes(mini_run, tmp_
     assert got == expected
 
 
+@pytest.mark.slow  # kept out of CI's run (25-minute budget); `make test-all` runs it
 def test_search_works_from_another_directory_after_moving_the_run(mini_run, tmp_path):
     run = copy_run(mini_run, tmp_path / "run")
     build_index(IndexConfig(run=run, embeddings="det", pca=8, factory="Flat"))

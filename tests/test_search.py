@@ -92,6 +92,7 @@ def _search_json(run, *args):
     return json.loads(out.stdout)
 
 
+@pytest.mark.slow  # kept out of CI's run (25-minute budget); `make test-all` runs it
 def test_saved_index_reloads_and_extends_identically(run, tmp_path):
     build_index(IndexConfig(run=run, embeddings="det", pca=16, factory="Flat"))
     photo = sorted((MINI / "images" / "017.Cardinal").glob("*.jpg"))[0]

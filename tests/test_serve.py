@@ -431,6 +431,7 @@ def test_fuzzed_against_its_own_openapi_spec(run):
     assert calls >= 40 and not failures, "\n".join(failures[:5])
 
 
+@pytest.mark.slow  # kept out of CI's run (25-minute budget); `make test-all` runs it
 def test_real_serve_process_with_keys_the_client_and_the_page(run, tmp_path):
     """`cbir serve` for real on a free loopback port: `search --server` prints what a local search prints,
     writes need the write key, the page answers at /ui through the same service, SIGTERM stops it."""

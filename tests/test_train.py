@@ -104,7 +104,7 @@ def test_the_trained_encoder_reproduces_stored_vectors_for_a_query(run):
     assert np.dot(got, vectors[row.name]) > 0.999  # new photos land in the trained space
 
 
-@pytest.mark.parametrize("kill_at", ["checkpoint.pt", "refit-checkpoint.pt"])
+@pytest.mark.parametrize("kill_at", ["checkpoint.pt", pytest.param("refit-checkpoint.pt", marks=pytest.mark.slow)])
 def test_training_resumes_after_kill_and_matches_an_unbroken_run(run, tmp_path, kill_at):
     # killed in the validated loop, or in the refit after it: the rerun resumes and ends where an unbroken one does
     other = copy_run(run, tmp_path / "other")
