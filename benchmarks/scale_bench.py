@@ -27,6 +27,7 @@ import numpy as np
 
 from cbir.retrieval.budget import choose_layout, human, parse_budget, train_sample_size
 from cbir.retrieval.faiss_store import FaissStore
+from cbir.retrieval.index import ADD_CHUNK
 from cbir.retrieval.saved import exact_rescore
 from index_bench import clustered
 from report import write_report
@@ -34,7 +35,6 @@ from report import write_report
 K = 10
 CHUNK = 1_000_000
 EXACT_CHUNK = 100_000
-ADD_CHUNK = 65_536  # as cbir.retrieval.index
 
 
 class PeakMemory:
