@@ -435,11 +435,13 @@ class Interrupted(CbirError):
 
 def run_in_shards(items: Sequence, shard_size: int, partial_dir: Path, stamp: str,
                   compute: Callable[[Sequence], Any], save: Callable[[Path, Any], None],
-                  load: Callable[[Path], Any], progress=None) -> list:
+                  load: Callable[[Path], Any], progress=None, *, engine=None) -> list:
     """Process `items` shard by shard, keeping finished shards on disk so a killed run resumes.
 
     `stamp` (the stage's input fingerprint) guards the shards: ones left by other inputs are
-    discarded, never mixed in. Returns the per-shard results in order.
+    discarded, never mixed in. With `engine` (an `engines.EngineConfig`), `compute` is a
+    `engines.ShardWork` and the missing shards are computed there, in any order; either way each
+    result is saved here, atomically, as it arrives. Returns the per-shard results in order.
     """
     partial_dir = Path(partial_dir)
     stamp_file = partial_dir / "fingerprint"
@@ -447,20 +449,34 @@ def run_in_shards(items: Sequence, shard_size: int, partial_dir: Path, stamp: st
         shutil.rmtree(partial_dir)
     partial_dir.mkdir(parents=True, exist_ok=True)
     stamp_file.write_text(stamp)
-    results, total = [], -(-len(items) // shard_size)
-    for number, start in enumerate(range(0, len(items), shard_size)):
-        shard = partial_dir / f"shard_{number:06d}"
-        if not shard.exists():
-            try:
-                with atomic_path(shard) as tmp:
-                    save(tmp, compute(items[start:start + shard_size]))
-            except KeyboardInterrupt:
-                raise Interrupted(f"interrupted: {number} of {total} shards are kept in {partial_dir}; run the "
-                                  f"same command to resume from there") from None
-        elif progress is not None:
-            progress.update(len(items[start:start + shard_size]))
-        results.append(load(shard))
-    return results
+
+    def shard(number: int) -> Path:
+        return partial_dir / f"shard_{number:06d}"
+
+    parts = [(number, items[start:start + shard_size])
+             for number, start in enumerate(range(0, len(items), shard_size))]
+    missing = [(number, part) for number, part in parts if not shard(number).exists()]
+    if progress is not None:
+        progress.update(sum(len(part) for number, part in parts if shard(number).exists()))
+    kept = [len(parts) - len(missing)]
+
+    def keep(number: int, result: Any) -> None:
+        with atomic_path(shard(number)) as tmp:
+            save(tmp, result)
+        kept[0] += 1
+
+    try:
+        if engine is None:
+            for number, part in missing:
+                keep(number, compute(part))
+        else:
+            from .engines import map_shards
+
+            map_shards(engine, compute, missing, keep, progress)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted: {kept[0]} of {len(parts)} shards are kept in {partial_dir}; run the "
+                          f"same command to resume from there") from None
+    return [load(shard(number)) for number, _ in parts]
 
 
 def finish_shards(partial_dir: Path) -> None:

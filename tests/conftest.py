@@ -31,6 +31,10 @@ SSD_LABELS = SSD.with_suffix(".labels.txt")
 MINI = REPO / "examples" / "cub_mini"
 MINI_SPLIT = "classes:1-10/11-20"
 
+# Ray's idea of this node's address: loopback, as on macOS, not the address of this machine's network interface
+# (Ray rewrites 127.0.0.1 to it, and no traffic may go there); read when ray is first imported
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 
 def pytest_sessionstart(session):
     if not SAMPLE.exists():
@@ -89,6 +93,25 @@ def milvus_server(tmp_path_factory):
             os.environ.pop(TOKEN_VARIABLE, None)
         else:
             os.environ[TOKEN_VARIABLE] = previous
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local multi-node Ray cluster per test run (Ray's own `cluster_utils.Cluster`): a head that holds no
+    CPU and two worker nodes of one CPU each, every process on 127.0.0.1. Tests that remove a node add one back."""
+    from ray.cluster_utils import Cluster
+
+    fast_death = {"health_check_initial_delay_ms": 1000, "health_check_period_ms": 500,
+                  "health_check_timeout_ms": 500, "health_check_failure_threshold": 3}  # a lost node is seen in ~2 s
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1",
+                                                            "include_dashboard": False, "_system_config": fast_death})
+    try:
+        for _ in range(2):
+            cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+        cluster.wait_for_nodes()
+        yield cluster
+    finally:
+        cluster.shutdown()
 
 
 def copy_run(src: Path, dest: Path) -> Path:

@@ -32,6 +32,7 @@ MALFORMED = {
     "--index-mode": ["xyz"], "--class-labels": ["no-such-labels.csv"],
     "--query-id": ["-1", "x"], "--server": ["ftp://x/y", "not a url", "http://"],
     "--memory-budget": ["4X", "-1G", "0", "G"],
+    "--engine": ["ray:", "ray:host", "ray:host:0", "spark", "local:1.2.3.4:5"],
 }
 # flags whose empty value is the documented default ("no extra names")
 EMPTY_ALLOWED = {"--served"}

@@ -10,6 +10,8 @@ from .flags import (
     box_args,
     csv_list,
     device_arg,
+    engine_args,
+    engine_config,
     force_arg,
     name,
     or_default,
@@ -30,7 +32,7 @@ def detect_config(a, run: Path):
                         batch_size=getattr(a, "detect_batch_size", 4), workers=or_default(a.workers, DEFAULT_WORKERS),
                         fallback=a.fallback,
                         categories=csv_list(a.categories), detections=a.detections, device=a.device,
-                        skip_bad=a.skip_bad, force=getattr(a, "force", False))
+                        skip_bad=a.skip_bad, engine=engine_config(a), force=getattr(a, "force", False))
 
 
 def cmd_detect(a):
@@ -68,6 +70,7 @@ def add_detect(sub):
     p.add_argument("--evaluate", action="store_true", help="also score the boxes against the GT → reports/detection")
     p.add_argument("--evaluate-only", action="store_true", help="only write the quality report of existing detections")
     workers_arg(p)
+    engine_args(p)
     p.set_defaults(func=cmd_detect)
 
 

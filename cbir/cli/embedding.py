@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .flags import bounded, device_arg, embedding_args, force_arg, name, run_arg, text, workers_arg
+from .flags import (
+    bounded,
+    device_arg,
+    embedding_args,
+    engine_args,
+    engine_config,
+    force_arg,
+    name,
+    run_arg,
+    text,
+    workers_arg,
+)
 
 
 def embed_config(a, run: Path, mode: str, name: str | None = None):
@@ -13,7 +24,8 @@ def embed_config(a, run: Path, mode: str, name: str | None = None):
     return EmbedConfig(run=run, mode=mode, backbone=a.backbone, weights=a.weights, pool=a.pool,
                        crop_margin=a.crop_margin, crop_resize=a.crop_resize, size=getattr(a, "size", None),
                        roi=getattr(a, "roi", False), batch_size=a.batch_size, workers=a.workers, device=a.device,
-                       bf16=getattr(a, "bf16", False), name=name, force=getattr(a, "force", False))
+                       bf16=getattr(a, "bf16", False), name=name, engine=engine_config(a),
+                       force=getattr(a, "force", False))
 
 
 def cmd_embed(a):
@@ -24,7 +36,7 @@ def cmd_embed(a):
         from ..training.stage import apply_model
 
         model = Path(a.head).name  # a model's name or its folder RUN/models/NAME
-        name = apply_model(a.run, model, a.embeddings, a.name, a.device, a.force)
+        name = apply_model(a.run, model, a.embeddings, a.name, a.device, a.force, engine_config(a))
         vectors, _, info = load_embeddings(a.run, name)
         print(f"{a.run}/embeddings/{name}: {vectors.shape[0]} x {vectors.shape[1]} through {model} "
               f"({info['spec']['backbone']})")
@@ -57,4 +69,5 @@ def add_embed(sub):
                    help="with --head: the set to transform (default: the model's own)")
     force_arg(p, "the embedding")
     workers_arg(p)
+    engine_args(p)
     p.set_defaults(func=cmd_embed)

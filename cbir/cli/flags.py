@@ -7,12 +7,14 @@ from __future__ import annotations
 import argparse
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 from .. import CbirError
 from ..datasets import check_splits
 from ..detection.results import FALLBACKS
 from ..device import check_device
+from ..engines import LOCAL, EngineConfig, parse_engine
 from ..images import DEFAULT_MAX_PIXELS
 from ..layout import check_name
 from ..retrieval import check_store
@@ -234,6 +236,23 @@ def workers_arg(p):
     p.add_argument("--workers", type=bounded(int, 0, 64), default=None,
                    help=f"worker processes for decoding; 0 decodes in the main process (default: cores - 1, here "
                         f"{DEFAULT_WORKERS}; embedding on a CPU of 2 cores or fewer decodes inline, measured faster)")
+
+
+def engine_args(p):
+    p.add_argument("--engine", type=checked(parse_engine), default=LOCAL, metavar="local|ray|ray:HOST:PORT",
+                   help="where the detector or encoder runs: this process (local, the default), a Ray instance "
+                        "started on this machine (ray), or a running Ray cluster (ray:HOST:PORT); needs .[ray]; "
+                        "the results are the same on every engine (docs/cluster.md)")
+    p.add_argument("--actors", type=bounded(int, 1, 100000), help="--engine ray: model replicas (default: one per "
+                   "CPU of the cluster, or per GPU with --gpus-per-actor)")
+    p.add_argument("--gpus-per-actor", type=bounded(float, 0, 64), default=0.0,
+                   help="--engine ray: GPUs each replica holds (0.5 puts two on a GPU)")
+    p.add_argument("--cpus-per-actor", type=bounded(float, 0.01, 1024), default=1.0,
+                   help="--engine ray: CPUs each replica holds (its torch threads)")
+
+
+def engine_config(a) -> EngineConfig:
+    return replace(a.engine, actors=a.actors, gpus_per_actor=a.gpus_per_actor, cpus_per_actor=a.cpus_per_actor)
 
 
 def weights_arg(p, what: str, flag: str = "--weights"):

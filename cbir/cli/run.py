@@ -15,6 +15,7 @@ from .flags import (
     dataset_args,
     device_arg,
     embedding_args,
+    engine_args,
     factory,
     index_args,
     optional_names,
@@ -94,6 +95,7 @@ def add_run(sub):
     p.set_defaults(eval_pca=None, no_plots=False)
     device_arg(p)
     workers_arg(p)
+    engine_args(p)
     p.set_defaults(func=cmd_run)
 
 

@@ -97,6 +97,21 @@ class RunDataset:
     def image_path(self, path: str) -> Path:
         return image_file(self.image_dir, path)
 
+    @property
+    def photos(self) -> ImageFolder:
+        return ImageFolder(self.image_dir.absolute())
+
+
+@dataclass(frozen=True)
+class ImageFolder:
+    """All that decoding needs of a run's dataset: where its photos are. Small and picklable, so that a
+    cluster's decode tasks get it instead of the dataset's tables."""
+
+    image_dir: Path
+
+    def image_path(self, path: str) -> Path:
+        return image_file(self.image_dir, path)
+
 
 def load_dataset(layout: RunLayout) -> RunDataset:
     """The run's prepared tables; a one-line error naming `cbir prepare` when there are none."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -29,9 +29,10 @@ from ..artifacts import (
     to_json,
     writing,
 )
-from ..datasets import RunDataset, check_splits, load_dataset
+from ..datasets import ImageFolder, RunDataset, check_splits, load_dataset
 from ..datasets.base import coco_categories
 from ..device import batches, resolve_device
+from ..engines import LOCAL, EngineConfig, absolute
 from ..images import open_photo
 from . import Detector, build_detector
 from .results import FALLBACKS, apply_fallback, clean_boxes, kept_boxes, read_external
@@ -77,6 +78,7 @@ class DetectConfig:
     detections: Path | None = None  # import boxes from another detector instead of running one
     skip_bad: bool = False  # imported boxes: drop unusable entries (listed in bad_detections.txt) instead of stopping
     device: str = "auto"
+    engine: EngineConfig = LOCAL  # where the detector runs; the boxes are the same on every engine
     force: bool = False
 
     def __post_init__(self):
@@ -98,7 +100,7 @@ class DetectResult:
 class _Photos(Dataset):
     """Decodes in worker processes; a bad photo yields its error instead of stopping the run."""
 
-    def __init__(self, data: RunDataset, rows: pd.DataFrame):
+    def __init__(self, data: RunDataset | ImageFolder, rows: pd.DataFrame):
         self.data, self.rows = data, rows.reset_index(drop=True)
 
     def __len__(self):
@@ -116,20 +118,78 @@ def _as_list(batch):
     return batch
 
 
-def detect_images(detector: Detector, data: RunDataset, rows: pd.DataFrame, cfg: DetectConfig,
+def detect_batch(detector: Detector, batch: list[tuple], cfg: DetectConfig,
+                 keep_ids: set[int]) -> tuple[list[dict], list[dict]]:
+    """One batch of decoded photos (image_id, photo or None, error or None) → kept boxes, unreadable images.
+    Every engine forms the same batches (a shard's photos, `batch_size` at a time): a batched detector pads
+    its inputs together, so the batches are part of what makes the boxes identical."""
+    good = [(iid, photo) for iid, photo, err in batch if err is None]
+    errors = [{"image_id": iid, "error": err} for iid, _, err in batch if err is not None]
+    results = []
+    if good:
+        for (iid, _), found in zip(good, detector.detect([p for _, p in good])):
+            results += [{"image_id": iid, **d} for d in kept_boxes(found, keep_ids, cfg.score, cfg.max_per_image)]
+    return results, errors
+
+
+def detect_images(detector: Detector, data: RunDataset | ImageFolder, rows: pd.DataFrame, cfg: DetectConfig,
                   keep_ids: set[int], progress: tqdm | None = None) -> tuple[list[dict], list[dict]]:
     """Run the detector over `rows`; returns the kept boxes as COCO results and the unreadable images."""
     loader = DataLoader(_Photos(data, rows), batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=_as_list)
     results, errors = [], []
     for batch in batches(loader):
-        good = [(iid, photo) for iid, photo, err in batch if err is None]
-        errors += [{"image_id": iid, "error": err} for iid, _, err in batch if err is not None]
-        if good:
-            for (iid, _), found in zip(good, detector.detect([p for _, p in good])):
-                results += [{"image_id": iid, **d} for d in kept_boxes(found, keep_ids, cfg.score, cfg.max_per_image)]
+        found, unread = detect_batch(detector, batch, cfg, keep_ids)
+        results += found
+        errors += unread
         if progress is not None:
             progress.update(len(batch))
     return results, errors
+
+
+def build_stage_detector(cfg: DetectConfig) -> Detector:
+    return build_detector(cfg.detector, cfg.weights, device=resolve_device(cfg.device), min_size=cfg.min_size,
+                          score_floor=min(cfg.score, 0.05), labels=cfg.labels)
+
+
+@dataclass
+class DetectWork:
+    """The detector's part of `detect` for an engine (`engines.ShardWork`): a shard is rows (image_id, path)
+    of the run's photos; its result, the kept boxes and the unreadable photos."""
+
+    cfg: DetectConfig
+    photos: ImageFolder
+    keep_ids: set[int]
+    detector: Detector | None = None  # the driver's own, for the local engine; a cluster's actors build theirs
+
+    def __getstate__(self):
+        cfg = replace(self.cfg, detector=absolute(self.cfg.detector), weights=absolute(self.cfg.weights),
+                      labels=absolute(self.cfg.labels), workers=0)
+        return {**self.__dict__, "cfg": cfg, "detector": None}
+
+    def load(self) -> Detector:
+        return self.detector or build_stage_detector(self.cfg)
+
+    def run(self, detector: Detector, rows: pd.DataFrame, progress=None):
+        return detect_images(detector, self.photos, rows, self.cfg, self.keep_ids, progress)
+
+    def decode(self, rows: pd.DataFrame) -> list[tuple]:
+        photos = _Photos(self.photos, rows)
+        return [photos[i] for i in range(len(photos))]
+
+    def infer(self, detector: Detector, decoded: list[tuple]):
+        results, errors, size = [], [], self.cfg.batch_size
+        for start in range(0, len(decoded), size):
+            found, unread = detect_batch(detector, decoded[start:start + size], self.cfg, self.keep_ids)
+            results += found
+            errors += unread
+        return results, errors
+
+    def size(self, rows: pd.DataFrame) -> int:
+        return len(rows)
+
+    def needs(self, rows: pd.DataFrame) -> list[str]:
+        files = [absolute(v) for v in (self.cfg.detector.removeprefix("onnx:"), self.cfg.weights, self.cfg.labels)]
+        return [f for f in files if f and Path(f).exists()] + [str(self.photos.image_path(rows.path.iloc[0]))]
 
 
 def detect(cfg: DetectConfig) -> DetectResult:
@@ -144,8 +204,7 @@ def detect(cfg: DetectConfig) -> DetectResult:
             source = {"detector": "external", "file": str(Path(cfg.detections).absolute()),
                       "file_sha256": file_sha256(cfg.detections)[:16] if Path(cfg.detections).is_file() else "missing"}
         else:
-            detector = build_detector(cfg.detector, cfg.weights, device=resolve_device(cfg.device),
-                                      min_size=cfg.min_size, score_floor=min(cfg.score, 0.05), labels=cfg.labels)
+            detector = build_stage_detector(cfg)
             source = {k: v for k, v in detector.spec.items() if k not in ("weights", "labels")}
         inputs = {"source": {k: v for k, v in source.items() if k != "file"}, "score": cfg.score,
                   "max_per_image": cfg.max_per_image, "fallback": fallback, "classes": sorted(keep_ids),
@@ -222,12 +281,12 @@ def _run_detector(detector: Detector, data: RunDataset, images: pd.DataFrame, cf
     the unreadable images; with `kept` (see `_reusable`) only the images it has no answer for are detected.
     Returns how many images were reused."""
     kept = kept or {}
-    todo = images[~images.image_id.isin(list(kept))]
+    todo = images[~images.image_id.isin(list(kept))][["image_id", "path"]]
+    work = DetectWork(cfg=cfg, photos=data.photos, keep_ids=keep_ids, detector=detector)
     with tqdm(total=len(todo), desc=f"detect ({detector.spec['detector']})", unit="img") as bar:
-        shards = run_in_shards(todo, SHARD_IMAGES, partial, stamp,
-                               lambda rows: detect_images(detector, data, rows, cfg, keep_ids, bar),
+        shards = run_in_shards(todo, SHARD_IMAGES, partial, stamp, work,
                                lambda p, res: p.write_text(json.dumps(res)), lambda p: json.loads(p.read_text()),
-                               bar)
+                               bar, engine=cfg.engine)
     errors = [e for _, errs in shards for e in errs]
     unread = {e["image_id"] for e in errors}
     found = {iid: kept.get(iid, []) for iid in images.image_id if iid not in unread}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +28,10 @@ from ..artifacts import (
     to_json,
     writing,
 )
-from ..datasets import RunDataset, load_dataset
+from ..datasets import ImageFolder, RunDataset, load_dataset
 from ..detection.results import load_detections
 from ..device import batches, decode_workers, resolve_device
+from ..engines import LOCAL, EngineConfig, absolute
 from ..images import open_photo
 from ..layout import RunLayout, check_name
 from ..vectors import unit_rows
@@ -60,6 +61,7 @@ class EmbedConfig:
     device: str = "auto"
     bf16: bool = False
     name: str | None = None
+    engine: EngineConfig = LOCAL  # where the encoder runs; the vectors are the same on every engine
     force: bool = False
 
     def __post_init__(self):
@@ -176,8 +178,8 @@ def encoded_batches(items: ImageCrops, encoder: CnnEncoder, batch_size: int, wor
         pool.shutdown(cancel_futures=True)
 
 
-def embed_rows(rows: pd.DataFrame, data: RunDataset, encoder: CnnEncoder, batch_size: int, workers: int,
-               progress: tqdm | None = None, threads: int | None = None) -> np.ndarray:
+def embed_rows(rows: pd.DataFrame, data: RunDataset | ImageFolder, encoder: CnnEncoder, batch_size: int,
+               workers: int, progress: tqdm | None = None, threads: int | None = None) -> np.ndarray:
     """Vectors for `rows` (grouped by image, decoded in workers or threads), in the order of `rows`."""
     items = ImageCrops(data, rows, encoder.recipe)
     out = []
@@ -185,10 +187,75 @@ def embed_rows(rows: pd.DataFrame, data: RunDataset, encoder: CnnEncoder, batch_
         out.append(vectors)
         if progress is not None:
             progress.update(len(vectors))
-    vectors = np.concatenate(out) if out else np.zeros((0, encoder.dim), np.float32)
+    return in_row_order(items.order, out, encoder.dim)
+
+
+def in_row_order(order: np.ndarray, batches: list[np.ndarray], dim: int) -> np.ndarray:
+    """The batches' vectors (photo by photo, `ImageCrops` order) put back in the order of the rows."""
+    vectors = np.concatenate(batches) if batches else np.zeros((0, dim), np.float32)
     result = np.empty_like(vectors)
-    result[items.order] = vectors
+    result[order] = vectors
     return result
+
+
+class RowsByImage(Sequence):
+    """Rows sorted by image as a sequence of images: a slice of images gives all of their rows, so a shard
+    never splits a photo's boxes (it is decoded once) and the shards' vectors concatenate in row order."""
+
+    COLUMNS = ("image_id", "path", "x", "y", "w", "h")  # what decoding needs; all a cluster is sent
+
+    def __init__(self, rows: pd.DataFrame):
+        self.rows = rows[list(self.COLUMNS)].reset_index(drop=True)
+        ids = self.rows.image_id.to_numpy()
+        self.starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if len(ids) else np.zeros(0, int)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, images: slice) -> pd.DataFrame:
+        first, stop, _ = images.indices(len(self))
+        if first >= stop:
+            return self.rows.iloc[0:0]
+        return self.rows.iloc[self.starts[first]:self.starts[stop] if stop < len(self) else len(self.rows)]
+
+
+@dataclass
+class EmbedWork:
+    """The encoder's part of `embed` for an engine (`engines.ShardWork`): a shard is the rows of some photos
+    (`RowsByImage`); its result, their vectors in row order."""
+
+    build: dict  # make_encoder's arguments
+    photos: ImageFolder
+    recipe: InputRecipe
+    batch_size: int
+    workers: int | None
+    encoder: CnnEncoder | None = None  # the driver's own, for the local engine; a cluster's actors build theirs
+
+    def __getstate__(self):
+        build = {**self.build, **{k: absolute(self.build[k]) for k in ("weights", "detector")}}
+        return {**self.__dict__, "build": build, "encoder": None}
+
+    def load(self) -> CnnEncoder:
+        return self.encoder or make_encoder(**self.build)
+
+    def run(self, encoder: CnnEncoder, rows: pd.DataFrame, progress=None) -> np.ndarray:
+        workers = decode_workers(encoder.device) if self.workers is None else self.workers
+        return embed_rows(rows, self.photos, encoder, self.batch_size, workers, progress)
+
+    def decode(self, rows: pd.DataFrame) -> tuple[list, np.ndarray]:
+        items = ImageCrops(self.photos, rows, self.recipe)
+        return [_collate([items[i] for i in group]) for group in items.batches(max(1, self.batch_size))], items.order
+
+    def infer(self, encoder: CnnEncoder, decoded: tuple[list, np.ndarray]) -> np.ndarray:
+        batches, order = decoded
+        return in_row_order(order, [encoder.forward(images, boxes) for images, boxes in batches], encoder.dim)
+
+    def size(self, rows: pd.DataFrame) -> int:
+        return len(rows)
+
+    def needs(self, rows: pd.DataFrame) -> list[str]:
+        files = [absolute(self.build[k]) for k in ("weights", "detector")]
+        return [f for f in files if f and Path(f).exists()] + [str(self.photos.image_path(rows.path.iloc[0]))]
 
 
 def top_rows(table: pd.DataFrame) -> pd.DataFrame:
@@ -234,11 +301,17 @@ def run_detector_trunk(layout: RunLayout, weights: str) -> tuple[str, str]:
     return (detector if detector.startswith("fasterrcnn") else "fasterrcnn_resnet50_fpn"), weights
 
 
-def build_encoder(cfg: EmbedConfig, layout: RunLayout) -> CnnEncoder:
+def encoder_args(cfg: EmbedConfig, layout: RunLayout) -> dict:
+    """`make_encoder`'s arguments for `cfg`, the run's detector resolved here (a cluster's nodes may not see
+    the run folder)."""
     detector, weights = run_detector_trunk(layout, cfg.weights) if cfg.backbone == "detector" else (None, cfg.weights)
-    backbone = build_backbone(cfg.backbone, weights, detector or "fasterrcnn_resnet50_fpn")
-    return CnnEncoder(backbone, resolve_device(cfg.device), pool=cfg.pool, crop_margin=cfg.crop_margin,
-                      crop_resize=cfg.crop_resize, size=cfg.size, roi=cfg.roi, bf16=cfg.bf16)
+    return {"backbone": cfg.backbone, "weights": weights, "detector": detector or "fasterrcnn_resnet50_fpn",
+            "device": cfg.device, "pool": cfg.pool, "crop_margin": cfg.crop_margin, "crop_resize": cfg.crop_resize,
+            "size": cfg.size, "roi": cfg.roi, "bf16": cfg.bf16}
+
+
+def make_encoder(*, backbone: str, weights: str, detector: str, device: str, **options) -> CnnEncoder:
+    return CnnEncoder(build_backbone(backbone, weights, detector), resolve_device(device), **options)
 
 
 def vector_inputs(spec: dict) -> dict:
@@ -252,18 +325,15 @@ def embed(cfg: EmbedConfig) -> tuple[np.ndarray, pd.DataFrame, dict]:
         art = Artifact(layout, layout.embeddings(cfg.output_name))
         data = load_dataset(layout)
         rows, upstream = instances(layout, data, cfg.mode)
-        encoder = build_encoder(cfg, layout)
+        build = encoder_args(cfg, layout)
+        encoder = make_encoder(**build)
         inputs = {"mode": cfg.mode, "encoder": vector_inputs(encoder.spec), **upstream}
         if is_fresh(art, inputs, cfg.force):
             return load_embeddings(layout, cfg.output_name)
         stamp = fingerprint(inputs)
         have, reused = _reusable(art, inputs, data, rows)
-        image_order = rows.image_id[~have].drop_duplicates().to_numpy()
-
-        def compute(image_ids):
-            part = rows[rows.image_id.isin(image_ids) & ~have]
-            return embed_rows(part, data, encoder, cfg.batch_size or encoder.default_batch,
-                              decode_workers(encoder.device) if cfg.workers is None else cfg.workers, bar)
+        work = EmbedWork(build=build, photos=data.photos, recipe=encoder.recipe,
+                         batch_size=cfg.batch_size or encoder.default_batch, workers=cfg.workers, encoder=encoder)
 
         def save(path, array):
             with open(path, "wb") as f:
@@ -272,7 +342,8 @@ def embed(cfg: EmbedConfig) -> tuple[np.ndarray, pd.DataFrame, dict]:
         partial = layout.partial(art.name)
         with tqdm(total=int((~have).sum()), desc=f"embed {cfg.output_name} ({encoder.backbone.name})",
                   unit="box") as bar:
-            shards = run_in_shards(image_order, SHARD_IMAGES, partial, stamp, compute, save, np.load, bar)
+            shards = run_in_shards(RowsByImage(rows[~have]), SHARD_IMAGES, partial, stamp, work, save, np.load, bar,
+                                   engine=cfg.engine)
         vectors = np.zeros((len(rows), encoder.dim), np.float32)
         if have.any():
             vectors[have] = reused

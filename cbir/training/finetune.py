@@ -22,6 +22,7 @@ from .. import CbirError
 from ..datasets import load_dataset
 from ..device import resolve_device
 from ..encoders.cnn import CnnEncoder, pool_features
+from ..engines import LOCAL, EngineConfig
 from ..layout import RunLayout
 from .loop import build_loss, fit, optimizer_for, train_epoch, train_then_refit, validation_scores
 
@@ -146,7 +147,8 @@ def _features(model: TrainableTrunk) -> dict:
     return {f"features.{k}": v.detach().cpu().clone() for k, v in model.trunk.state_dict().items()}
 
 
-def write_finetuned_vectors(layout: RunLayout, info: dict, weights: Path, name: str, device: str = "auto") -> None:
+def write_finetuned_vectors(layout: RunLayout, info: dict, weights: Path, name: str, device: str = "auto",
+                            engine: EngineConfig = LOCAL) -> None:
     """Re-embed the rows of the set `info` describes with the trained trunk through the ordinary `embed`
     stage → embeddings/NAME (its own fingerprint check makes a repeat a no-op)."""
     from dataclasses import fields
@@ -157,4 +159,4 @@ def write_finetuned_vectors(layout: RunLayout, info: dict, weights: Path, name: 
     known = {f.name for f in fields(EmbedConfig)}
     embed(EmbedConfig(run=layout.root, mode=info["mode"], backbone=spec["backbone"], weights=str(weights),
                       **{k: spec[k] for k in ("pool", "crop_margin", "crop_resize", "size", "bf16") if k in known},
-                      device=device, name=name))
+                      device=device, name=name, engine=engine))

@@ -27,6 +27,7 @@ from .. import CbirError
 from ..artifacts import Artifact, commit, file_sha256, fingerprint, is_fresh, read_json, writing
 from ..datasets import check_no_leak, load_dataset
 from ..encoders.stage import load_embeddings
+from ..engines import LOCAL, EngineConfig
 from ..layout import RunLayout, check_name
 from .config import RECIPE, TrainConfig
 from .finetune import check_finetunable, finetune, write_finetuned_vectors
@@ -108,12 +109,13 @@ def train_embedder(cfg: TrainConfig) -> dict:
 
 
 def apply_model(run: Path, model_name: str, source: str | None = None, name: str | None = None,
-                device: str = "auto", force: bool = False) -> str:
+                device: str = "auto", force: bool = False, engine: EngineConfig = LOCAL) -> str:
     """`cbir embed --head MODEL`: a trained model's space for another set of the run — a head trained on GT
     boxes applied to the detected ones, or to new embeddings after a re-detection. A head needs vectors
     made by the encoder it was trained on; a fine-tuned trunk re-embeds the set's rows with its weights.
     `source` defaults to the set the model was trained on. Returns the new set's name (default
-    SOURCE@MODEL, e.g. det@gt@triplet); a set of that name made otherwise is kept unless `force`."""
+    SOURCE@MODEL, e.g. det@gt@triplet); a set of that name made otherwise is kept unless `force`. A trunk
+    re-embeds on `engine`; a head is one matrix product over the stored vectors, done here on any engine."""
     with writing(run) as layout:
         model = Artifact(layout, layout.model(model_name))
         folder, _ = model.open(f"train it with `cbir train-embedder --run {run} --name {model_name}` first")
@@ -133,7 +135,7 @@ def apply_model(run: Path, model_name: str, source: str | None = None, name: str
                 raise CbirError(f"embeddings {source}: backbone {info['spec']['backbone']}, but {model_name} "
                                 f"fine-tuned {card['backbone']}")
             check_finetunable(info["spec"])  # a set the trunk can re-embed (torchvision classifier, crop by crop)
-            write_finetuned_vectors(layout, info, folder / "backbone.pth", name, device)
+            write_finetuned_vectors(layout, info, folder / "backbone.pth", name, device, engine)
         elif (folder / "head.pt").is_file():
             trained_on = card["source_spec"]["fingerprint"]
             if info["spec"]["fingerprint"] != trained_on:

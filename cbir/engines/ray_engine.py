@@ -1,0 +1,173 @@
+"""The `ray` engine: a stage's missing shards as a Ray Data pipeline — shard rows → decode tasks → an actor
+pool holding the model (one load per actor) → back to the driver, which writes each shard as it arrives.
+
+Results stream back instead of being written on the nodes, so the run folder needs no shared storage and is
+written by one process under its lock, with the same atomic shard files as a local run: a killed driver
+resumes from them, and a shard is never half-written by a node that died. What every node must see is what
+the model reads: the photos and the weights file, at the same paths (a shared filesystem, as Ray Data's
+own file readers assume); that is checked on each node before any work (`_check_nodes`).
+
+Decode tasks reserve no CPU: the actors may take every CPU of a node (one replica per CPU, or per GPU) and
+decoding runs beside them, bounded by Ray Data's backpressure, as it does beside the model in a local run.
+A worker process that dies is restarted and its shard done again: Ray Data's own defaults for an actor pool
+(max_restarts and max_task_retries -1) and Ray's for tasks (3 retries after a system failure).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import pickle
+import socket
+from collections.abc import Sequence
+
+from .. import CbirError
+from . import EngineConfig, Keep, ShardWork
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 3
+
+
+def _import_ray(cfg: EngineConfig):
+    """Ray, or one line saying how to install it. A loopback address means a cluster on this machine, whose
+    nodes were started on 127.0.0.1: Ray would otherwise rewrite it to this machine's network address (which
+    such a cluster does not listen on), so it is told to keep loopback — before its first import."""
+    if cfg.address and _is_loopback(cfg.address.rpartition(":")[0]):
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise CbirError("--engine ray needs Ray Data: pip install 'cbir[ray]' (or 'ray[data]')") from None
+    return ray
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _connect(ray, cfg: EngineConfig) -> bool:
+    """Join the cluster at `cfg.address`, or start a Ray instance on this machine bound to 127.0.0.1. Returns
+    whether this call started the connection (and must end it); one already open (a notebook's) is used."""
+    if ray.is_initialized():
+        return False
+    quiet = {"logging_level": logging.WARNING, "log_to_driver": False, "configure_logging": False}
+    if cfg.address:
+        host, _, port = cfg.address.rpartition(":")
+        try:  # Ray itself retries a dead address for a minute or more
+            socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+        except OSError as e:
+            raise CbirError(f"--engine ray:{cfg.address}: no Ray cluster answers there ({e.strerror or e}); start "
+                            f"one with `ray start --head` or give its GCS address") from None
+        ray.init(address=cfg.address, **quiet)
+    else:
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, **quiet)
+    return True
+
+
+def _actors(ray, cfg: EngineConfig, shards: int) -> int:
+    """--actors, else one per GPU (with --gpus-per-actor) or per CPU of the cluster; never more than shards."""
+    have = ray.cluster_resources()
+    if cfg.actors:
+        return min(cfg.actors, shards)
+    if cfg.gpus_per_actor:
+        fit = int(have.get("GPU", 0) // cfg.gpus_per_actor)
+        if not fit:
+            raise CbirError(f"--gpus-per-actor {cfg.gpus_per_actor}: the Ray cluster has {have.get('GPU', 0):g} "
+                            f"GPU(s)")
+    else:
+        fit = int(have.get("CPU", 0) // cfg.cpus_per_actor)
+        if not fit:
+            raise CbirError(f"--cpus-per-actor {cfg.cpus_per_actor}: the Ray cluster has {have.get('CPU', 0):g} "
+                            f"CPU(s)")
+    return min(fit, shards)
+
+
+def _missing_files(paths: list[str]) -> list[str]:
+    return [p for p in paths if not os.path.exists(p)]
+
+
+def _check_nodes(ray, paths: list[str]) -> None:
+    """Every alive node with CPUs sees `paths` (the model's files, a photo): else one line naming the node,
+    before a shard is sent where its photos would all read as unreadable."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    check = ray.remote(num_cpus=0)(_missing_files)
+    nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+    answers = ray.get([check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                       .remote(paths) for n in nodes])
+    for node, missing in zip(nodes, answers):
+        if missing:
+            raise CbirError(f"--engine ray: node {node['NodeManagerAddress']} cannot read {missing[0]}; every node "
+                            f"must see the photos and weights at the same paths (a shared filesystem)")
+
+
+def _decode(row: dict, work: ShardWork) -> dict:
+    items = pickle.loads(row["items"])
+    return {"shard": row["shard"], "count": work.size(items), "decoded": pickle.dumps(work.decode(items))}
+
+
+def _model_actor(work: ShardWork) -> type:
+    """The class of the pool's actors: the model loaded once per actor, then every decoded shard it is given.
+    `work` travels inside the class (not as a constructor argument held in the object store, which Ray warns
+    a restarted actor could lose)."""
+
+    class Model:
+        def __init__(self):
+            self.model = work.load()
+
+        def __call__(self, row: dict) -> dict:
+            result = work.infer(self.model, pickle.loads(row["decoded"]))
+            return {"shard": row["shard"], "count": row["count"], "result": pickle.dumps(result)}
+
+    return Model
+
+
+def _user_error(error: BaseException) -> CbirError | None:
+    """The CbirError a task raised (one line for the user), found through Ray's wrappers."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, CbirError):
+            return error
+        error = getattr(error, "cause", None) or error.__cause__
+    return None
+
+
+def map_shards(cfg: EngineConfig, work: ShardWork, missing: list[tuple[int, Sequence]], keep: Keep,
+               progress=None) -> None:
+    if not missing:
+        return
+    ray = _import_ray(cfg)
+    started = _connect(ray, cfg)
+    try:
+        from ray.data import ActorPoolStrategy, DataContext
+
+        DataContext.get_current().enable_progress_bars = False  # the stage's own tqdm counts photos or boxes
+        _check_nodes(ray, work.needs(missing[0][1]))
+        rows = [{"shard": number, "items": pickle.dumps(items)} for number, items in missing]
+        pipeline = (ray.data.from_items(rows, override_num_blocks=len(rows))
+                    .map(_decode, fn_kwargs={"work": work}, num_cpus=0)
+                    .map(_model_actor(work), compute=ActorPoolStrategy(size=_actors(ray, cfg, len(rows))),
+                         num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None))
+        for row in pipeline.iter_rows():
+            keep(int(row["shard"]), pickle.loads(row["result"]))
+            if progress is not None:
+                progress.update(int(row["count"]))
+    except Exception as e:  # Ray wraps a task's error in its own types
+        if isinstance(e, CbirError):
+            raise
+        found = _user_error(e)
+        if found is not None:
+            raise found from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        raise CbirError(f"--engine ray: the cluster failed ({type(e).__name__}: {first[:200]}); finished shards "
+                        f"are kept, rerun to resume") from None
+    finally:
+        if started:
+            ray.shutdown()

@@ -1,0 +1,254 @@
+"""`--engine ray`: detect and embed on a local multi-node Ray cluster (every process on 127.0.0.1) give the local
+run's boxes byte for byte and its vectors to 1e-5, with the same fingerprints; a worker or a whole node killed
+mid-stage, a driver killed or interrupted, and an unreachable cluster are survived or get one line."""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cbir.cli import main
+from cbir.datasets.prepare import PrepareConfig, prepare
+from cbir.detection import stage as detect_stage
+from cbir.detection.stage import DetectConfig, DetectWork, detect
+from cbir.encoders import stage as embed_stage
+from cbir.encoders.stage import EmbedConfig, embed
+from cbir.engines import parse_engine
+from cbir.layout import RunLayout
+from conftest import MINI, MINI_SPLIT, MOBILENET, REPO, SSD, SSD_LABELS, copy_run
+
+SHARD = 4  # photos per shard here: the 32 photos of cub_mini make 8 shards, spread over both nodes
+SSD_ARGS = {"detector": f"onnx:{SSD}", "labels": str(SSD_LABELS), "categories": ("bird",), "workers": 0}
+EMBED_ARGS = {"backbone": "mobilenet_v2", "weights": str(MOBILENET), "workers": 0}
+FILES = ("detections/detections.json", "detections/raw_detections.json")
+
+
+@pytest.fixture(autouse=True)
+def small_shards(monkeypatch):
+    monkeypatch.setattr(detect_stage, "SHARD_IMAGES", SHARD)
+    monkeypatch.setattr(embed_stage, "SHARD_IMAGES", SHARD)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("ray") / "prepared"
+    prepare(PrepareConfig(run=run, root=MINI, split=MINI_SPLIT, workers=1))
+    return run
+
+
+@pytest.fixture(scope="module")
+def local_run(prepared, tmp_path_factory) -> Path:
+    """The reference: the ONNX SSD's boxes and MobileNetV2 vectors of every mode, computed in this process."""
+    run = copy_run(prepared, tmp_path_factory.mktemp("ray") / "local")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(detect_stage, "SHARD_IMAGES", SHARD)
+        patch.setattr(embed_stage, "SHARD_IMAGES", SHARD)
+        detect(DetectConfig(run=run, **SSD_ARGS))
+        for mode in ("full", "gt", "det"):
+            embed(EmbedConfig(run=run, mode=mode, **EMBED_ARGS))
+    return run
+
+
+def on(cluster) -> dict:
+    return {"engine": parse_engine(f"ray:{cluster.address}")}
+
+
+def assert_same_boxes(a: Path, b: Path) -> None:
+    for name in FILES:
+        assert filecmp.cmp(a / name, b / name, shallow=False), name
+
+
+def assert_same_vectors(a: Path, b: Path, mode: str) -> None:
+    x, y = (np.load(run / "embeddings" / mode / "vectors.npy") for run in (a, b))
+    assert x.shape == y.shape and len(x) > 0
+    assert np.abs(x - y).max() <= 1e-5, mode
+    assert (a / "embeddings" / mode / "rows.parquet").read_bytes() == (b / "embeddings" / mode / "rows.parquet").read_bytes()
+
+
+def fingerprint(run: Path, artifact: str) -> str:
+    from cbir.artifacts import Artifact
+
+    return Artifact(RunLayout(run), artifact).meta()["fingerprint"]
+
+
+def test_detect_and_every_embed_mode_on_ray_equal_the_local_run(ray_cluster, local_run, prepared, tmp_path,
+                                                                monkeypatch):
+    run = copy_run(prepared, tmp_path / "ray")
+    detect(DetectConfig(run=run, **SSD_ARGS, **on(ray_cluster)))
+    assert_same_boxes(local_run, run)
+    for mode in ("full", "gt", "det"):
+        embed(EmbedConfig(run=run, mode=mode, **EMBED_ARGS, **on(ray_cluster)))
+        assert_same_vectors(local_run, run, mode)
+        assert fingerprint(run, f"embeddings/{mode}") == fingerprint(local_run, f"embeddings/{mode}")
+    assert fingerprint(run, "detections") == fingerprint(local_run, "detections")
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a local rerun of a run made on Ray recomputed it")
+
+    monkeypatch.setattr(DetectWork, "load", must_not_run)
+    monkeypatch.setattr(embed_stage.EmbedWork, "load", must_not_run)
+    detect(DetectConfig(run=run, **SSD_ARGS))  # the engine is not an input: fresh
+    embed(EmbedConfig(run=run, mode="det", **EMBED_ARGS))
+
+
+def map_workers() -> list[int]:
+    """Pids of the Ray Data actors holding a model (their process title names the map)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            title = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if proc.name.isdigit() and title.startswith("ray::") and "MapWorker" in title:
+            pids.append(int(proc.name))
+    return pids
+
+
+def when_first_shard(run: Path, artifact: str, act) -> dict:
+    """Call `act()` once the stage has kept its first shard; what was there then is returned (filled in later)."""
+    partial = RunLayout(run).partial(artifact)
+    seen: dict = {}
+
+    def watch():
+        deadline = time.time() + 120
+        while time.time() < deadline and not seen:
+            shards = list(partial.glob("shard_*")) if partial.exists() else []
+            if shards:
+                seen["shards_before"] = len(shards)
+                seen["acted"] = act()
+            time.sleep(0.02)
+
+    threading.Thread(target=watch, daemon=True).start()
+    return seen
+
+
+def test_a_worker_killed_mid_stage_is_retried_and_the_output_is_identical(ray_cluster, local_run, prepared, tmp_path):
+    run = copy_run(prepared, tmp_path / "ray")
+
+    def kill_one_worker():
+        pids = map_workers()
+        os.kill(pids[0], signal.SIGKILL)
+        return pids[0]
+
+    seen = when_first_shard(run, "detections", kill_one_worker)
+    detect(DetectConfig(run=run, **SSD_ARGS, **on(ray_cluster)))
+    assert seen.get("acted") and seen["shards_before"] < 32 // SHARD, seen  # killed while shards were left
+    assert_same_boxes(local_run, run)
+
+
+def test_a_whole_node_lost_mid_stage_is_survived_on_the_other(ray_cluster, local_run, tmp_path):
+    run = copy_run(local_run, tmp_path / "ray")
+    node = next(iter(ray_cluster.worker_nodes))
+
+    def lose_node():
+        ray_cluster.remove_node(node, allow_graceful=False)
+        return True
+
+    seen = when_first_shard(run, "embeddings/det", lose_node)
+    try:
+        _, _, info = embed(EmbedConfig(run=run, mode="det", **EMBED_ARGS, **on(ray_cluster), force=True))
+        assert info["computed"] == info["count"]
+        assert seen.get("acted") and seen["shards_before"] < 32 // SHARD, seen
+        assert_same_vectors(local_run, run, "det")
+    finally:
+        if node not in ray_cluster.worker_nodes and len(ray_cluster.worker_nodes) < 2:
+            ray_cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+            ray_cluster.wait_for_nodes()
+
+
+DRIVER = """import sys
+from cbir.cli import main
+from cbir.detection import stage
+stage.SHARD_IMAGES = {shard}
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def driver(run: Path, engine: str, marker: str) -> subprocess.Popen:
+    """`cbir detect` in its own process (small shards), marked through its environment so that every process it
+    starts can be found afterwards."""
+    args = ["detect", "--run", str(run), "--detector", SSD_ARGS["detector"], "--labels", SSD_ARGS["labels"],
+            "--categories", "bird", "--workers", "0", "--engine", engine]
+    env = {**os.environ, "CBIR_TEST_DRIVER": marker}
+    return subprocess.Popen([sys.executable, "-c", DRIVER.format(shard=SHARD), *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def marked(marker: str) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and f"CBIR_TEST_DRIVER={marker}".encode() in (proc / "environ").read_bytes():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def stop_at_first_shard(run: Path, process: subprocess.Popen, how: int) -> int:
+    partial = RunLayout(run).partial("detections")
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None and not list(partial.glob("shard_*")):
+        time.sleep(0.02)
+    process.send_signal(how)
+    process.wait(60)
+    return len(list(partial.glob("shard_*")))
+
+
+def test_ctrl_c_stops_cleanly_a_killed_driver_resumes_from_its_shards(ray_cluster, local_run, prepared, tmp_path,
+                                                                        monkeypatch):
+    """Ctrl-C on a driver that started its own Ray instance (`--engine ray`): one line, and no Ray process left.
+    kill -9 of a driver on the cluster: the rerun computes only the shards that were not kept."""
+    run = copy_run(prepared, tmp_path / "ray")
+    marker = uuid.uuid4().hex
+    interrupted = driver(run, "ray", marker)
+    kept = stop_at_first_shard(run, interrupted, signal.SIGINT)
+    err = interrupted.stderr.read()
+    assert interrupted.returncode == 130 and f"interrupted: {kept} of {32 // SHARD} shards are kept" in err, err
+    assert "Traceback" not in err
+    deadline = time.time() + 30
+    while marked(marker) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not marked(marker), "processes of the interrupted driver's Ray instance were left running"
+
+    killed = driver(run, f"ray:{ray_cluster.address}", marker)
+    kept = stop_at_first_shard(run, killed, signal.SIGKILL)
+    assert 0 < kept < 32 // SHARD
+    done = []
+    real_run = DetectWork.run
+    monkeypatch.setattr(DetectWork, "run", lambda self, model, rows, progress=None:
+                        done.append(len(rows)) or real_run(self, model, rows, progress))
+    detect(DetectConfig(run=run, **SSD_ARGS))  # resumed here, locally
+    assert sum(done) == 32 - kept * SHARD
+    assert_same_boxes(local_run, run)
+
+
+def test_an_unreachable_cluster_is_one_line_within_seconds(mini_run, tmp_path, capsys):
+    run = copy_run(mini_run, tmp_path / "run")
+    started = time.time()
+    code = main(["embed", "--run", str(run), "--mode", "full", "--backbone", "mobilenet_v2", "--weights",
+                 str(MOBILENET), "--force", "--engine", "ray:127.0.0.1:1"])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and time.time() - started < 10
+    assert "Traceback" not in err and "ray:127.0.0.1:1: no Ray cluster answers there" in err.splitlines()[-1], err
+
+
+def test_every_ray_process_listens_on_loopback_only(ray_cluster):
+    """Each listening socket of the cluster's processes is bound to 127.0.0.1 (never 0.0.0.0 or this
+    machine's network address)."""
+    out = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, check=True).stdout
+    ray_sockets = [line.split() for line in out.splitlines() if any(name in line for name in (
+        '"gcs_server"', '"raylet"', '"ray::', '"python'))]
+    assert ray_sockets, out
+    wrong = [s[3] for s in ray_sockets if not s[3].startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:"))]
+    assert not wrong, wrong
