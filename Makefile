@@ -18,7 +18,7 @@ comma := ,
 space := $(subst ,, )
 TEXT_SPLIT ?= classes:1-10/11-20
 
-.PHONY: setup demo detector coco text metric test test-all browser docs docs-tables sync-bench serve-bench scale-bench store-bench
+.PHONY: setup demo detector coco text metric test test-all browser docs docs-tables sync-bench serve-bench scale-bench store-bench engine-bench
 
 setup:
 	$(PYTHON) -m pip install -q -e '.[dev]'
@@ -110,6 +110,11 @@ docs-tables:
 # --refine (benchmarks/results/scale_bench_cpu.md; ~10 GB of vectors in /tmp/cbir_scale_bench)
 scale-bench: setup
 	cd benchmarks && $(PYTHON) scale_bench.py --budget 2G --refine 100
+
+# the same stage local and on Ray (1 and 2 loopback nodes of 1 CPU) on the CUB sample (benchmarks/results/engine_bench_cpu.md)
+engine-bench: setup
+	$(PYTHON) benchmarks/engine_bench.py --cub $(SAMPLE) --detector onnx:$(SSD).onnx --labels $(SSD).labels.txt \
+	  --weights $(BACKBONE)
 
 # FAISS, Milvus Lite and a real Milvus server (started on loopback by the script) at 10^5 and 10^6
 store-bench: setup

@@ -95,10 +95,24 @@ def milvus_server(tmp_path_factory):
             os.environ[TOKEN_VARIABLE] = previous
 
 
+RAY_NODE_CPUS = 2
+
+
+def on_ray(cluster) -> dict:
+    """A stage config's engine on the test cluster, one replica per node with a local run's torch threads."""
+    from dataclasses import replace
+
+    from cbir.engines import parse_engine
+
+    return {"engine": replace(parse_engine(f"ray:{cluster.address}"), cpus_per_actor=RAY_NODE_CPUS)}
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local multi-node Ray cluster per test run (Ray's own `cluster_utils.Cluster`): a head that holds no
-    CPU and two worker nodes of one CPU each, every process on 127.0.0.1. Tests that remove a node add one back."""
+    CPU and two worker nodes of two (logical) CPUs each, every process on 127.0.0.1; `ON_RAY` puts one model
+    replica of two torch threads on each, the thread count of a local run here, so that the arithmetic and
+    hence the boxes are the same bit for bit. Tests that remove a node add one back."""
     from ray.cluster_utils import Cluster
 
     fast_death = {"health_check_initial_delay_ms": 1000, "health_check_period_ms": 500,
@@ -107,10 +121,13 @@ def ray_cluster():
                                                             "include_dashboard": False, "_system_config": fast_death})
     try:
         for _ in range(2):
-            cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+            cluster.add_node(num_cpus=RAY_NODE_CPUS, node_ip_address="127.0.0.1")
         cluster.wait_for_nodes()
         yield cluster
     finally:
+        import ray
+
+        ray.shutdown()  # the stages leave their driver connected; a node with a driver on it cannot be removed
         cluster.shutdown()
 
 

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "cbir"
 # top to bottom: a module may import its own layer and the layers above it, never one below
 LAYERS = [
     ("core", ["cbir", "cbir.layout", "cbir.artifacts", "cbir.checkpoints", "cbir.images", "cbir.device",
-              "cbir.vectors", "cbir.weights", "cbir.status"]),
+              "cbir.vectors", "cbir.weights", "cbir.status", "cbir.engines"]),
     ("datasets", ["cbir.datasets"]),
     ("metrics", ["cbir.metrics"]),
     ("detection", ["cbir.detection"]),

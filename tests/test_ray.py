@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import MINI, MINI_SPLIT, MOBILENET, RAY_NODE_CPUS, REPO, SSD, SSD_LABELS, copy_run, on_ray
 
 from cbir.cli import main
 from cbir.datasets.prepare import PrepareConfig, prepare
@@ -23,9 +24,7 @@ from cbir.detection import stage as detect_stage
 from cbir.detection.stage import DetectConfig, DetectWork, detect
 from cbir.encoders import stage as embed_stage
 from cbir.encoders.stage import EmbedConfig, embed
-from cbir.engines import parse_engine
 from cbir.layout import RunLayout
-from conftest import MINI, MINI_SPLIT, MOBILENET, REPO, SSD, SSD_LABELS, copy_run
 
 SHARD = 4  # photos per shard here: the 32 photos of cub_mini make 8 shards, spread over both nodes
 SSD_ARGS = {"detector": f"onnx:{SSD}", "labels": str(SSD_LABELS), "categories": ("bird",), "workers": 0}
@@ -59,10 +58,6 @@ def local_run(prepared, tmp_path_factory) -> Path:
     return run
 
 
-def on(cluster) -> dict:
-    return {"engine": parse_engine(f"ray:{cluster.address}")}
-
-
 def assert_same_boxes(a: Path, b: Path) -> None:
     for name in FILES:
         assert filecmp.cmp(a / name, b / name, shallow=False), name
@@ -84,10 +79,10 @@ def fingerprint(run: Path, artifact: str) -> str:
 def test_detect_and_every_embed_mode_on_ray_equal_the_local_run(ray_cluster, local_run, prepared, tmp_path,
                                                                 monkeypatch):
     run = copy_run(prepared, tmp_path / "ray")
-    detect(DetectConfig(run=run, **SSD_ARGS, **on(ray_cluster)))
+    detect(DetectConfig(run=run, **SSD_ARGS, **on_ray(ray_cluster)))
     assert_same_boxes(local_run, run)
     for mode in ("full", "gt", "det"):
-        embed(EmbedConfig(run=run, mode=mode, **EMBED_ARGS, **on(ray_cluster)))
+        embed(EmbedConfig(run=run, mode=mode, **EMBED_ARGS, **on_ray(ray_cluster)))
         assert_same_vectors(local_run, run, mode)
         assert fingerprint(run, f"embeddings/{mode}") == fingerprint(local_run, f"embeddings/{mode}")
     assert fingerprint(run, "detections") == fingerprint(local_run, "detections")
@@ -141,28 +136,31 @@ def test_a_worker_killed_mid_stage_is_retried_and_the_output_is_identical(ray_cl
         return pids[0]
 
     seen = when_first_shard(run, "detections", kill_one_worker)
-    detect(DetectConfig(run=run, **SSD_ARGS, **on(ray_cluster)))
+    detect(DetectConfig(run=run, **SSD_ARGS, **on_ray(ray_cluster)))
     assert seen.get("acted") and seen["shards_before"] < 32 // SHARD, seen  # killed while shards were left
     assert_same_boxes(local_run, run)
 
 
 def test_a_whole_node_lost_mid_stage_is_survived_on_the_other(ray_cluster, local_run, tmp_path):
-    run = copy_run(local_run, tmp_path / "ray")
-    node = next(iter(ray_cluster.worker_nodes))
+    import ray
 
-    def lose_node():
-        ray_cluster.remove_node(node, allow_graceful=False)
+    run = copy_run(local_run, tmp_path / "ray")
+
+    def lose_node():  # a node the driver is not attached to (that would end the driver, not test the cluster)
+        driver = ray._private.worker.global_worker.node._raylet_socket_name
+        ray_cluster.remove_node(next(n for n in ray_cluster.worker_nodes if n._raylet_socket_name != driver),
+                                allow_graceful=False)
         return True
 
     seen = when_first_shard(run, "embeddings/det", lose_node)
     try:
-        _, _, info = embed(EmbedConfig(run=run, mode="det", **EMBED_ARGS, **on(ray_cluster), force=True))
+        _, _, info = embed(EmbedConfig(run=run, mode="det", **EMBED_ARGS, **on_ray(ray_cluster), force=True))
         assert info["computed"] == info["count"]
         assert seen.get("acted") and seen["shards_before"] < 32 // SHARD, seen
         assert_same_vectors(local_run, run, "det")
     finally:
-        if node not in ray_cluster.worker_nodes and len(ray_cluster.worker_nodes) < 2:
-            ray_cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+        if len(ray_cluster.worker_nodes) < 2:
+            ray_cluster.add_node(num_cpus=RAY_NODE_CPUS, node_ip_address="127.0.0.1")
             ray_cluster.wait_for_nodes()
 
 
@@ -178,7 +176,7 @@ def driver(run: Path, engine: str, marker: str) -> subprocess.Popen:
     """`cbir detect` in its own process (small shards), marked through its environment so that every process it
     starts can be found afterwards."""
     args = ["detect", "--run", str(run), "--detector", SSD_ARGS["detector"], "--labels", SSD_ARGS["labels"],
-            "--categories", "bird", "--workers", "0", "--engine", engine]
+            "--categories", "bird", "--workers", "0", "--engine", engine, "--cpus-per-actor", str(RAY_NODE_CPUS)]
     env = {**os.environ, "CBIR_TEST_DRIVER": marker}
     return subprocess.Popen([sys.executable, "-c", DRIVER.format(shard=SHARD), *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

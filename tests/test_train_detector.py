@@ -9,16 +9,16 @@ import shutil
 
 import pytest
 import torch
+from conftest import MOBILENET, copy_run
+from conftest import on_ray as on_ray_engine
 
 from cbir.cli import main
 from cbir.datasets import load_dataset
-from cbir.detection import build_detector
-from cbir.detection import training
+from cbir.detection import build_detector, training
 from cbir.detection.frcnn import FORMAT, build_model, read_checkpoint
 from cbir.detection.training import TrainDetectorConfig, train_detector
 from cbir.images import open_photo
 from cbir.layout import RunLayout
-from conftest import MOBILENET, copy_run
 
 TINY = {"min_size": 128, "batch_size": 4, "workers": 0, "trunk_weights": str(MOBILENET)}
 
@@ -115,17 +115,28 @@ def test_bad_training_flags_get_one_line(mini_run, capsys):
                                                                    "x.json"])
 
 
-def test_trained_trunk_is_what_backbone_detector_embeds_and_the_query_side_rebuilds_the_detector(trained, tmp_path):
-    """With a trained detector's boxes, `--backbone detector` embeds with that detector's own trunk."""
+def test_trained_trunk_is_what_backbone_detector_embeds_and_the_query_side_rebuilds_the_detector(trained, tmp_path,
+                                                                                                ray_cluster):
+    """With a trained detector's boxes, `--backbone detector` embeds with that detector's own trunk; on a Ray
+    cluster both stages give the same boxes (byte for byte) and vectors (1e-5)."""
+    import filecmp
+
+    import numpy as np
+
     from cbir.detection.stage import DetectConfig, detect
     from cbir.encoders.backbones import build_backbone
     from cbir.encoders.stage import EmbedConfig, embed
 
     src, card = trained
     folder = src / "models" / card["name"]
-    run = copy_run(src, tmp_path / "run")
-    detect(DetectConfig(run=run, detector=str(folder), score=0.05, workers=0, force=True))
-    _, _, info = embed(EmbedConfig(run=run, mode="det", backbone="detector", workers=0))
+    run, on_ray = copy_run(src, tmp_path / "run"), copy_run(src, tmp_path / "ray")
+    for target, engine in ((run, {}), (on_ray, on_ray_engine(ray_cluster))):
+        detect(DetectConfig(run=target, detector=str(folder), score=0.05, workers=0, force=True, **engine))
+        _, _, info = embed(EmbedConfig(run=target, mode="det", backbone="detector", workers=0, **engine))
+    for name in ("detections.json", "raw_detections.json"):
+        assert filecmp.cmp(run / "detections" / name, on_ray / "detections" / name, shallow=False)
+    vectors = [np.load(r / "embeddings" / "det" / "vectors.npy") for r in (run, on_ray)]
+    assert vectors[0].shape == vectors[1].shape and np.abs(vectors[0] - vectors[1]).max() <= 1e-5
     assert info["spec"]["backbone"] == "detector:trained:mobilenet_v2"
     trunk = build_backbone("detector", str(folder / "detector.pt"), "trained:mobilenet_v2").trunk
     state = read_checkpoint(folder)["state_dict"]
@@ -139,6 +150,7 @@ def test_trained_trunk_is_what_backbone_detector_embeds_and_the_query_side_rebui
     querier = Querier(run, "det")  # what search and the page load: the run's own detector, fingerprint checked
     assert querier.detector.spec["detector"] == "trained:mobilenet_v2" and "detector-mobilenet_v2" in querier.detector_note
     shutil.rmtree(run)
+    shutil.rmtree(on_ray)
 
 
 def test_a_frozen_trunk_stays_the_imagenet_trunk():
@@ -170,8 +182,9 @@ def test_a_coco_file_trains_every_category_under_its_own_id():
     """`--coco FILE --images DIR`: label k is the k-th category by id, crowd regions are left out."""
     import json as json_
 
-    from cbir.detection.training import coco_boxes
     from conftest import SHARED
+
+    from cbir.detection.training import coco_boxes
 
     coco = SHARED / "data" / "coco_sample"
     boxes = coco_boxes(coco / "instances.json", coco / "images")

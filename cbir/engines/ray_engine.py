@@ -51,11 +51,15 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _connect(ray, cfg: EngineConfig) -> bool:
-    """Join the cluster at `cfg.address`, or start a Ray instance on this machine bound to 127.0.0.1. Returns
-    whether this call started the connection (and must end it); one already open (a notebook's) is used."""
+def _connect(ray, cfg: EngineConfig) -> None:
+    """Join the cluster at `cfg.address`, or start a Ray instance on this machine bound to 127.0.0.1. The
+    connection stays open for the process's later stages (`cbir run`: detect, then each embedding), whose
+    decode tasks then reuse its worker processes; Ray closes it when the process exits. One already open (a
+    notebook's, or an earlier stage's) is used, unless it is to another cluster than `cfg.address`."""
     if ray.is_initialized():
-        return False
+        if not cfg.address or ray.get_runtime_context().gcs_address == cfg.address:
+            return
+        ray.shutdown()
     quiet = {"logging_level": logging.WARNING, "log_to_driver": False, "configure_logging": False}
     if cfg.address:
         host, _, port = cfg.address.rpartition(":")
@@ -66,8 +70,7 @@ def _connect(ray, cfg: EngineConfig) -> bool:
                             f"one with `ray start --head` or give its GCS address") from None
         ray.init(address=cfg.address, **quiet)
     else:
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, **quiet)
-    return True
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, **quiet)  # not $RAY_ADDRESS
 
 
 def _actors(ray, cfg: EngineConfig, shards: int) -> int:
@@ -86,6 +89,12 @@ def _actors(ray, cfg: EngineConfig, shards: int) -> int:
             raise CbirError(f"--cpus-per-actor {cfg.cpus_per_actor}: the Ray cluster has {have.get('CPU', 0):g} "
                             f"CPU(s)")
     return min(fit, shards)
+
+
+def _decoders(ray, actors: int, shards: int) -> int:
+    """Decode tasks at once: one per CPU of the cluster (at least one per actor), never more than shards. They
+    reserve no CPU, so without a bound Ray would start a worker process (torch and all) for every shard."""
+    return max(1, min(shards, max(actors, int(ray.cluster_resources().get("CPU", 0)))))
 
 
 def _missing_files(paths: list[str]) -> list[str]:
@@ -144,17 +153,19 @@ def map_shards(cfg: EngineConfig, work: ShardWork, missing: list[tuple[int, Sequ
     if not missing:
         return
     ray = _import_ray(cfg)
-    started = _connect(ray, cfg)
+    _connect(ray, cfg)
     try:
-        from ray.data import ActorPoolStrategy, DataContext
+        from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
         DataContext.get_current().enable_progress_bars = False  # the stage's own tqdm counts photos or boxes
         _check_nodes(ray, work.needs(missing[0][1]))
         rows = [{"shard": number, "items": pickle.dumps(items)} for number, items in missing]
+        actors = _actors(ray, cfg, len(rows))
         pipeline = (ray.data.from_items(rows, override_num_blocks=len(rows))
-                    .map(_decode, fn_kwargs={"work": work}, num_cpus=0)
-                    .map(_model_actor(work), compute=ActorPoolStrategy(size=_actors(ray, cfg, len(rows))),
-                         num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None))
+                    .map(_decode, fn_kwargs={"work": work}, num_cpus=0, compute=TaskPoolStrategy(size=_decoders(
+                        ray, actors, len(rows))))
+                    .map(_model_actor(work), compute=ActorPoolStrategy(size=actors), num_cpus=cfg.cpus_per_actor,
+                         num_gpus=cfg.gpus_per_actor or None))
         for row in pipeline.iter_rows():
             keep(int(row["shard"]), pickle.loads(row["result"]))
             if progress is not None:
@@ -168,6 +179,3 @@ def map_shards(cfg: EngineConfig, work: ShardWork, missing: list[tuple[int, Sequ
         first = (str(e).strip().splitlines() or [type(e).__name__])[-1]
         raise CbirError(f"--engine ray: the cluster failed ({type(e).__name__}: {first[:200]}); finished shards "
                         f"are kept, rerun to resume") from None
-    finally:
-        if started:
-            ray.shutdown()

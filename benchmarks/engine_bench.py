@@ -1,0 +1,214 @@
+"""The same stage in this process and on Ray (`--engine`): photos/s, and Ray's overhead ratio on the same cores.
+
+    python benchmarks/engine_bench.py --cub ../shared/data/cub_sample \
+        --detector onnx:../shared/weights/coco_ssd_mobilenet_v1_quant.onnx \
+        --labels ../shared/weights/coco_ssd_mobilenet_v1_quant.labels.txt \
+        --weights ../shared/weights/torchvision_mobilenet_v2_features_imagenet.pth
+
+Each configuration runs in its own process, on a fresh copy of one prepared run:
+- `local` on 1 core (taskset, 1 torch thread) against `ray` with 1 node of 1 CPU, the whole cluster on that core;
+- `local` on 2 cores (2 torch threads) against `ray` with 2 nodes of 1 CPU each (one 1-thread replica per node).
+A Ray cluster is Ray's own `cluster_utils.Cluster`, every node on 127.0.0.1, started before the clock starts; the
+stage's time includes connecting, starting the actors and loading the model in each. "After the first shard"
+divides the photos that came after the first kept shard by the time after it: the pipeline's steady rate,
+without the start-up. The outputs are compared with the local run's on the same cores (boxes byte for byte,
+vectors by their largest difference). With `--gpu` (a GPU machine), the Ray runs use 1..N actors per GPU.
+Results → benchmarks/results/engine_bench_<device>.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+OUT = Path(__file__).parent / "results"
+
+
+def run_stage(a) -> dict:
+    """One configuration, in this process: the stage's wall time and the time its first shard was kept."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # the cluster below is on 127.0.0.1 only
+    from dataclasses import replace
+
+    import torch
+
+    from cbir.detection.stage import DetectConfig, detect
+    from cbir.encoders.stage import EmbedConfig, embed
+    from cbir.engines import LOCAL, parse_engine
+    from cbir.layout import RunLayout
+
+    torch.set_num_threads(a.threads)
+    engine, cluster = LOCAL, None
+    if a.nodes:
+        from ray.cluster_utils import Cluster
+
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1",
+                                                                "include_dashboard": False, "num_gpus": 0})
+        for _ in range(a.nodes):
+            cluster.add_node(num_cpus=a.cpus_per_node, node_ip_address="127.0.0.1",
+                             num_gpus=a.gpus_per_node)
+        cluster.wait_for_nodes()
+        engine = replace(parse_engine(f"ray:{cluster.address}"), actors=a.actors,
+                         gpus_per_actor=(a.gpus_per_node / a.actors) if a.gpus_per_node else 0.0)
+    artifact = "detections" if a.stage == "detect" else "embeddings/full"
+    partial = RunLayout(a.run).partial(artifact)
+    first: list[float] = []
+
+    def watch():
+        while not first:
+            if partial.exists() and any(partial.glob("shard_*")):
+                first.append(time.perf_counter())
+            time.sleep(0.01)
+
+    threading.Thread(target=watch, daemon=True).start()
+    started = time.perf_counter()
+    if a.stage == "detect":
+        detect(DetectConfig(run=a.run, detector=a.detector, labels=a.labels, categories=("bird",), workers=0,
+                            device=a.device, engine=engine))
+    else:
+        embed(EmbedConfig(run=a.run, mode="full", backbone="mobilenet_v2", weights=a.weights, workers=0,
+                          device=a.device, engine=engine))
+    seconds = time.perf_counter() - started
+    if cluster is not None:
+        import ray
+
+        ray.shutdown()
+        cluster.shutdown()
+    return {"seconds": seconds, "first_shard_s": (first[0] - started) if first else None}
+
+
+def compare(stage: str, reference: Path, run: Path) -> str:
+    import numpy as np
+
+    if stage == "detect":
+        same = all(filecmp.cmp(reference / "detections" / f, run / "detections" / f, shallow=False)
+                   for f in ("detections.json", "raw_detections.json"))
+        return "boxes identical" if same else "boxes differ"
+    x, y = (np.load(r / "embeddings" / "full" / "vectors.npy") for r in (reference, run))
+    return f"vectors: largest difference {np.abs(x - y).max():.1e}"
+
+
+def configurations(a) -> list[dict]:
+    if a.gpu:
+        return [{"name": "local (1 GPU)", "cores": None, "threads": os.cpu_count(), "nodes": 0}] + [
+            {"name": f"ray, 1 node, {n} actor(s) on the GPU", "cores": None, "threads": os.cpu_count(), "nodes": 1,
+             "cpus_per_node": os.cpu_count(), "gpus_per_node": 1, "actors": n} for n in a.actors]
+    return [{"name": "local, 1 core", "cores": "0", "threads": 1, "nodes": 0},
+            {"name": "ray, 1 node of 1 CPU", "cores": "0", "threads": 1, "nodes": 1, "cpus_per_node": 1},
+            {"name": "local, 2 cores", "cores": "0,1", "threads": 2, "nodes": 0},
+            {"name": "ray, 2 nodes of 1 CPU", "cores": "0,1", "threads": 2, "nodes": 2, "cpus_per_node": 1}]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cub", type=Path, required=True)
+    p.add_argument("--detector", required=True)
+    p.add_argument("--labels")
+    p.add_argument("--weights", required=True)
+    p.add_argument("--stages", default="detect,embed")
+    p.add_argument("--gpu", action="store_true", help="a GPU machine: local against 1..N actors on one GPU")
+    p.add_argument("--actors", default="1,2,4", help="--gpu: actors per GPU to try")
+    p.add_argument("--work", type=Path, default=Path("/tmp/cbir_engine_bench"))
+    # one configuration (what the parent runs in a child process)
+    p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--stage", help=argparse.SUPPRESS)
+    p.add_argument("--run", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, default=2, help=argparse.SUPPRESS)
+    p.add_argument("--nodes", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--cpus-per-node", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--gpus-per-node", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.one:
+        a.actors = int(a.actors) if a.actors.isdigit() else None
+        print(json.dumps(run_stage(a)))
+        return
+    a.actors = [int(n) for n in a.actors.split(",")]
+
+    from cbir.datasets.prepare import PrepareConfig, prepare
+    from cbir.detection.stage import DetectConfig, detect
+
+    shutil.rmtree(a.work, ignore_errors=True)
+    prepared = a.work / "prepared"
+    prepare(PrepareConfig(run=prepared, root=a.cub, split="classes:1-10/11-20", workers=2))
+    detected = a.work / "detected"  # the embed stage's input (full images need no boxes, but a run has them)
+    shutil.copytree(prepared, detected, symlinks=True)
+    detect(DetectConfig(run=detected, detector=a.detector, labels=a.labels, categories=("bird",), workers=0))
+    from cbir.datasets import load_dataset
+    from cbir.layout import RunLayout
+
+    photos = int(load_dataset(RunLayout(prepared)).images.split.isin(["train", "test"]).sum())
+    device = "cuda" if a.gpu else "cpu"
+    rows = []
+    for stage in a.stages.split(","):
+        reference = None
+        for c in configurations(a):
+            run = a.work / f"{stage}-{len(rows)}"
+            shutil.copytree(prepared if stage == "detect" else detected, run, symlinks=True)
+            command = [sys.executable, __file__, "--one", "--stage", stage, "--run", str(run), "--cub", str(a.cub),
+                       "--detector", a.detector, "--weights", a.weights, "--threads", str(c["threads"]),
+                       "--nodes", str(c["nodes"]), "--cpus-per-node", str(c.get("cpus_per_node", 1)),
+                       "--gpus-per-node", str(c.get("gpus_per_node", 0)), "--actors", str(c.get("actors", "")),
+                       "--device", device] + (["--labels", a.labels] if a.labels else [])
+            if c["cores"]:
+                command = ["taskset", "-c", c["cores"], *command]
+            env = {**os.environ, "OMP_NUM_THREADS": str(c["threads"])}
+            done = subprocess.run(command, capture_output=True, text=True, env=env)
+            if done.returncode:
+                sys.exit(f"{c['name']} {stage} failed:\n{done.stderr[-3000:]}")
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            local = c["nodes"] == 0
+            if local:
+                reference = run
+            first = result["first_shard_s"]
+            shard = 64 if stage == "detect" else 256
+            steady = (photos - shard) / (result["seconds"] - first) if first and photos > shard else None
+            rows.append({"stage": stage, "config": c["name"], "photos": photos, "seconds": round(result["seconds"], 1),
+                         "photos_per_s": round(photos / result["seconds"], 2),
+                         "first_shard_s": round(first, 1) if first else None,
+                         "steady_photos_per_s": round(steady, 2) if steady else None,
+                         "same_as_local": "-" if local else compare(stage, reference, run)})
+            print(json.dumps(rows[-1]), flush=True)
+    by = {(r["stage"], r["config"]): r for r in rows}
+    for r in rows:
+        if r["config"].startswith("ray"):
+            cores = "1 core" if "1 node" in r["config"] and not a.gpu else "2 cores" if not a.gpu else "1 GPU"
+            base = by[(r["stage"], f"local, {cores}" if not a.gpu else "local (1 GPU)")]
+            r["vs_local"] = round(r["photos_per_s"] / base["photos_per_s"], 3)
+            if r["steady_photos_per_s"] and base["steady_photos_per_s"]:
+                r["steady_vs_local"] = round(r["steady_photos_per_s"] / base["steady_photos_per_s"], 3)
+    write(rows, a, device)
+
+
+def write(rows: list[dict], a, device: str) -> None:
+    import ray
+    import torch
+
+    OUT.mkdir(exist_ok=True)
+    machine = f"{platform.machine()}, {os.cpu_count()} cores" + (f", {torch.cuda.get_device_name(0)}" if a.gpu else "")
+    (OUT / f"engine_bench_{device}.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
+    lines = [f"# Engine benchmark: local against Ray ({machine}, ray {ray.__version__}, torch {torch.__version__})", "",
+             f"CUB sample, {rows[0]['photos']} photos; detect = the COCO SSD (ONNX), embed = full images through "
+             "MobileNetV2 (ImageNet weights). Each row is a fresh process on a fresh copy of the run; the Ray "
+             "cluster (loopback, `cluster_utils.Cluster`) is started before the clock. `vs local`: photos/s over "
+             "the local run's on the same cores; `steady`: the same after the first kept shard (start-up left out).",
+             "", "| stage | engine | seconds | photos/s | first shard (s) | steady photos/s | vs local | steady vs local "
+             "| output against local |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['stage']} | {r['config']} | {r['seconds']} | {r['photos_per_s']} | {r['first_shard_s']} | "
+                     f"{r['steady_photos_per_s']} | {r.get('vs_local', '-')} | {r.get('steady_vs_local', '-')} | "
+                     f"{r['same_as_local']} |")
+    (OUT / f"engine_bench_{device}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
