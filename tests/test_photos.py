@@ -408,6 +408,7 @@ def test_sync_equals_a_fresh_build_and_embeds_only_what_changed(synced_setup, mo
     assert sum(embedded) == expected
 
 
+@pytest.mark.slow  # CI time: run_state's kill -9 tests and the sync equality test cover its parts
 def test_sync_after_kill_9_gives_the_same_run(synced_setup):
     run = copy_run(synced_setup["first"], synced_setup["base"] / "killed")
     dataset = lambda: (run / "dataset").resolve()
