@@ -1,5 +1,5 @@
-"""The `ray` engine: a stage's missing shards as a Ray Data pipeline — shard rows → decode tasks → an actor
-pool holding the model (one load per actor) → back to the driver, which writes each shard as it arrives.
+"""The `ray` engine: a stage's missing shards as a Ray Data pipeline — shard rows → a pool of decoders → an
+actor pool holding the model (one load per actor) → back to the driver, which writes each shard as it arrives.
 
 Results stream back instead of being written on the nodes, so the run folder needs no shared storage and is
 written by one process under its lock, with the same atomic shard files as a local run: a killed driver
@@ -7,10 +7,10 @@ resumes from them, and a shard is never half-written by a node that died. What e
 the model reads: the photos and the weights file, at the same paths (a shared filesystem, as Ray Data's
 own file readers assume); that is checked on each node before any work (`_check_nodes`).
 
-Decode tasks reserve no CPU: the actors may take every CPU of a node (one replica per CPU, or per GPU) and
+Decoders reserve no CPU: the actors may take every CPU of a node (one replica per CPU, or per GPU) and
 decoding runs beside them, bounded by Ray Data's backpressure, as it does beside the model in a local run.
-A worker process that dies is restarted and its shard done again: Ray Data's own defaults for an actor pool
-(max_restarts and max_task_retries -1) and Ray's for tasks (3 retries after a system failure).
+A worker process that dies is restarted and its shard done again: Ray Data's own defaults for actor pools
+(max_restarts and max_task_retries -1), for the decoders and the model actors alike.
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ def _is_loopback(host: str) -> bool:
 
 def _connect(ray, cfg: EngineConfig) -> None:
     """Join the cluster at `cfg.address`, or start a Ray instance on this machine bound to 127.0.0.1. The
-    connection stays open for the process's later stages (`cbir run`: detect, then each embedding), whose
-    decode tasks then reuse its worker processes; Ray closes it when the process exits. One already open (a
+    connection stays open for the process's later stages (`cbir run`: detect, then each embedding), so the
+    job's idle worker processes serve them too; Ray closes it when the process exits. One already open (a
     notebook's, or an earlier stage's) is used, unless it is to another cluster than `cfg.address`."""
     if ray.is_initialized():
         if not cfg.address or ray.get_runtime_context().gcs_address == cfg.address:
@@ -91,10 +91,12 @@ def _actors(ray, cfg: EngineConfig, shards: int) -> int:
     return min(fit, shards)
 
 
-def _decoders(ray, actors: int, shards: int) -> int:
-    """Decode tasks at once: one per CPU of the cluster (at least one per actor), never more than shards. They
-    reserve no CPU, so without a bound Ray would start a worker process (torch and all) for every shard."""
-    return max(1, min(shards, max(actors, int(ray.cluster_resources().get("CPU", 0)))))
+def _decoders(ray, cfg: EngineConfig, actors: int, shards: int) -> int:
+    """Decoders: one per CPU the model actors leave free (a GPU node's spare cores), at least one per actor,
+    never more than shards. They reserve no CPU, so that the actors may take every CPU; the count keeps
+    them from outnumbering the cores, each being a process that holds torch."""
+    free = int(ray.cluster_resources().get("CPU", 0) - actors * cfg.cpus_per_actor)
+    return max(1, min(shards, max(actors, free)))
 
 
 def _missing_files(paths: list[str]) -> list[str]:
@@ -116,9 +118,18 @@ def _check_nodes(ray, paths: list[str]) -> None:
                             f"must see the photos and weights at the same paths (a shared filesystem)")
 
 
-def _decode(row: dict, work: ShardWork) -> dict:
-    items = pickle.loads(row["items"])
-    return {"shard": row["shard"], "count": work.size(items), "decoded": pickle.dumps(work.decode(items))}
+def _decoder(work: ShardWork) -> type:
+    """The class of the decoders: long-lived processes. As 0-CPU tasks they were not: Ray ends an idle worker
+    above its soft limit (one per CPU) after a second, so while the model ran each shard's decode started a
+    fresh process that imported torch (a new pid per shard, seen here), and Ray ran at a fifth of the local
+    rate on one core."""
+
+    class Decoder:
+        def __call__(self, row: dict) -> dict:
+            items = pickle.loads(row["items"])
+            return {"shard": row["shard"], "count": work.size(items), "decoded": pickle.dumps(work.decode(items))}
+
+    return Decoder
 
 
 def _model_actor(work: ShardWork) -> type:
@@ -155,15 +166,14 @@ def map_shards(cfg: EngineConfig, work: ShardWork, missing: list[tuple[int, Sequ
     ray = _import_ray(cfg)
     _connect(ray, cfg)
     try:
-        from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
+        from ray.data import ActorPoolStrategy, DataContext
 
         DataContext.get_current().enable_progress_bars = False  # the stage's own tqdm counts photos or boxes
         _check_nodes(ray, work.needs(missing[0][1]))
         rows = [{"shard": number, "items": pickle.dumps(items)} for number, items in missing]
         actors = _actors(ray, cfg, len(rows))
         pipeline = (ray.data.from_items(rows, override_num_blocks=len(rows))
-                    .map(_decode, fn_kwargs={"work": work}, num_cpus=0, compute=TaskPoolStrategy(size=_decoders(
-                        ray, actors, len(rows))))
+                    .map(_decoder(work), compute=ActorPoolStrategy(size=_decoders(ray, cfg, actors, len(rows))), num_cpus=0)
                     .map(_model_actor(work), compute=ActorPoolStrategy(size=actors), num_cpus=cfg.cpus_per_actor,
                          num_gpus=cfg.gpus_per_actor or None))
         for row in pipeline.iter_rows():
