@@ -15,6 +15,7 @@ import fcntl
 import logging
 import os
 import re
+import time
 import uuid
 from pathlib import Path
 
@@ -34,6 +35,7 @@ INSERT_BATCH = 4096
 HNSW_EF_CONSTRUCTION = 200
 HNSW_EF = 128  # the same search-time effort as the FAISS store's defaults
 IVF_NPROBE = 32
+INDEX_WAIT_S = 3600  # a server built IVF-SQ8 over 10^6 256-d rows in about 9.5 min on 2 cores
 STRING_FIELDS = {"split": 32, "source": 32, "path": 4096}
 INT_FIELDS = ("image_id", "instance", "class_id", "category_id")
 
@@ -269,13 +271,30 @@ class MilvusStore:
         return len(extra), len(missing)
 
     def save(self, folder: Path) -> None:
-        """The reduction goes into the artifact; the collection is flushed, loaded and searched once, so an
-        index Milvus cannot build fails here, before the artifact is committed, and not at the first query."""
+        """The reduction goes into the artifact; the collection is flushed, its index waited for, loaded and
+        searched once, so an index Milvus cannot build fails here, before the artifact is committed, and not
+        at the first query."""
         faiss.write_index(self.reduction, str(Path(folder) / REDUCTION_FILE))
         self._call("flush", self.client.flush, self.collection)
+        self._wait_for_index()
         self._call("load_collection", self.client.load_collection, self.collection)
         self._call("search", self.client.search, self.collection, data=[[0.0] * self.dim], limit=1,
                    output_fields=["id"], search_params={"metric_type": "IP", "params": self.search_params})
+
+    def _wait_for_index(self) -> None:
+        """Until the vector index covers every flushed row. A server builds it in the background and searches
+        the rows it does not cover yet by brute force: measured at 10^6 rows, 290,816 were indexed when the
+        first queries ran, which were slower and more exact than the index the artifact records."""
+        deadline = time.monotonic() + INDEX_WAIT_S
+        while True:
+            info = self._call("describe_index", self.client.describe_index, self.collection, "vector")
+            if info.get("pending_index_rows", 0) == 0 and info.get("indexed_rows", 0) >= info.get("total_rows", 0):
+                return
+            if time.monotonic() > deadline:
+                raise CbirError(f"Milvus {self.spec} / {self.collection}: the vector index covers "
+                                f"{info.get('indexed_rows')} of {info.get('total_rows')} rows after {INDEX_WAIT_S} s; "
+                                f"check the server's index nodes, then rerun (finished work is kept)")
+            time.sleep(0.5)
 
     @classmethod
     def load(cls, folder: Path, gpu: str, description: dict, root: Path) -> MilvusStore:
