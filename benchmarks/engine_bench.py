@@ -195,13 +195,14 @@ def write(rows: list[dict], a, device: str) -> None:
     OUT.mkdir(exist_ok=True)
     machine = f"{platform.machine()}, {os.cpu_count()} cores" + (f", {torch.cuda.get_device_name(0)}" if a.gpu else "")
     (OUT / f"engine_bench_{device}.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
-    lines = [f"# Engine benchmark: local against Ray ({machine}, ray {ray.__version__}, torch {torch.__version__})", "",
-             f"CUB sample, {rows[0]['photos']} photos; detect = the COCO SSD (ONNX), embed = full images through "
+    title = f"# Engine benchmark: local against Ray ({machine}, ray {ray.__version__}, torch {torch.__version__})"
+    about = (f"CUB sample, {rows[0]['photos']} photos; detect = the COCO SSD (ONNX), embed = full images through "
              "MobileNetV2 (ImageNet weights). Each row is a fresh process on a fresh copy of the run; the Ray "
              "cluster (loopback, `cluster_utils.Cluster`) is started before the clock. `vs local`: photos/s over "
-             "the local run's on the same cores; `steady`: the same after the first kept shard (start-up left out).",
-             "", "| stage | engine | seconds | photos/s | first shard (s) | steady photos/s | vs local | steady vs local "
-             "| output against local |", "|---|---|---|---|---|---|---|---|---|"]
+             "the local run's on the same cores; `steady`: the same after the first kept shard (start-up left out).")
+    header = ("| stage | engine | seconds | photos/s | first shard (s) | steady photos/s | vs local | steady vs local "
+              "| output against local |")
+    lines = [title, "", about, "", header, "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['stage']} | {r['config']} | {r['seconds']} | {r['photos_per_s']} | {r['first_shard_s']} | "
                      f"{r['steady_photos_per_s']} | {r.get('vs_local', '-')} | {r.get('steady_vs_local', '-')} | "

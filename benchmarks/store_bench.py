@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cbir import CbirError
 from cbir.retrieval import new_store
 from cbir.retrieval.faiss_store import FaissStore
 from index_bench import clustered, factory_for, timed_search
@@ -53,13 +54,12 @@ def _store(kind: str, factory: str, dim: int, folder: Path):
 
 
 def _indexed(store) -> str:
-    """Rows the Milvus vector index covered when the queries ran, of all rows: Milvus builds an index on a
-    sealed segment in the background and searches whatever it does not cover yet by brute force."""
+    """Rows the Milvus vector index covered when the queries ran, of all rows (`MilvusStore.index_coverage`)."""
     try:
-        info = store.client.describe_index(store.collection, "vector")
-    except Exception as e:  # noqa: BLE001 - Milvus Lite answers less than a server
-        return f"unknown ({type(e).__name__})"
-    return f"{info.get('indexed_rows', '?')}/{info.get('total_rows', '?')}"
+        indexed, total, _ = store.index_coverage()
+    except CbirError as e:
+        return f"unknown ({e})"
+    return f"{indexed}/{total}"
 
 
 def measure(kind: str, factory: str, x: np.ndarray, queries: np.ndarray, exact: np.ndarray, single: int) -> dict:

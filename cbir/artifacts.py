@@ -455,10 +455,11 @@ def run_in_shards(items: Sequence, shard_size: int, partial_dir: Path, stamp: st
 
     parts = [(number, items[start:start + shard_size])
              for number, start in enumerate(range(0, len(items), shard_size))]
-    missing = [(number, part) for number, part in parts if not shard(number).exists()]
+    done = {number for number, _ in parts if shard(number).exists()}
+    missing = [(number, part) for number, part in parts if number not in done]
     if progress is not None:
-        progress.update(sum(len(part) for number, part in parts if shard(number).exists()))
-    kept = [len(parts) - len(missing)]
+        progress.update(sum(len(part) for number, part in parts if number in done))
+    kept = [len(done)]
 
     def keep(number: int, result: Any) -> None:
         with atomic_path(shard(number)) as tmp:

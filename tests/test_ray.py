@@ -67,7 +67,8 @@ def assert_same_vectors(a: Path, b: Path, mode: str) -> None:
     x, y = (np.load(run / "embeddings" / mode / "vectors.npy") for run in (a, b))
     assert x.shape == y.shape and len(x) > 0
     assert np.abs(x - y).max() <= 1e-5, mode
-    assert (a / "embeddings" / mode / "rows.parquet").read_bytes() == (b / "embeddings" / mode / "rows.parquet").read_bytes()
+    rows = [(run / "embeddings" / mode / "rows.parquet").read_bytes() for run in (a, b)]
+    assert rows[0] == rows[1]
 
 
 def fingerprint(run: Path, artifact: str) -> str:

@@ -32,7 +32,7 @@ from ..artifacts import (
 from ..datasets import ImageFolder, RunDataset, check_splits, load_dataset
 from ..datasets.base import coco_categories
 from ..device import batches, resolve_device
-from ..engines import LOCAL, EngineConfig, absolute
+from ..engines import LOCAL, EngineConfig, absolute, files_here
 from ..images import open_photo
 from . import Detector, build_detector
 from .results import FALLBACKS, apply_fallback, clean_boxes, kept_boxes, read_external
@@ -188,8 +188,8 @@ class DetectWork:
         return len(rows)
 
     def needs(self, rows: pd.DataFrame) -> list[str]:
-        files = [absolute(v) for v in (self.cfg.detector.removeprefix("onnx:"), self.cfg.weights, self.cfg.labels)]
-        return [f for f in files if f and Path(f).exists()] + [str(self.photos.image_path(rows.path.iloc[0]))]
+        model = files_here(self.cfg.detector.removeprefix("onnx:"), self.cfg.weights, self.cfg.labels)
+        return model + [str(self.photos.image_path(rows.path.iloc[0]))]
 
 
 def detect(cfg: DetectConfig) -> DetectResult:

@@ -31,7 +31,7 @@ from ..artifacts import (
 from ..datasets import ImageFolder, RunDataset, load_dataset
 from ..detection.results import load_detections
 from ..device import batches, decode_workers, resolve_device
-from ..engines import LOCAL, EngineConfig, absolute
+from ..engines import LOCAL, EngineConfig, absolute, files_here
 from ..images import open_photo
 from ..layout import RunLayout, check_name
 from ..vectors import unit_rows
@@ -254,8 +254,8 @@ class EmbedWork:
         return len(rows)
 
     def needs(self, rows: pd.DataFrame) -> list[str]:
-        files = [absolute(self.build[k]) for k in ("weights", "detector")]
-        return [f for f in files if f and Path(f).exists()] + [str(self.photos.image_path(rows.path.iloc[0]))]
+        model = files_here(self.build["weights"], self.build["detector"])
+        return model + [str(self.photos.image_path(rows.path.iloc[0]))]
 
 
 def top_rows(table: pd.DataFrame) -> pd.DataFrame:

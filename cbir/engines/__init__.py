@@ -87,6 +87,12 @@ def absolute(value: str | Path | None) -> str | None:
     return prefix + str(Path(path).absolute()) if Path(path).exists() else value
 
 
+def files_here(*values: str | Path | None) -> list[str]:
+    """The values that name a file on this machine, absolute: what a node must see to build the model (a
+    name such as DEFAULT or a torchvision model is no file)."""
+    return [f for f in map(absolute, values) if f and Path(f.removeprefix("onnx:")).exists()]
+
+
 def map_shards(cfg: EngineConfig, work: ShardWork, missing: list[tuple[int, Sequence]], keep: Keep,
                progress=None) -> None:
     """Compute every (number, items) shard of `missing` with `work` on the engine `cfg` names and `keep` each

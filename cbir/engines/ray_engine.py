@@ -22,7 +22,7 @@ import pickle
 import socket
 from collections.abc import Sequence
 
-from .. import CbirError
+from .. import CbirError, error_chain
 from . import EngineConfig, Keep, ShardWork
 
 log = logging.getLogger(__name__)
@@ -150,13 +150,7 @@ def _model_actor(work: ShardWork) -> type:
 
 def _user_error(error: BaseException) -> CbirError | None:
     """The CbirError a task raised (one line for the user), found through Ray's wrappers."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, CbirError):
-            return error
-        error = getattr(error, "cause", None) or error.__cause__
-    return None
+    return next((e for e in error_chain(error) if isinstance(e, CbirError)), None)
 
 
 def map_shards(cfg: EngineConfig, work: ShardWork, missing: list[tuple[int, Sequence]], keep: Keep,
@@ -173,7 +167,8 @@ def map_shards(cfg: EngineConfig, work: ShardWork, missing: list[tuple[int, Sequ
         rows = [{"shard": number, "items": pickle.dumps(items)} for number, items in missing]
         actors = _actors(ray, cfg, len(rows))
         pipeline = (ray.data.from_items(rows, override_num_blocks=len(rows))
-                    .map(_decoder(work), compute=ActorPoolStrategy(size=_decoders(ray, cfg, actors, len(rows))), num_cpus=0)
+                    .map(_decoder(work), compute=ActorPoolStrategy(size=_decoders(ray, cfg, actors, len(rows))),
+                         num_cpus=0)
                     .map(_model_actor(work), compute=ActorPoolStrategy(size=actors), num_cpus=cfg.cpus_per_actor,
                          num_gpus=cfg.gpus_per_actor or None))
         for row in pipeline.iter_rows():

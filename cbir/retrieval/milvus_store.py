@@ -23,7 +23,7 @@ import faiss
 import numpy as np
 import pandas as pd
 
-from .. import CbirError
+from .. import CbirError, error_chain
 from .reduce import apply_chain, train_chain
 
 log = logging.getLogger(__name__)
@@ -94,14 +94,8 @@ def connect(spec: str, root: Path):
 
 def _refused_credentials(e: BaseException) -> bool:
     """pymilvus reports a refused token as a failed connection; the gRPC status it wraps says which it was."""
-    seen = set()
-    while e is not None and id(e) not in seen:  # pymilvus chains can loop (`raise e from e`)
-        seen.add(id(e))
-        code = getattr(e, "code", None)
-        if callable(code) and getattr(code(), "name", "") == "UNAUTHENTICATED":
-            return True
-        e = e.__cause__ or e.__context__
-    return False
+    codes = (getattr(error, "code", None) for error in error_chain(e))
+    return any(callable(code) and getattr(code(), "name", "") == "UNAUTHENTICATED" for code in codes)
 
 
 def _reason(e: Exception) -> str:
@@ -281,19 +275,24 @@ class MilvusStore:
         self._call("search", self.client.search, self.collection, data=[[0.0] * self.dim], limit=1,
                    output_fields=["id"], search_params={"metric_type": "IP", "params": self.search_params})
 
+    def index_coverage(self) -> tuple[int, int, int]:
+        """(rows the vector index covers, rows flushed, rows waiting for it). A server builds the index of a
+        sealed segment in the background and searches the rows it does not cover yet by brute force."""
+        info = self._call("describe_index", self.client.describe_index, self.collection, "vector")
+        return info.get("indexed_rows", 0), info.get("total_rows", 0), info.get("pending_index_rows", 0)
+
     def _wait_for_index(self) -> None:
-        """Until the vector index covers every flushed row. A server builds it in the background and searches
-        the rows it does not cover yet by brute force: measured at 10^6 rows, 290,816 were indexed when the
-        first queries ran, which were slower and more exact than the index the artifact records."""
+        """Until the vector index covers every flushed row: measured at 10^6 rows, 290,816 were indexed when
+        the first queries ran, which were slower and more exact than the index the artifact records."""
         deadline = time.monotonic() + INDEX_WAIT_S
         while True:
-            info = self._call("describe_index", self.client.describe_index, self.collection, "vector")
-            if info.get("pending_index_rows", 0) == 0 and info.get("indexed_rows", 0) >= info.get("total_rows", 0):
+            indexed, total, pending = self.index_coverage()
+            if pending == 0 and indexed >= total:
                 return
             if time.monotonic() > deadline:
-                raise CbirError(f"Milvus {self.spec} / {self.collection}: the vector index covers "
-                                f"{info.get('indexed_rows')} of {info.get('total_rows')} rows after {INDEX_WAIT_S} s; "
-                                f"check the server's index nodes, then rerun (finished work is kept)")
+                raise CbirError(f"Milvus {self.spec} / {self.collection}: the vector index covers {indexed} of "
+                                f"{total} rows after {INDEX_WAIT_S} s; check the server's index nodes, then rerun "
+                                f"(finished work is kept)")
             time.sleep(0.5)
 
     @classmethod
