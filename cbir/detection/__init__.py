@@ -30,7 +30,7 @@ def build_detector(name: str, weights: str, *, device: torch.device, min_size: s
     if name.startswith("onnx:"):
         from .onnx_detector import OnnxDetector
 
-        return OnnxDetector(name[5:], labels)
+        return OnnxDetector(name[5:], labels, threads=torch.get_num_threads())  # the process's CPUs, as torch
     from .torchvision_detector import DETECTORS, TorchvisionDetector
 
     if name not in DETECTORS and (name.endswith(".pt") or "/" in name or Path(name).exists()):

@@ -233,7 +233,7 @@ class EmbedWork:
 
     def __getstate__(self):
         build = {**self.build, **{k: absolute(self.build[k]) for k in ("weights", "detector")}}
-        return {**self.__dict__, "build": build, "encoder": None}
+        return {**self.__dict__, "build": build, "encoder": None, "workers": 0}  # an actor decodes on its own CPUs
 
     def load(self) -> CnnEncoder:
         return self.encoder or make_encoder(**self.build)

@@ -1,5 +1,6 @@
-"""The `ray` engine: a stage's missing shards as a Ray Data pipeline — shard rows → a pool of decoders → an
-actor pool holding the model (one load per actor) → back to the driver, which writes each shard as it arrives.
+"""The `ray` engine: a stage's missing shards as a Ray Data pipeline — shard rows → (a pool of decoders, where the
+model leaves CPUs free) → an actor pool holding the model (one load per actor) → back to the driver, which writes
+each shard as it arrives.
 
 Results stream back instead of being written on the nodes, so the run folder needs no shared storage and is
 written by one process under its lock, with the same atomic shard files as a local run: a killed driver
@@ -7,8 +8,10 @@ resumes from them, and a shard is never half-written by a node that died. What e
 the model reads: the photos and the weights file, at the same paths (a shared filesystem, as Ray Data's
 own file readers assume); that is checked on each node before any work (`_check_nodes`).
 
-Decoders reserve no CPU: the actors may take every CPU of a node (one replica per CPU, or per GPU) and
-decoding runs beside them, bounded by Ray Data's backpressure, as it does beside the model in a local run.
+Decoders are for the CPUs the actors do not take (a GPU node's cores): they reserve no CPU and are bounded
+by Ray Data's backpressure. Where the actors take every CPU (one replica per CPU), a separate decoder would
+only be one more process importing torch on cores the model already uses (measured here: 10 s of start-up
+on one core against 5), so each actor decodes its own shard as a local stage does (`ShardWork.run`).
 A worker process that dies is restarted and its shard done again: Ray Data's own defaults for actor pools
 (max_restarts and max_task_retries -1), for the decoders and the model actors alike.
 """
@@ -92,11 +95,12 @@ def _actors(ray, cfg: EngineConfig, shards: int) -> int:
 
 
 def _decoders(ray, cfg: EngineConfig, actors: int, shards: int) -> int:
-    """Decoders: one per CPU the model actors leave free (a GPU node's spare cores), at least one per actor,
-    never more than shards. They reserve no CPU, so that the actors may take every CPU; the count keeps
-    them from outnumbering the cores, each being a process that holds torch."""
+    """Decoders: one per CPU the model actors leave free (a GPU node's spare cores), never more than shards;
+    none where the actors take every CPU (they decode their own shards). They reserve no CPU, so that the
+    actors may take every CPU; the count keeps them from outnumbering the cores, each being a process that
+    holds torch."""
     free = int(ray.cluster_resources().get("CPU", 0) - actors * cfg.cpus_per_actor)
-    return max(1, min(shards, max(actors, free)))
+    return max(0, min(shards, free))
 
 
 def _missing_files(paths: list[str]) -> list[str]:
@@ -126,23 +130,31 @@ def _decoder(work: ShardWork) -> type:
 
     class Decoder:
         def __call__(self, row: dict) -> dict:
-            items = pickle.loads(row["items"])
-            return {"shard": row["shard"], "count": work.size(items), "decoded": pickle.dumps(work.decode(items))}
+            decoded = work.decode(pickle.loads(row["items"]))
+            return {"shard": row["shard"], "count": row["count"], "decoded": pickle.dumps(decoded)}
 
     return Decoder
 
 
-def _model_actor(work: ShardWork) -> type:
-    """The class of the pool's actors: the model loaded once per actor, then every decoded shard it is given.
-    `work` travels inside the class (not as a constructor argument held in the object store, which Ray warns
-    a restarted actor could lose)."""
+def _model_actor(work: ShardWork, threads: int) -> type:
+    """The class of the pool's actors: the model loaded once per actor, on `threads` threads (the CPUs the actor
+    holds: Ray leaves an inherited OMP_NUM_THREADS as it is, so two 1-CPU replicas on two cores ran two threads
+    each, seen here), then every shard it is given, decoded already (by the decoders) or not (then here, as a
+    local stage decodes beside its model). `work` travels inside the class (not as a constructor argument held
+    in the object store, which Ray warns a restarted actor could lose)."""
 
     class Model:
         def __init__(self):
+            import torch
+
+            torch.set_num_threads(threads)
             self.model = work.load()
 
         def __call__(self, row: dict) -> dict:
-            result = work.infer(self.model, pickle.loads(row["decoded"]))
+            if "decoded" in row:
+                result = work.infer(self.model, pickle.loads(row["decoded"]))
+            else:
+                result = work.run(self.model, pickle.loads(row["items"]))
             return {"shard": row["shard"], "count": row["count"], "result": pickle.dumps(result)}
 
     return Model
@@ -164,13 +176,15 @@ def map_shards(cfg: EngineConfig, work: ShardWork, missing: list[tuple[int, Sequ
 
         DataContext.get_current().enable_progress_bars = False  # the stage's own tqdm counts photos or boxes
         _check_nodes(ray, work.needs(missing[0][1]))
-        rows = [{"shard": number, "items": pickle.dumps(items)} for number, items in missing]
+        rows = [{"shard": number, "count": work.size(items), "items": pickle.dumps(items)} for number, items in missing]
         actors = _actors(ray, cfg, len(rows))
-        pipeline = (ray.data.from_items(rows, override_num_blocks=len(rows))
-                    .map(_decoder(work), compute=ActorPoolStrategy(size=_decoders(ray, cfg, actors, len(rows))),
-                         num_cpus=0)
-                    .map(_model_actor(work), compute=ActorPoolStrategy(size=actors), num_cpus=cfg.cpus_per_actor,
-                         num_gpus=cfg.gpus_per_actor or None))
+        decoders = _decoders(ray, cfg, actors, len(rows))
+        pipeline = ray.data.from_items(rows, override_num_blocks=len(rows))
+        if decoders:
+            pipeline = pipeline.map(_decoder(work), compute=ActorPoolStrategy(size=decoders), num_cpus=0)
+        threads = max(1, round(cfg.cpus_per_actor))
+        pipeline = pipeline.map(_model_actor(work, threads), compute=ActorPoolStrategy(size=actors),
+                                num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None)
         for row in pipeline.iter_rows():
             keep(int(row["shard"]), pickle.loads(row["result"]))
             if progress is not None:
