@@ -12,7 +12,8 @@ A Ray cluster is Ray's own `cluster_utils.Cluster`, every node on 127.0.0.1, sta
 stage's time includes connecting, starting the actors and loading the model in each. Ray's start-up is how much
 later its first shard is kept than the local run's first shard on the same cores; "after start-up" divides the
 photos by the stage's time less that start-up: the pipeline's rate once its actors hold a model. The outputs
-are compared with the local run's on the same cores (boxes byte for byte, vectors by their largest difference). With `--gpu` (a GPU machine), the Ray runs use 1..N actors per GPU.
+are compared with the local run's on the same cores (boxes byte for byte, vectors by their largest difference).
+With `--gpu` (a GPU machine), the Ray runs use 1..N actors per GPU.
 Results → benchmarks/results/engine_bench_<device>.{md,json}.
 """
 
