@@ -29,6 +29,7 @@ from cbir.retrieval.budget import choose_layout, human, parse_budget, train_samp
 from cbir.retrieval.faiss_store import FaissStore
 from cbir.retrieval.index import ADD_CHUNK
 from cbir.retrieval.saved import exact_rescore
+from cbir.vectors import take_rows
 from index_bench import clustered
 from report import write_report
 
@@ -124,7 +125,7 @@ def search(folder: Path, budget: int, refine: int, single: int) -> dict:
         if not refine:
             return store.search(q, K)[1]
         ids = store.search(q, refine)[1]
-        return exact_rescore(store, q, ids, lambda i: np.asarray(vectors[i]), K)[1]
+        return exact_rescore(store, q, ids, lambda i: take_rows(vectors, i), K)[1]
 
     started = time.perf_counter()
     ids = answer(queries)

@@ -15,6 +15,7 @@ from .. import CbirError
 from ..artifacts import Artifact, commit, read_table
 from ..datasets.base import image_file
 from ..layout import RunLayout
+from ..vectors import take_rows
 from . import open_store as _open_store
 from .expression import matching_ids, to_pandas
 from .rerank import SHORTLIST, Rerank, rerank_shortlist
@@ -71,8 +72,8 @@ class SearchIndex:
 
     @cached_property
     def base_vectors(self) -> np.ndarray:
-        """The embeddings the index was built from (id = row), read once: re-ranking looks up every
-        query's shortlist here, so a read per query would put the embeddings' I/O on the page's hot path."""
+        """The embeddings the index was built from (id = row), opened once, memory-mapped: re-ranking and
+        --refine read every query's shortlist from here, row by row (`take_rows`), never the whole set."""
         from ..encoders.stage import load_embeddings
 
         return load_embeddings(self.layout, self.manifest["embeddings"])[0]
@@ -84,7 +85,7 @@ class SearchIndex:
         added_ids = self.table.index[self.table.split == "added"].sort_values().to_numpy()
         is_added = np.isin(ids, added_ids)
         out = np.zeros((len(ids), self.manifest["dim_in"]), np.float32)
-        out[~is_added] = base[ids[~is_added]]
+        out[~is_added] = take_rows(base, ids[~is_added])
         out[is_added] = self.added[np.searchsorted(added_ids, ids[is_added])]
         return out
 
