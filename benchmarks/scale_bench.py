@@ -100,10 +100,11 @@ def build(folder: Path, budget: int) -> dict:
                                  layout.describe() | {"budget": budget})
     started = time.perf_counter()
     sample = np.sort(np.random.default_rng(0).choice(n, train_sample_size(layout.factory, n), replace=False))
-    store.train(np.asarray(vectors[sample]))
+    store.train(take_rows(vectors, sample))
     trained = time.perf_counter()
     for start in range(0, n, ADD_CHUNK):
-        store.add(np.asarray(vectors[start:start + ADD_CHUNK]), np.arange(start, min(n, start + ADD_CHUNK)))
+        rows = np.arange(start, min(n, start + ADD_CHUNK))
+        store.add(take_rows(vectors, rows), rows)  # as `cbir index` reads them: not mapped
     store.save(index_dir)
     built = time.perf_counter()
     (index_dir / "description.json").write_text(json.dumps(store.description))

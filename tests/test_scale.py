@@ -166,6 +166,8 @@ def test_refine_reads_its_shortlist_rows_without_mapping_the_vectors_file(tmp_pa
     rows = take_rows(vectors, ids)
     assert _rss_file_kb() - before < 1024  # 6,000 random rows of 20 MB: indexing the map touches nearly all of it
     assert rows.shape == (300, 20, 128) and np.array_equal(rows, np.load(path)[ids])
+    chunk = np.r_[np.arange(1000, 9000), np.arange(20_000, 20_003), 39_999]  # runs of consecutive rows: one read each
+    assert np.array_equal(take_rows(vectors, chunk), np.load(path)[chunk])
     view = vectors[100:]  # a slice of the map starts elsewhere in the file: indexed, not read by offset
     assert np.array_equal(take_rows(view, ids[:5] % len(view)), np.asarray(view[ids[:5] % len(view)]))
     with pytest.raises(IndexError):

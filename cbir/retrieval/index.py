@@ -17,6 +17,7 @@ from ..artifacts import Artifact, is_fresh, writing
 from ..datasets import check_splits, load_dataset
 from ..encoders.stage import load_embeddings
 from ..layout import RunLayout, check_name
+from ..vectors import take_rows
 from . import check_store, new_store, release_store
 from .budget import choose_layout, human, train_sample_size
 from .faiss_store import FaissStore
@@ -134,7 +135,7 @@ def _build(layout: RunLayout, cfg: IndexConfig, vectors: np.ndarray, table: pd.D
     if cfg.memory_budget:  # a 10^7 train split is not read whole: a sample fits the PCA and the codebooks
         size = train_sample_size(choose_layout(n, dim, cfg.memory_budget, len(train_rows)).factory, len(train_rows))
         train_rows = np.sort(np.random.default_rng(0).choice(train_rows, size, replace=False))
-    train = np.asarray(vectors[train_rows], np.float32)
+    train = np.asarray(take_rows(vectors, train_rows), np.float32)  # read, not mapped (vectors.take_rows)
     pca, pca_reason = resolve_pca(cfg.pca, train)
     log.info("index %s: PCA %s", cfg.index_name, pca_reason)
     if cfg.whiten is not None and not pca:
@@ -155,7 +156,7 @@ def _build(layout: RunLayout, cfg: IndexConfig, vectors: np.ndarray, table: pd.D
         for start in tqdm(range(0, len(ids), ADD_CHUNK), desc=f"index {cfg.index_name}", unit="chunk",
                           disable=len(ids) <= ADD_CHUNK):  # the vectors stay on disk: one chunk in RAM at a time
             part = slice(start, start + ADD_CHUNK)
-            store.add(np.asarray(vectors[ids[part]], np.float32), ids[part], meta.iloc[part])
+            store.add(np.asarray(take_rows(vectors, ids[part]), np.float32), ids[part], meta.iloc[part])
     manifest = {"name": cfg.index_name, "embeddings": cfg.embeddings, "mode": emb["mode"],
                 "backbone": emb["spec"]["backbone"], "embedding_spec": emb["spec"], "pca": pca, "pca_reason": pca_reason,
                 "whiten": cfg.whiten, "refine": cfg.refine,
