@@ -245,3 +245,26 @@ def test_every_ray_process_listens_on_loopback_only(ray_cluster):
     assert ray_sockets, out
     wrong = [s[3] for s in ray_sockets if not s[3].startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:"))]
     assert not wrong, wrong
+
+
+def test_run_json_gives_sync_the_engine_the_run_ran_on(tmp_path):
+    """`cbir sync` reruns the stages with the settings `cbir run` recorded: the engine, its address and its pool
+    come back as the same EngineConfig (not a dict, not the default local engine)."""
+    from dataclasses import replace
+
+    from cbir.engines import parse_engine
+    from cbir.evaluation.retrieval import EvalConfig
+    from cbir.pipeline import RunConfig, load_run_config, save_run_config
+    from cbir.retrieval.index import IndexConfig
+
+    run = tmp_path / "run"
+    engine = replace(parse_engine("ray:127.0.0.1:6379"), actors=3, gpus_per_actor=0.5, cpus_per_actor=2)
+    cfg = RunConfig(prepare=PrepareConfig(run=run, root=tmp_path / "photos", dataset="photos"),
+                    detect=DetectConfig(run=run, **SSD_ARGS, engine=engine),
+                    embed=EmbedConfig(run=run, mode="det", **EMBED_ARGS, engine=engine), modes=("full", "det"),
+                    index=IndexConfig(run=run, embeddings="det"), evaluate=EvalConfig(run=run))
+    layout = RunLayout(run)
+    layout.root.mkdir()
+    save_run_config(layout, cfg)
+    loaded = load_run_config(layout)
+    assert loaded.detect.engine == engine and loaded.embed.engine == engine
