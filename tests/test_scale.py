@@ -172,3 +172,10 @@ def test_refine_reads_its_shortlist_rows_without_mapping_the_vectors_file(tmp_pa
     assert np.array_equal(take_rows(view, ids[:5] % len(view)), np.asarray(view[ids[:5] % len(view)]))
     with pytest.raises(IndexError):
         take_rows(vectors, np.array([len(vectors)]))
+    # a forked process (a server's worker) reads with threads of its own: its parent's do not exist there
+    import multiprocessing
+
+    child = multiprocessing.get_context("fork").Process(target=take_rows, args=(vectors, chunk))
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0, "take_rows hung or failed in a forked child"
