@@ -284,3 +284,31 @@ def test_server_killed_during_add_is_refused_then_repaired_to_an_unbroken_runs_s
         assert np.allclose(a, b, atol=1e-6)
     mine.store.close()
     theirs.store.close()
+
+
+def test_the_index_the_artifact_records_is_what_answers(tmp_path, store):
+    """After `save`, searches go through the IVF index: one probed list of 64 finds far fewer true neighbours
+    than all 64. A server that kept the segments it loaded before the index was built searched them by brute
+    force (recall 1.0 at any nprobe) until the collection was loaded again."""
+    import pandas as pd
+
+    from cbir.retrieval import new_store
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5_000, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    queries, n = x[:200] + 0.05 * rng.standard_normal((200, 32)).astype(np.float32), len(x)
+    meta = pd.DataFrame({"image_id": np.arange(n), "instance": 0, "class_id": 0, "category_id": 16, "split": "test",
+                         "source": "detected", "score": 0.9, "path": "a.jpg", "x": 0.0, "y": 0.0, "w": 1.0, "h": 1.0})
+    milvus = new_store(store, tmp_path, "ivf", 32, "L2norm,", "IVF64,Flat", "off")
+    milvus.train(x)
+    milvus.add(x, np.arange(n), meta)
+    milvus.save(tmp_path)
+    exact = np.argsort(-(queries / np.linalg.norm(queries, axis=1, keepdims=True)) @ x.T, axis=1)[:, :10]
+    recall = {}
+    for nprobe in (1, 64):
+        milvus.search_params = {"nprobe": nprobe}
+        found = milvus.search(queries, 10)[1]
+        recall[nprobe] = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, exact)])
+    milvus.close()
+    assert recall[64] > 0.99 and recall[1] < 0.9, recall
