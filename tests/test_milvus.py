@@ -312,3 +312,30 @@ def test_the_index_the_artifact_records_is_what_answers(tmp_path, store):
         recall[nprobe] = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, exact)])
     milvus.close()
     assert recall[64] > 0.99 and recall[1] < 0.9, recall
+
+
+def test_rows_a_server_brings_back_after_a_reload_are_deleted_again(tmp_path, store):
+    """A 2.3.5 server once served a row deleted by `--remove` again after the flush and reload of `save`. Here
+    the deleted rows are written back behind the store's back, as the server did; `save` must delete them again
+    and leave exactly the rows kept."""
+    import pandas as pd
+
+    from cbir.retrieval import new_store
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((300, 16)).astype(np.float32)
+    meta = pd.DataFrame({"image_id": np.arange(300), "instance": 0, "class_id": 1, "category_id": 16, "split": "test",
+                         "source": "detected", "score": 0.9, "path": "a.jpg", "x": 0.0, "y": 0.0, "w": 1.0, "h": 1.0})
+    milvus = new_store(store, tmp_path, "back", 16, "L2norm,", "Flat", "off")
+    milvus.train(x)
+    milvus.add(x, np.arange(300), meta)
+    milvus.save(tmp_path)
+    victims = [3, 150, 299]
+    rows = milvus.client.query(milvus.collection, filter=f"id in {victims}", output_fields=["*"])
+    assert milvus.remove(np.array(victims)) == 3 and milvus.count == 297
+    milvus.client.upsert(milvus.collection, rows)  # what the server did: the deleted rows are back
+    assert milvus.count == 300
+    milvus.save(tmp_path)
+    assert milvus.count == 297 and milvus.matches(297, 300)
+    assert set(milvus.ids()) == set(range(300)) - set(victims)
+    milvus.close()

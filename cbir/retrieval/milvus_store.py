@@ -36,6 +36,8 @@ HNSW_EF_CONSTRUCTION = 200
 HNSW_EF = 128  # the same search-time effort as the FAISS store's defaults
 IVF_NPROBE = 32
 INDEX_WAIT_S = 3600  # a server built IVF-SQ8 over 10^6 256-d rows in about 9.5 min on 2 cores
+DELETE_RETRIES = 3  # rounds of deleting rows the server brought back, before giving up with one line
+ID_QUERY_BATCH = 16384  # ids per `id in [...]` expression
 STRING_FIELDS = {"split": 32, "source": 32, "path": 4096}
 INT_FIELDS = ("image_id", "instance", "class_id", "category_id")
 
@@ -156,6 +158,7 @@ class MilvusStore:
         self.root, self.client, self.spec, self.collection = root, client, spec, collection
         self.reduction, self.factory = reduction, factory
         self.index_type, self.build_params, self.search_params = milvus_index(factory)
+        self._removed: set[int] = set()  # ids this store deleted since it was opened, checked again by `save`
 
     @classmethod
     def for_index(cls, spec: str, root: Path, name: str, dim: int, reduction: str, factory: str,
@@ -212,6 +215,8 @@ class MilvusStore:
     def add(self, vectors: np.ndarray, ids: np.ndarray, meta: pd.DataFrame) -> None:
         reduced = self.transform(vectors)
         ids = np.asarray(ids, np.int64)
+        if self._removed:
+            self._removed.difference_update(ids.tolist())
         for start in range(0, len(ids), INSERT_BATCH):
             part = slice(start, start + INSERT_BATCH)
             self._call("upsert", self.client.upsert, self.collection,
@@ -222,8 +227,12 @@ class MilvusStore:
         if not ids:
             return 0
         before = self.count
-        self._call("delete", self.client.delete, self.collection, ids=ids)
+        self._delete(ids)
         return before - self.count
+
+    def _delete(self, ids: list[int]) -> None:
+        self._call("delete", self.client.delete, self.collection, ids=ids)
+        self._removed.update(ids)
 
     def transform(self, vectors: np.ndarray) -> np.ndarray:
         return apply_chain(self.reduction, vectors)
@@ -259,7 +268,7 @@ class MilvusStore:
         held = self.ids()
         extra, missing = np.setdiff1d(held, expected), np.setdiff1d(expected, held)
         if len(extra):
-            self._call("delete", self.client.delete, self.collection, ids=extra.tolist())
+            self._delete(extra.tolist())
         if len(missing):
             self.add(raw_vectors(missing), missing, meta.loc[missing].reset_index())
         return len(extra), len(missing)
@@ -275,8 +284,39 @@ class MilvusStore:
         self._wait_for_index()
         self._call("release_collection", self.client.release_collection, self.collection)
         self._call("load_collection", self.client.load_collection, self.collection)
+        self._delete_returned_rows()
         self._call("search", self.client.search, self.collection, data=[[0.0] * self.dim], limit=1,
                    output_fields=["id"], search_params={"metric_type": "IP", "params": self.search_params})
+
+    def _delete_returned_rows(self) -> None:
+        """Delete again the rows this store deleted that the server serves again after the flush and load. A
+        2.3.5 server did so once in a full test run (a row deleted by `--remove` was counted again by the next
+        process; 12 repeats of that test did not show it again). Deletes lost or undone across flush, compaction
+        and reload are known in 2.3 and fixed in later 2.3.x (milvus-io/milvus#33015, #39201). The run's record
+        is the truth, so the store follows it; a row that comes back later still is refused by readers and
+        deleted by the next writer (`load_index(repair=True)`)."""
+        for _ in range(DELETE_RETRIES):
+            back = self._present(sorted(self._removed))
+            if not back:
+                self._removed.clear()
+                return
+            log.warning("Milvus %s / %s served %d deleted row(s) again after a reload (first id %d); deleting "
+                        "them again", self.spec, self.collection, len(back), back[0])
+            self._delete(back)
+            self._call("flush", self.client.flush, self.collection)
+        raise CbirError(f"Milvus {self.spec} / {self.collection}: {len(back)} deleted row(s) (first id {back[0]}) "
+                        f"came back after {DELETE_RETRIES} deletes; upgrade the server (2.3.5 loses deletes), then "
+                        f"rerun (the run's record is unchanged)")
+
+    def _present(self, ids: list[int]) -> list[int]:
+        """Which of `ids` the collection holds, asked in batches."""
+        found = []
+        for start in range(0, len(ids), ID_QUERY_BATCH):
+            part = ",".join(map(str, ids[start:start + ID_QUERY_BATCH]))
+            rows = self._call("query", self.client.query, self.collection, filter=f"id in [{part}]",
+                              output_fields=["id"])
+            found += [int(r["id"]) for r in rows]
+        return sorted(found)
 
     def index_coverage(self) -> tuple[int, int, int]:
         """(rows the vector index covers, rows flushed, rows waiting for it). A server builds the index of a
