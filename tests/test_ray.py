@@ -268,3 +268,35 @@ def test_run_json_gives_sync_the_engine_the_run_ran_on(tmp_path):
     save_run_config(layout, cfg)
     loaded = load_run_config(layout)
     assert loaded.detect.engine == engine and loaded.embed.engine == engine
+
+
+def test_a_photo_gone_from_the_folder_is_skipped_on_ray_as_in_a_local_run(ray_cluster, mini_copy, tmp_path):
+    """The node check probes the first shard's photos; one deleted after `prepare` (the very first the stage
+    reads) is the stage's to skip and report, as a local run does, not a node that cannot see the folder."""
+    from cbir.datasets import load_dataset
+
+    prepared = tmp_path / "prepared"
+    prepare(PrepareConfig(run=prepared, root=mini_copy, split=MINI_SPLIT, workers=1))
+    data = load_dataset(RunLayout(prepared))
+    first = data.images[data.images.split.isin(DetectConfig(run=prepared).splits)].iloc[0]
+    (mini_copy / "images" / first.path).unlink()
+    local, ray_run = copy_run(prepared, tmp_path / "local"), copy_run(prepared, tmp_path / "ray")
+    detect(DetectConfig(run=local, **SSD_ARGS))
+    result = detect(DetectConfig(run=ray_run, **SSD_ARGS, **on_ray(ray_cluster)))
+    assert_same_boxes(local, ray_run)
+    assert [e["image_id"] for e in result.meta["unreadable"]] == [first.image_id], result.meta
+
+
+def test_a_node_that_cannot_see_a_file_is_named_in_one_line(ray_cluster, tmp_path):
+    import ray
+
+    from cbir import CbirError
+    from cbir.engines import parse_engine
+    from cbir.engines.ray_engine import _check_nodes, _connect
+
+    here = tmp_path / "weights.onnx"
+    here.write_bytes(b"x")
+    _connect(ray, parse_engine(f"ray:{ray_cluster.address}"))
+    _check_nodes(ray, [str(here)])
+    with pytest.raises(CbirError, match=r"node 127\.0\.0\.1 cannot read .*gone\.jpg; every node must see"):
+        _check_nodes(ray, [str(here), str(tmp_path / "gone.jpg")])

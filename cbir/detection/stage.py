@@ -189,7 +189,7 @@ class DetectWork:
 
     def needs(self, rows: pd.DataFrame) -> list[str]:
         model = files_here(self.cfg.detector.removeprefix("onnx:"), self.cfg.weights, self.cfg.labels)
-        return model + [str(self.photos.image_path(rows.path.iloc[0]))]
+        return model + [str(self.photos.image_path(path)) for path in rows.path.unique()]
 
 
 def detect(cfg: DetectConfig) -> DetectResult:

@@ -255,7 +255,7 @@ class EmbedWork:
 
     def needs(self, rows: pd.DataFrame) -> list[str]:
         model = files_here(self.build["weights"], self.build["detector"])
-        return model + [str(self.photos.image_path(rows.path.iloc[0]))]
+        return model + [str(self.photos.image_path(path)) for path in rows.path.unique()]
 
 
 def top_rows(table: pd.DataFrame) -> pd.DataFrame:

@@ -108,8 +108,9 @@ def _missing_files(paths: list[str]) -> list[str]:
 
 
 def _check_nodes(ray, paths: list[str]) -> None:
-    """Every alive node with CPUs sees `paths` (the model's files, a photo): else one line naming the node,
-    before a shard is sent where its photos would all read as unreadable."""
+    """Every alive node with CPUs sees `paths` (the model's files and the first shard's photos that the driver
+    sees: a photo gone from the folder is skipped and reported by the stage, as a local run does, not refused
+    here): else one line naming the node, before a shard is sent where its photos would all read as unreadable."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     check = ray.remote(num_cpus=0)(_missing_files)
@@ -175,7 +176,7 @@ def map_shards(cfg: EngineConfig, work: ShardWork, missing: list[tuple[int, Sequ
         from ray.data import ActorPoolStrategy, DataContext
 
         DataContext.get_current().enable_progress_bars = False  # the stage's own tqdm counts photos or boxes
-        _check_nodes(ray, work.needs(missing[0][1]))
+        _check_nodes(ray, [p for p in work.needs(missing[0][1]) if os.path.exists(p)])
         rows = [{"shard": number, "count": work.size(items), "items": pickle.dumps(items)} for number, items in missing]
         actors = _actors(ray, cfg, len(rows))
         decoders = _decoders(ray, cfg, actors, len(rows))
