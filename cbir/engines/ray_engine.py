@@ -186,10 +186,13 @@ def map_shards(cfg: EngineConfig, work: ShardWork, missing: list[tuple[int, Sequ
         threads = max(1, round(cfg.cpus_per_actor))
         pipeline = pipeline.map(_model_actor(work, threads), compute=ActorPoolStrategy(size=actors),
                                 num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None)
-        for row in pipeline.iter_rows():
-            keep(int(row["shard"]), pickle.loads(row["result"]))
+        # one shard per batch, without prefetching: `iter_rows` holds each block back until the next one has
+        # arrived (seen here: the first shard was kept only when the second was done), which delays every
+        # shard's write by one shard and loses a finished one to a killed driver
+        for batch in pipeline.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
+            keep(int(batch["shard"][0]), pickle.loads(batch["result"][0]))
             if progress is not None:
-                progress.update(int(row["count"]))
+                progress.update(int(batch["count"][0]))
     except Exception as e:  # Ray wraps a task's error in its own types
         if isinstance(e, CbirError):
             raise
