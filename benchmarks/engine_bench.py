@@ -9,10 +9,15 @@ Each configuration runs in its own process, on a fresh copy of one prepared run:
 - `local` on 1 core (taskset, 1 torch thread) against `ray` with 1 node of 1 CPU, the whole cluster on that core;
 - `local` on 2 cores (2 torch threads) against `ray` with 2 nodes of 1 CPU each (one 1-thread replica per node).
 A Ray cluster is Ray's own `cluster_utils.Cluster`, every node on 127.0.0.1, started before the clock starts; the
-stage's time includes connecting, starting the actors and loading the model in each. Ray's start-up is how much
+stage's time includes connecting, starting the actors and loading the model in each. Each cluster runs the stage
+twice, on two fresh copies of the run: `cold` is the first job on a new cluster (Ray Data starts its own helper
+actors then, once per cluster), `warm` the second, as a job joining a running cluster (`ray:ADDRESS`) meets it.
+Ray's start-up is how much
 later its first shard is kept than the local run's first shard on the same cores; "after start-up" divides the
 photos by the stage's time less that start-up: the pipeline's rate once its actors hold a model. The outputs
 are compared with the local run's on the same cores (boxes byte for byte, vectors by their largest difference).
+`photos for 25 %` extrapolates, from the measured start-up and rates, the fewest photos at which the whole Ray
+stage is within 25 % of the local one (an estimate that assumes the rates hold, not a measurement).
 With `--gpu` (a GPU machine), the Ray runs use 1..N actors per GPU.
 Results → benchmarks/results/engine_bench_<device>.{md,json}.
 """
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import filecmp
 import json
+import math
 import os
 import platform
 import shutil
@@ -34,8 +40,9 @@ from pathlib import Path
 OUT = Path(__file__).parent / "results"
 
 
-def run_stage(a) -> dict:
-    """One configuration, in this process: the stage's wall time and the time its first shard was kept."""
+def run_stage(a) -> list[dict]:
+    """One configuration, in this process: for each of its runs in turn (on the same cluster), the stage's wall
+    time and the time its first shard was kept."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # the cluster below is on 127.0.0.1 only
     from dataclasses import replace
 
@@ -59,8 +66,19 @@ def run_stage(a) -> dict:
         cluster.wait_for_nodes()
         engine = replace(parse_engine(f"ray:{cluster.address}"), actors=a.actors,
                          gpus_per_actor=(a.gpus_per_node / a.actors) if a.gpus_per_node else 0.0)
+    results = [time_stage(a, run, engine, DetectConfig, detect, EmbedConfig, embed, RunLayout) for run in a.runs]
+    if cluster is not None:
+        import ray
+
+        ray.shutdown()
+        cluster.shutdown()
+    return results
+
+
+def time_stage(a, run: Path, engine, DetectConfig, detect, EmbedConfig, embed, RunLayout) -> dict:
+    """The stage on `run`: its seconds, and when its first shard was kept (a thread watches the shard folder)."""
     artifact = "detections" if a.stage == "detect" else "embeddings/full"
-    partial = RunLayout(a.run).partial(artifact)
+    partial = RunLayout(run).partial(artifact)
     first: list[float] = []
 
     def watch():
@@ -72,17 +90,12 @@ def run_stage(a) -> dict:
     threading.Thread(target=watch, daemon=True).start()
     started = time.perf_counter()
     if a.stage == "detect":
-        detect(DetectConfig(run=a.run, detector=a.detector, labels=a.labels, categories=("bird",), workers=0,
+        detect(DetectConfig(run=run, detector=a.detector, labels=a.labels, categories=("bird",), workers=0,
                             device=a.device, engine=engine))
     else:
-        embed(EmbedConfig(run=a.run, mode="full", backbone="mobilenet_v2", weights=a.weights, workers=0,
+        embed(EmbedConfig(run=run, mode="full", backbone="mobilenet_v2", weights=a.weights, workers=0,
                           device=a.device, engine=engine))
     seconds = time.perf_counter() - started
-    if cluster is not None:
-        import ray
-
-        ray.shutdown()
-        cluster.shutdown()
     return {"seconds": seconds, "first_shard_s": (first[0] - started) if first else None}
 
 
@@ -121,7 +134,7 @@ def main():
     # one configuration (what the parent runs in a child process)
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--stage", help=argparse.SUPPRESS)
-    p.add_argument("--run", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--runs", type=Path, nargs="+", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=2, help=argparse.SUPPRESS)
     p.add_argument("--nodes", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--cpus-per-node", type=int, default=1, help=argparse.SUPPRESS)
@@ -152,10 +165,12 @@ def main():
     for stage in a.stages.split(","):
         reference = None
         for c in configurations(a):
-            run = a.work / f"{stage}-{len(rows)}"
-            shutil.copytree(prepared if stage == "detect" else detected, run, symlinks=True)
-            command = [sys.executable, __file__, "--one", "--stage", stage, "--run", str(run), "--cub", str(a.cub),
-                       "--detector", a.detector, "--weights", a.weights, "--threads", str(c["threads"]),
+            runs = [a.work / f"{stage}-{len(rows)}-{job}" for job in (("cold", "warm") if c["nodes"] else ("local",))]
+            for run in runs:
+                shutil.copytree(prepared if stage == "detect" else detected, run, symlinks=True)
+            command = [sys.executable, __file__, "--one", "--stage", stage, "--runs", *map(str, runs),
+                       "--cub", str(a.cub), "--detector", a.detector, "--weights", a.weights,
+                       "--threads", str(c["threads"]),
                        "--nodes", str(c["nodes"]), "--cpus-per-node", str(c.get("cpus_per_node", 1)),
                        "--gpus-per-node", str(c.get("gpus_per_node", 0)), "--actors", str(c.get("actors", "")),
                        "--device", device] + (["--labels", a.labels] if a.labels else [])
@@ -165,16 +180,18 @@ def main():
             done = subprocess.run(command, capture_output=True, text=True, env=env)
             if done.returncode:
                 sys.exit(f"{c['name']} {stage} failed:\n{done.stderr[-3000:]}")
-            result = json.loads(done.stdout.strip().splitlines()[-1])
             local = c["nodes"] == 0
             if local:
-                reference = run
-            first = result["first_shard_s"]
-            rows.append({"stage": stage, "config": c["name"], "photos": photos, "seconds": round(result["seconds"], 1),
-                         "photos_per_s": round(photos / result["seconds"], 2),
-                         "first_shard_s": round(first, 1) if first else None,
-                         "same_as_local": "-" if local else compare(stage, reference, run)})
-            print(json.dumps(rows[-1]), flush=True)
+                reference = runs[0]
+            for run, result in zip(runs, json.loads(done.stdout.strip().splitlines()[-1])):
+                first = result["first_shard_s"]
+                job = "" if local else f", {run.name.rpartition('-')[2]}"
+                rows.append({"stage": stage, "config": c["name"] + job, "photos": photos,
+                             "seconds": round(result["seconds"], 1),
+                             "photos_per_s": round(photos / result["seconds"], 2),
+                             "first_shard_s": round(first, 1) if first else None,
+                             "same_as_local": "-" if local else compare(stage, reference, run)})
+                print(json.dumps(rows[-1]), flush=True)
     against_local(rows, a.gpu)
     write(rows, a, device)
 
@@ -192,6 +209,18 @@ def against_local(rows: list[dict], gpu: bool) -> None:
         if r["first_shard_s"] and base["first_shard_s"]:
             r["start_up_s"] = round(r["first_shard_s"] - base["first_shard_s"], 1)
             r["after_start_up_vs_local"] = round(base["seconds"] / (r["seconds"] - r["start_up_s"]), 3)
+            r["photos_for_25_percent"] = photos_within(0.75, r["start_up_s"], r["photos"] / base["seconds"],
+                                                       r["photos"] / (r["seconds"] - r["start_up_s"]))
+
+
+def photos_within(ratio: float, start_up_s: float, local_rate: float, ray_rate: float) -> int | None:
+    """The fewest photos n at which n / local_rate >= ratio * (start_up_s + n / ray_rate): where Ray's start-up,
+    paid once, has shrunk to what `ratio` allows. None where Ray's own rate is below `ratio` of the local one
+    (no size is enough); 0 where the start-up does not matter."""
+    room = 1 / local_rate - ratio / ray_rate
+    if room <= 0:
+        return None
+    return max(0, math.ceil(ratio * start_up_s / room))
 
 
 def write(rows: list[dict], a, device: str) -> None:
@@ -206,16 +235,26 @@ def write(rows: list[dict], a, device: str) -> None:
              "MobileNetV2 (ImageNet weights). Each row is a fresh process on a fresh copy of the run; the Ray "
              "cluster (loopback, `cluster_utils.Cluster`) is started before the clock. `vs local`: photos/s over "
              "the local run's on the same cores; `start-up`: how much later Ray kept its first shard than the "
-             "local run; `after start-up`: the local stage's seconds over Ray's less its start-up.")
+             "local run; `after start-up`: the local stage's seconds over Ray's less its start-up; `photos for 25 %`: "
+             "the fewest photos at which the whole Ray stage would be within 25 % of the local one, extrapolated "
+             "from these rates and start-up (an estimate). `cold`: the first job on a new cluster; `warm`: the "
+             "second, as a job that joins a running cluster meets it.")
     header = ("| stage | engine | seconds | photos/s | first shard (s) | vs local | start-up (s) | after start-up vs "
-              "local | output against local |")
-    lines = [title, "", about, "", header, "|---|---|---|---|---|---|---|---|---|"]
+              "local | photos for 25 % | output against local |")
+    lines = [title, "", about, "", header, "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['stage']} | {r['config']} | {r['seconds']} | {r['photos_per_s']} | {r['first_shard_s']} | "
                      f"{r.get('vs_local', '-')} | {r.get('start_up_s', '-')} | {r.get('after_start_up_vs_local', '-')} "
-                     f"| {r['same_as_local']} |")
+                     f"| {within_text(r)} | {r['same_as_local']} |")
     (OUT / f"engine_bench_{device}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def within_text(row: dict) -> str:
+    if "photos_for_25_percent" not in row:
+        return "-"
+    n = row["photos_for_25_percent"]
+    return "never" if n is None else f"{n:,}"
 
 
 if __name__ == "__main__":
