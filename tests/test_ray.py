@@ -300,3 +300,35 @@ def test_a_node_that_cannot_see_a_file_is_named_in_one_line(ray_cluster, tmp_pat
     _check_nodes(ray, [str(here)])
     with pytest.raises(CbirError, match=r"node 127\.0\.0\.1 cannot read .*gone\.jpg; every node must see"):
         _check_nodes(ray, [str(here), str(tmp_path / "gone.jpg")])
+
+
+def test_embed_head_with_a_fine_tuned_trunk_re_embeds_on_ray_as_in_this_process(ray_cluster, tmp_path,
+                                                                                   monkeypatch):
+    """`cbir embed --head MODEL --engine ray:ADDRESS`: a fine-tuned trunk re-embeds another set's rows on the
+    cluster with its own weights, and the vectors are those the same command makes in this process."""
+    import torch
+
+    from cbir.encoders.stage import load_embeddings
+    from cbir.training.stage import TrainConfig, train_embedder
+
+    run = tmp_path / "run"  # three of cub_mini's four classes to train on: two to learn from, one to validate
+    prepare(PrepareConfig(run=run, root=MINI, split="classes:1-16/17-20", workers=1))
+    embed(EmbedConfig(run=run, mode="gt", **EMBED_ARGS, size=64, name="gt64"))  # small crops: a short training
+    model = train_embedder(TrainConfig(run=run, embeddings="gt64", mode="finetune", epochs=1, lr=1e-3))["name"]
+    # on 32 photos the best epoch may be the frozen one (epoch 0); a trunk that moved is made sure of, so that
+    # vectors from the ImageNet weights on the cluster could not pass
+    weights = run / "models" / model / "backbone.pth"
+    state = torch.load(weights)
+    state["features.0.0.weight"] *= 0.5
+    torch.save(state, weights)
+    command = ["embed", "--run", str(run), "--head", model, "--embeddings", "gt64"]
+    assert main([*command, "--name", "gt64-here"]) == 0
+    monkeypatch.setattr(embed_stage.EmbedWork, "load", lambda self: pytest.fail("the trunk was loaded here"))
+    assert main([*command, "--name", "gt64-on-ray", "--engine", f"ray:{ray_cluster.address}",
+                 "--cpus-per-actor", str(RAY_NODE_CPUS)]) == 0
+    on_cluster, rows, info = load_embeddings(run, "gt64-on-ray")
+    here, here_rows, _ = load_embeddings(run, "gt64-here")
+    frozen, _, _ = load_embeddings(run, "gt64")
+    assert Path(info["spec"]["weights"]) == weights.resolve()
+    assert on_cluster.shape == here.shape and np.abs(on_cluster - here).max() <= 1e-5 and rows.equals(here_rows)
+    assert not np.allclose(on_cluster, frozen, atol=1e-3)
