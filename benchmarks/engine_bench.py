@@ -12,9 +12,9 @@ A Ray cluster is Ray's own `cluster_utils.Cluster`, every node on 127.0.0.1, sta
 stage's time includes connecting, starting the actors and loading the model in each. Each cluster runs the stage
 twice, on two fresh copies of the run: `cold` is the first job on a new cluster (Ray Data starts its own helper
 actors then, once per cluster), `warm` the second, as a job joining a running cluster (`ray:ADDRESS`) meets it.
-Ray's start-up is how much
-later its first shard is kept than the local run's first shard on the same cores; "after start-up" divides the
-photos by the stage's time less that start-up: the pipeline's rate once its actors hold a model. The outputs
+Ray's start-up is how much later its first shard is kept than the local run's first shard on the same cores;
+"after start-up" divides the photos by the stage's time less that start-up: the pipeline's rate once its actors
+hold a model. The outputs
 are compared with the local run's on the same cores (boxes byte for byte, vectors by their largest difference).
 `photos for 25 %` extrapolates, from the measured start-up and rates, the fewest photos at which the whole Ray
 stage is within 25 % of the local one (an estimate that assumes the rates hold, not a measurement).
@@ -48,10 +48,7 @@ def run_stage(a) -> list[dict]:
 
     import torch
 
-    from cbir.detection.stage import DetectConfig, detect
-    from cbir.encoders.stage import EmbedConfig, embed
     from cbir.engines import LOCAL, parse_engine
-    from cbir.layout import RunLayout
 
     torch.set_num_threads(a.threads)
     engine, cluster = LOCAL, None
@@ -66,7 +63,7 @@ def run_stage(a) -> list[dict]:
         cluster.wait_for_nodes()
         engine = replace(parse_engine(f"ray:{cluster.address}"), actors=a.actors,
                          gpus_per_actor=(a.gpus_per_node / a.actors) if a.gpus_per_node else 0.0)
-    results = [time_stage(a, run, engine, DetectConfig, detect, EmbedConfig, embed, RunLayout) for run in a.runs]
+    results = [time_stage(a, run, engine) for run in a.runs]
     if cluster is not None:
         import ray
 
@@ -75,8 +72,12 @@ def run_stage(a) -> list[dict]:
     return results
 
 
-def time_stage(a, run: Path, engine, DetectConfig, detect, EmbedConfig, embed, RunLayout) -> dict:
+def time_stage(a, run: Path, engine) -> dict:
     """The stage on `run`: its seconds, and when its first shard was kept (a thread watches the shard folder)."""
+    from cbir.detection.stage import DetectConfig, detect
+    from cbir.encoders.stage import EmbedConfig, embed
+    from cbir.layout import RunLayout
+
     artifact = "detections" if a.stage == "detect" else "embeddings/full"
     partial = RunLayout(run).partial(artifact)
     first: list[float] = []
@@ -165,7 +166,8 @@ def main():
     for stage in a.stages.split(","):
         reference = None
         for c in configurations(a):
-            runs = [a.work / f"{stage}-{len(rows)}-{job}" for job in (("cold", "warm") if c["nodes"] else ("local",))]
+            jobs = ("cold", "warm") if c["nodes"] else ("local",)
+            runs = [a.work / f"{stage}-{len(rows)}-{job}" for job in jobs]
             for run in runs:
                 shutil.copytree(prepared if stage == "detect" else detected, run, symlinks=True)
             command = [sys.executable, __file__, "--one", "--stage", stage, "--runs", *map(str, runs),
@@ -183,10 +185,9 @@ def main():
             local = c["nodes"] == 0
             if local:
                 reference = runs[0]
-            for run, result in zip(runs, json.loads(done.stdout.strip().splitlines()[-1])):
+            for job, run, result in zip(jobs, runs, json.loads(done.stdout.strip().splitlines()[-1])):
                 first = result["first_shard_s"]
-                job = "" if local else f", {run.name.rpartition('-')[2]}"
-                rows.append({"stage": stage, "config": c["name"] + job, "photos": photos,
+                rows.append({"stage": stage, "config": c["name"] + ("" if local else f", {job}"), "photos": photos,
                              "seconds": round(result["seconds"], 1),
                              "photos_per_s": round(photos / result["seconds"], 2),
                              "first_shard_s": round(first, 1) if first else None,
