@@ -17,7 +17,12 @@ Ray's start-up is how much later its first shard is kept than the local run's fi
 hold a model. The outputs
 are compared with the local run's on the same cores (boxes byte for byte, vectors by their largest difference).
 `photos for 25 %` extrapolates, from the measured start-up and rates, the fewest photos at which the whole Ray
-stage is within 25 % of the local one (an estimate that assumes the rates hold, not a measurement).
+stage is within 25 % of the local one (an estimate that assumes the rates hold, not a measurement); `--passes`
+measures it instead, on galleries that list the sample several times (the same photo files under new image ids,
+so each pass is the same work again).
+Each local configuration runs twice, in fresh processes before and after its Ray runs, and the faster of the two is
+the baseline: a local run slowed by something else on the machine (seen here: 36 s against 15 s for the same
+stage, from one run of the script to the next) would otherwise make Ray look faster than it is.
 With `--gpu` (a GPU machine), the Ray runs use 1..N actors per GPU.
 Results → benchmarks/results/engine_bench_<device>.{md,json}.
 """
@@ -111,15 +116,72 @@ def compare(stage: str, reference: Path, run: Path) -> str:
     return f"vectors: largest difference {np.abs(x - y).max():.1e}"
 
 
-def configurations(a) -> list[dict]:
+def configurations(a) -> list[tuple[str, dict, list[dict]]]:
+    """(the cores compared, the local configuration, the Ray configurations on the same cores)."""
     if a.gpu:
-        return [{"name": "local (1 GPU)", "cores": None, "threads": os.cpu_count(), "nodes": 0}] + [
-            {"name": f"ray, 1 node, {n} actor(s) on the GPU", "cores": None, "threads": os.cpu_count(), "nodes": 1,
-             "cpus_per_node": os.cpu_count(), "gpus_per_node": 1, "actors": n} for n in a.actors]
-    return [{"name": "local, 1 core", "cores": "0", "threads": 1, "nodes": 0},
-            {"name": "ray, 1 node of 1 CPU", "cores": "0", "threads": 1, "nodes": 1, "cpus_per_node": 1},
-            {"name": "local, 2 cores", "cores": "0,1", "threads": 2, "nodes": 0},
-            {"name": "ray, 2 nodes of 1 CPU", "cores": "0,1", "threads": 2, "nodes": 2, "cpus_per_node": 1}]
+        local = {"name": "local (1 GPU)", "cores": None, "threads": os.cpu_count(), "nodes": 0}
+        return [("1 GPU", local, [{"name": f"ray, 1 node, {n} actor(s) on the GPU", "cores": None,
+                                   "threads": os.cpu_count(), "nodes": 1, "cpus_per_node": os.cpu_count(),
+                                   "gpus_per_node": 1, "actors": n} for n in a.actors])]
+    return [("1 core", {"name": "local, 1 core", "cores": "0", "threads": 1, "nodes": 0},
+             [{"name": "ray, 1 node of 1 CPU", "cores": "0", "threads": 1, "nodes": 1, "cpus_per_node": 1}]),
+            ("2 cores", {"name": "local, 2 cores", "cores": "0,1", "threads": 2, "nodes": 0},
+             [{"name": "ray, 2 nodes of 1 CPU", "cores": "0,1", "threads": 2, "nodes": 2, "cpus_per_node": 1}])]
+
+
+ID_STEP = 10_000_000  # pass k's image ids are k * ID_STEP + the sample's own
+
+
+def repeated_sample(cub: Path, passes: int, folder: Path) -> Path:
+    """The CUB sample listed `passes` times, as a CUB folder: pass k's photos are the sample's files under
+    images/k/ (a link to the sample's image folder), with image ids k * ID_STEP + id and the same class, box
+    and split. Every photo is decoded and computed again in each pass: the stages key nothing by content."""
+    images = folder / "images"
+    images.mkdir(parents=True)
+    shutil.copy(cub / "classes.txt", folder / "classes.txt")
+    for k in range(passes):
+        (images / str(k)).symlink_to((cub / "images").resolve(), target_is_directory=True)
+    for name in ("images.txt", "image_class_labels.txt", "bounding_boxes.txt", "train_test_split.txt"):
+        rows = [line.split(" ", 1) for line in (cub / name).read_text().splitlines() if line.strip()]
+        with open(folder / name, "w") as f:
+            prefix = "{}/" if name == "images.txt" else ""  # the pass's folder, before the image's path
+            f.writelines(f"{k * ID_STEP + int(i)} {prefix.format(k)}{rest}\n"
+                         for k in range(passes) for i, rest in rows)
+    return folder
+
+
+def prepare_runs(a, passes: int) -> tuple[Path, Path, int]:
+    """The prepared run (detect's input) and a detected one (embed's) of a gallery of `passes` passes, and
+    its photo count."""
+    from cbir.datasets import load_dataset
+    from cbir.datasets.prepare import PrepareConfig, prepare
+    from cbir.detection.stage import DetectConfig, detect
+    from cbir.layout import RunLayout
+
+    work = a.work / f"x{passes}"
+    cub = a.cub if passes == 1 else repeated_sample(a.cub, passes, work / "cub")
+    prepared = work / "prepared"
+    prepare(PrepareConfig(run=prepared, root=cub, split="classes:1-10/11-20", workers=2))
+    detected = work / "detected"  # the embed stage's input (full images need no boxes, but a run has them)
+    shutil.copytree(prepared, detected, symlinks=True)
+    detect(DetectConfig(run=detected, detector=a.detector, labels=a.labels, categories=("bird",), workers=0))
+    return prepared, detected, int(load_dataset(RunLayout(prepared)).images.split.isin(["train", "test"]).sum())
+
+
+def run_configuration(a, c: dict, stage: str, runs: list[Path], device: str) -> list[dict]:
+    """One configuration in a child process (pinned to its cores): each of `runs` in turn."""
+    command = [sys.executable, __file__, "--one", "--stage", stage, "--runs", *map(str, runs),
+               "--cub", str(a.cub), "--detector", a.detector, "--weights", a.weights, "--threads", str(c["threads"]),
+               "--nodes", str(c["nodes"]), "--cpus-per-node", str(c.get("cpus_per_node", 1)),
+               "--gpus-per-node", str(c.get("gpus_per_node", 0)), "--actors", str(c.get("actors", "")),
+               "--device", device] + (["--labels", a.labels] if a.labels else [])
+    if c["cores"]:
+        command = ["taskset", "-c", c["cores"], *command]
+    env = {**os.environ, "OMP_NUM_THREADS": str(c["threads"])}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode:
+        sys.exit(f"{c['name']} {stage} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main():
@@ -129,6 +191,7 @@ def main():
     p.add_argument("--labels")
     p.add_argument("--weights", required=True)
     p.add_argument("--stages", default="detect,embed")
+    p.add_argument("--passes", default="1,5", help="galleries of the CUB sample listed this many times")
     p.add_argument("--gpu", action="store_true", help="a GPU machine: local against 1..N actors on one GPU")
     p.add_argument("--actors", default="1,2,4", help="--gpu: actors per GPU to try")
     p.add_argument("--work", type=Path, default=Path("/tmp/cbir_engine_bench"))
@@ -147,65 +210,42 @@ def main():
         print(json.dumps(run_stage(a)))
         return
     a.actors = [int(n) for n in a.actors.split(",")]
-
-    from cbir.datasets.prepare import PrepareConfig, prepare
-    from cbir.detection.stage import DetectConfig, detect
-
-    shutil.rmtree(a.work, ignore_errors=True)
-    prepared = a.work / "prepared"
-    prepare(PrepareConfig(run=prepared, root=a.cub, split="classes:1-10/11-20", workers=2))
-    detected = a.work / "detected"  # the embed stage's input (full images need no boxes, but a run has them)
-    shutil.copytree(prepared, detected, symlinks=True)
-    detect(DetectConfig(run=detected, detector=a.detector, labels=a.labels, categories=("bird",), workers=0))
-    from cbir.datasets import load_dataset
-    from cbir.layout import RunLayout
-
-    photos = int(load_dataset(RunLayout(prepared)).images.split.isin(["train", "test"]).sum())
     device = "cuda" if a.gpu else "cpu"
+    shutil.rmtree(a.work, ignore_errors=True)
     rows = []
-    for stage in a.stages.split(","):
-        reference = None
-        for c in configurations(a):
-            jobs = ("cold", "warm") if c["nodes"] else ("local",)
-            runs = [a.work / f"{stage}-{len(rows)}-{job}" for job in jobs]
-            for run in runs:
-                shutil.copytree(prepared if stage == "detect" else detected, run, symlinks=True)
-            command = [sys.executable, __file__, "--one", "--stage", stage, "--runs", *map(str, runs),
-                       "--cub", str(a.cub), "--detector", a.detector, "--weights", a.weights,
-                       "--threads", str(c["threads"]),
-                       "--nodes", str(c["nodes"]), "--cpus-per-node", str(c.get("cpus_per_node", 1)),
-                       "--gpus-per-node", str(c.get("gpus_per_node", 0)), "--actors", str(c.get("actors", "")),
-                       "--device", device] + (["--labels", a.labels] if a.labels else [])
-            if c["cores"]:
-                command = ["taskset", "-c", c["cores"], *command]
-            env = {**os.environ, "OMP_NUM_THREADS": str(c["threads"])}
-            done = subprocess.run(command, capture_output=True, text=True, env=env)
-            if done.returncode:
-                sys.exit(f"{c['name']} {stage} failed:\n{done.stderr[-3000:]}")
-            local = c["nodes"] == 0
-            if local:
-                reference = runs[0]
-            for job, run, result in zip(jobs, runs, json.loads(done.stdout.strip().splitlines()[-1])):
-                first = result["first_shard_s"]
-                rows.append({"stage": stage, "config": c["name"] + ("" if local else f", {job}"), "photos": photos,
-                             "seconds": round(result["seconds"], 1),
-                             "photos_per_s": round(photos / result["seconds"], 2),
-                             "first_shard_s": round(first, 1) if first else None,
-                             "same_as_local": "-" if local else compare(stage, reference, run)})
-                print(json.dumps(rows[-1]), flush=True)
-    against_local(rows, a.gpu)
+    for passes in map(int, a.passes.split(",")):
+        prepared, detected, photos = prepare_runs(a, passes)
+        for stage in a.stages.split(","):
+            for cores, local, on_ray in configurations(a):
+                # the local configuration before and after its Ray runs (the faster is the baseline)
+                for c, jobs in [(local, ("before Ray",)), *[(r, ("cold", "warm")) for r in on_ray],
+                                (local, ("after Ray",))]:
+                    runs = [a.work / f"{stage}-{len(rows) + i}" for i in range(len(jobs))]
+                    for run in runs:
+                        shutil.copytree(prepared if stage == "detect" else detected, run, symlinks=True)
+                    for job, run, result in zip(jobs, runs, run_configuration(a, c, stage, runs, device)):
+                        first = result["first_shard_s"]
+                        rows.append({"stage": stage, "photos": photos, "cores": cores, "local": c is local,
+                                     "config": f"{c['name']}, {job}", "seconds": round(result["seconds"], 1),
+                                     "photos_per_s": round(photos / result["seconds"], 2),
+                                     "first_shard_s": round(first, 1) if first else None, "run": str(run)})
+                        print(json.dumps(rows[-1]), flush=True)
+                group = [r for r in rows if (r["stage"], r["photos"], r["cores"]) == (stage, photos, cores)]
+                against_local(group)
+                for r in group:  # compared: the copies go (5 passes of embeddings are a GB of shards)
+                    shutil.rmtree(r.pop("run"), ignore_errors=True)
     write(rows, a, device)
 
 
-def against_local(rows: list[dict], gpu: bool) -> None:
-    """Each Ray row against the local run on the same cores: the whole stage, its start-up (how much later its
-    first shard came), and the rate once the start-up is left out."""
-    by = {(r["stage"], r["config"]): r for r in rows}
+def against_local(rows: list[dict]) -> None:
+    """Each Ray row against the faster local run on the same cores: the outputs, the whole stage, its start-up
+    (how much later its first shard came), and the rate once the start-up is left out."""
+    base = min((r for r in rows if r["local"]), key=lambda r: r["seconds"])
     for r in rows:
-        if not r["config"].startswith("ray"):
+        if r["local"]:
+            r["same_as_local"] = "baseline" if r is base else "-"
             continue
-        cores = "1 GPU" if gpu else "1 core" if "1 node" in r["config"] else "2 cores"
-        base = by[(r["stage"], "local (1 GPU)" if gpu else f"local, {cores}")]
+        r["same_as_local"] = compare(r["stage"], Path(base["run"]), Path(r["run"]))
         r["vs_local"] = round(r["photos_per_s"] / base["photos_per_s"], 3)
         if r["first_shard_s"] and base["first_shard_s"]:
             r["start_up_s"] = round(r["first_shard_s"] - base["first_shard_s"], 1)
@@ -232,21 +272,25 @@ def write(rows: list[dict], a, device: str) -> None:
     machine = f"{platform.machine()}, {os.cpu_count()} cores" + (f", {torch.cuda.get_device_name(0)}" if a.gpu else "")
     (OUT / f"engine_bench_{device}.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
     title = f"# Engine benchmark: local against Ray ({machine}, ray {ray.__version__}, torch {torch.__version__})"
-    about = (f"CUB sample, {rows[0]['photos']} photos; detect = the COCO SSD (ONNX), embed = full images through "
-             "MobileNetV2 (ImageNet weights). Each row is a fresh process on a fresh copy of the run; the Ray "
-             "cluster (loopback, `cluster_utils.Cluster`) is started before the clock. `vs local`: photos/s over "
-             "the local run's on the same cores; `start-up`: how much later Ray kept its first shard than the "
-             "local run; `after start-up`: the local stage's seconds over Ray's less its start-up; `photos for 25 %`: "
-             "the fewest photos at which the whole Ray stage would be within 25 % of the local one, extrapolated "
-             "from these rates and start-up (an estimate). `cold`: the first job on a new cluster; `warm`: the "
-             "second, as a job that joins a running cluster meets it.")
-    header = ("| stage | engine | seconds | photos/s | first shard (s) | vs local | start-up (s) | after start-up vs "
-              "local | photos for 25 % | output against local |")
-    lines = [title, "", about, "", header, "|---|---|---|---|---|---|---|---|---|---|"]
+    sample = rows[0]["photos"] // int(a.passes.split(",")[0])
+    about = (f"The CUB sample ({sample:,} photos), and galleries that list it several times (`photos` = {sample:,} x "
+             "passes: the same files under new image ids, so each pass is the same work again); detect = the COCO SSD (ONNX), "
+             "embed = full images through MobileNetV2 (ImageNet weights). Each row is a fresh process on a fresh "
+             "copy of the run; the Ray cluster (loopback, `cluster_utils.Cluster`) is started before the clock. "
+             "Each local configuration runs before and after its Ray runs, and the faster (`baseline`) is what Ray "
+             "is compared with. `vs local`: photos/s over the baseline's; `start-up`: how much later Ray kept its "
+             "first shard than the baseline; `after start-up`: the baseline's seconds over Ray's less its start-up; "
+             "`photos for 25 %`: the fewest photos at which the whole Ray stage would be within 25 % of the local "
+             "one, extrapolated from these rates and start-up (an estimate; the larger galleries measure it). "
+             "`cold`: the first job on a new cluster; `warm`: the second, as a job that joins a running cluster "
+             "meets it.")
+    header = ("| stage | photos | engine | seconds | photos/s | first shard (s) | vs local | start-up (s) | after "
+              "start-up vs local | photos for 25 % | output against local |")
+    lines = [title, "", about, "", header, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['stage']} | {r['config']} | {r['seconds']} | {r['photos_per_s']} | {r['first_shard_s']} | "
-                     f"{r.get('vs_local', '-')} | {r.get('start_up_s', '-')} | {r.get('after_start_up_vs_local', '-')} "
-                     f"| {within_text(r)} | {r['same_as_local']} |")
+        lines.append(f"| {r['stage']} | {r['photos']} | {r['config']} | {r['seconds']} | {r['photos_per_s']} | "
+                     f"{r['first_shard_s']} | {r.get('vs_local', '-')} | {r.get('start_up_s', '-')} | "
+                     f"{r.get('after_start_up_vs_local', '-')} | {within_text(r)} | {r['same_as_local']} |")
     (OUT / f"engine_bench_{device}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
