@@ -273,17 +273,17 @@ def write(rows: list[dict], a, device: str) -> None:
     (OUT / f"engine_bench_{device}.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
     title = f"# Engine benchmark: local against Ray ({machine}, ray {ray.__version__}, torch {torch.__version__})"
     sample = rows[0]["photos"] // int(a.passes.split(",")[0])
-    about = (f"The CUB sample ({sample:,} photos), and galleries that list it several times (`photos` = {sample:,} x "
-             "passes: the same files under new image ids, so each pass is the same work again); detect = the COCO "
-             "SSD (ONNX), embed = full images through MobileNetV2 (ImageNet weights). Each row is a fresh process "
-             "on a fresh copy of the run; the Ray cluster (loopback, `cluster_utils.Cluster`) is started before the "
-             "clock. Each local configuration runs before and after its Ray runs, and the faster (`baseline`) is "
-             "what Ray is compared with. `vs local`: photos/s over the baseline's; `start-up`: how much later Ray "
-             "kept its first shard than the baseline; `after start-up`: the baseline's seconds over Ray's less its start-up; "
-             "`photos for 25 %`: the fewest photos at which the whole Ray stage would be within 25 % of the local "
-             "one, extrapolated from these rates and start-up (an estimate; the larger galleries measure it). "
-             "`cold`: the first job on a new cluster; `warm`: the second, as a job that joins a running cluster "
-             "meets it.")
+    about = (f"The CUB sample ({sample:,} photos), and galleries that list it several times (`photos` = {sample:,} "
+             "x passes: the same files under new image ids, so each pass is the same work again); detect = the "
+             "COCO SSD (ONNX), embed = full images through MobileNetV2 (ImageNet weights). Each row is a fresh "
+             "process on a fresh copy of the run; the Ray cluster (loopback, `cluster_utils.Cluster`) is started "
+             "before the clock. Each local configuration runs before and after its Ray runs, and the faster "
+             "(`baseline`) is what Ray is compared with. `vs local`: photos/s over the baseline's; `start-up`: how"
+             " much later Ray kept its first shard than the baseline; `after start-up`: the baseline's seconds "
+             "over Ray's less its start-up; `photos for 25 %`: the fewest photos at which the whole Ray stage "
+             "would be within 25 % of the local one, extrapolated from these rates and start-up (an estimate; the "
+             "larger galleries measure it). `cold`: the first job on a new cluster; `warm`: the second, as a job "
+             "that joins a running cluster meets it.")
     header = ("| stage | photos | engine | seconds | photos/s | first shard (s) | vs local | start-up (s) | after "
               "start-up vs local | photos for 25 % | output against local |")
     lines = [title, "", about, "", header, "|---|---|---|---|---|---|---|---|---|---|---|"]
