@@ -111,7 +111,8 @@ docs-tables:
 scale-bench: setup
 	cd benchmarks && $(PYTHON) scale_bench.py --budget 2G --refine 100
 
-# the same stage local and on Ray (1 and 2 loopback nodes of 1 CPU) on the CUB sample (benchmarks/results/engine_bench_cpu.md)
+# the same stage local and on Ray (1 and 2 loopback nodes of 1 CPU) on the CUB sample, once and 5 times over (31 min;
+# benchmarks/results/engine_bench_cpu.md)
 engine-bench: setup
 	$(PYTHON) benchmarks/engine_bench.py --cub $(SAMPLE) --detector onnx:$(SSD).onnx --labels $(SSD).labels.txt \
 	  --weights $(BACKBONE)
