@@ -150,22 +150,18 @@ def repeated_sample(cub: Path, passes: int, folder: Path) -> Path:
     return folder
 
 
-def prepare_runs(a, passes: int) -> tuple[Path, Path, int]:
-    """The prepared run (detect's input) and a detected one (embed's) of a gallery of `passes` passes, and
-    its photo count."""
+def prepare_run(a, passes: int) -> tuple[Path, int]:
+    """The prepared run of a gallery of `passes` passes (both stages' input: embedding full images needs no
+    boxes), and its photo count."""
     from cbir.datasets import load_dataset
     from cbir.datasets.prepare import PrepareConfig, prepare
-    from cbir.detection.stage import DetectConfig, detect
     from cbir.layout import RunLayout
 
     work = a.work / f"x{passes}"
     cub = a.cub if passes == 1 else repeated_sample(a.cub, passes, work / "cub")
     prepared = work / "prepared"
     prepare(PrepareConfig(run=prepared, root=cub, split="classes:1-10/11-20", workers=2))
-    detected = work / "detected"  # the embed stage's input (full images need no boxes, but a run has them)
-    shutil.copytree(prepared, detected, symlinks=True)
-    detect(DetectConfig(run=detected, detector=a.detector, labels=a.labels, categories=("bird",), workers=0))
-    return prepared, detected, int(load_dataset(RunLayout(prepared)).images.split.isin(["train", "test"]).sum())
+    return prepared, int(load_dataset(RunLayout(prepared)).images.split.isin(["train", "test"]).sum())
 
 
 def run_configuration(a, c: dict, stage: str, runs: list[Path], device: str) -> list[dict]:
@@ -214,26 +210,28 @@ def main():
     shutil.rmtree(a.work, ignore_errors=True)
     rows = []
     for passes in map(int, a.passes.split(",")):
-        prepared, detected, photos = prepare_runs(a, passes)
+        prepared, photos = prepare_run(a, passes)
         for stage in a.stages.split(","):
             for cores, local, on_ray in configurations(a):
                 # the local configuration before and after its Ray runs (the faster is the baseline)
+                group = []
                 for c, jobs in [(local, ("before Ray",)), *[(r, ("cold", "warm")) for r in on_ray],
                                 (local, ("after Ray",))]:
-                    runs = [a.work / f"{stage}-{len(rows) + i}" for i in range(len(jobs))]
+                    runs = [a.work / f"{stage}-{len(rows) + len(group) + i}" for i in range(len(jobs))]
                     for run in runs:
-                        shutil.copytree(prepared if stage == "detect" else detected, run, symlinks=True)
+                        shutil.copytree(prepared, run, symlinks=True)
                     for job, run, result in zip(jobs, runs, run_configuration(a, c, stage, runs, device)):
                         first = result["first_shard_s"]
-                        rows.append({"stage": stage, "photos": photos, "cores": cores, "local": c is local,
-                                     "config": f"{c['name']}, {job}", "seconds": round(result["seconds"], 1),
-                                     "photos_per_s": round(photos / result["seconds"], 2),
-                                     "first_shard_s": round(first, 1) if first else None, "run": str(run)})
-                        print(json.dumps(rows[-1]), flush=True)
-                group = [r for r in rows if (r["stage"], r["photos"], r["cores"]) == (stage, photos, cores)]
+                        group.append({"stage": stage, "photos": photos, "passes": passes, "cores": cores,
+                                      "local": c is local,
+                                      "config": f"{c['name']}, {job}", "seconds": round(result["seconds"], 1),
+                                      "photos_per_s": round(photos / result["seconds"], 2),
+                                      "first_shard_s": round(first, 1) if first else None, "run": str(run)})
+                        print(json.dumps(group[-1]), flush=True)
                 against_local(group)
                 for r in group:  # compared: the copies go (5 passes of embeddings are a GB of shards)
                     shutil.rmtree(r.pop("run"), ignore_errors=True)
+                rows += group
     write(rows, a, device)
 
 
@@ -272,7 +270,7 @@ def write(rows: list[dict], a, device: str) -> None:
     machine = f"{platform.machine()}, {os.cpu_count()} cores" + (f", {torch.cuda.get_device_name(0)}" if a.gpu else "")
     (OUT / f"engine_bench_{device}.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
     title = f"# Engine benchmark: local against Ray ({machine}, ray {ray.__version__}, torch {torch.__version__})"
-    sample = rows[0]["photos"] // int(a.passes.split(",")[0])
+    sample = rows[0]["photos"] // rows[0]["passes"]
     about = (f"The CUB sample ({sample:,} photos), and galleries that list it several times (`photos` = {sample:,} "
              "x passes: the same files under new image ids, so each pass is the same work again); detect = the "
              "COCO SSD (ONNX), embed = full images through MobileNetV2 (ImageNet weights). Each row is a fresh "
